@@ -1,0 +1,65 @@
+//! The management requests shared by the CLI and the control socket.
+//!
+//! While a pool is served, the server owns the pool file and the CLI sends it
+//! one of these requests instead of opening the file; without a server the CLI
+//! opens the pool and calls [`execute`] itself. One code path either way.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::pool::{Pool, PoolInfo, VolumeInfo};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Info,
+    List,
+    CreateVolume { name: String, size: u64 },
+    /// `writable: false` is a read-only snapshot, `true` a clone.
+    Snapshot { source: String, name: String, writable: bool },
+    Remove { name: String },
+    Rename { old: String, new: String },
+    Resize { name: String, size: u64 },
+    Flush,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Info(PoolInfo),
+    List(Vec<VolumeInfo>),
+    Volume(VolumeInfo),
+}
+
+/// Run a request against an open pool. Mutating requests commit before returning.
+pub fn execute(pool: &mut Pool, req: Request) -> Result<Response> {
+    Ok(match req {
+        Request::Info => Response::Info(pool.info()?),
+        Request::List => Response::List(pool.list()?),
+        Request::CreateVolume { name, size } => {
+            pool.create_volume(&name, size)?;
+            Response::Volume(pool.volume_info(&name)?)
+        }
+        Request::Snapshot { source, name, writable } => {
+            pool.snapshot(&source, &name, writable)?;
+            Response::Volume(pool.volume_info(&name)?)
+        }
+        Request::Remove { name } => {
+            pool.remove_volume(&name)?;
+            Response::Ok
+        }
+        Request::Rename { old, new } => {
+            pool.rename_volume(&old, &new)?;
+            Response::Ok
+        }
+        Request::Resize { name, size } => {
+            pool.resize_volume(&name, size)?;
+            Response::Ok
+        }
+        Request::Flush => {
+            pool.commit()?;
+            Response::Ok
+        }
+    })
+}

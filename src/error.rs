@@ -1,0 +1,63 @@
+//! One error type for the library. Every failure a user can cause is a typed
+//! variant with a message that says what to do; corruption is never a panic.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+
+    #[error("{path}: not a thinpool pool file (bad magic)")]
+    NotAPool { path: PathBuf },
+
+    #[error("{path}: pool format version {found} is not supported by this build (it reads version {supported}); use a newer thinpool")]
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
+
+    #[error("pool metadata is corrupt: {0}")]
+    Corrupt(String),
+
+    #[error("pool is full: no free block left (free space by removing volumes or discarding data)")]
+    NoSpace,
+
+    #[error("volume '{0}' already exists")]
+    VolumeExists(String),
+
+    #[error("no volume named '{0}'")]
+    NoSuchVolume(String),
+
+    #[error("volume '{0}' is a read-only snapshot")]
+    ReadOnly(String),
+
+    #[error("range {offset}+{len} is past the end of volume '{volume}' ({size} bytes)")]
+    OutOfRange { volume: String, offset: u64, len: u64, size: u64 },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("{0}")]
+    InUse(String),
+}
+
+impl Error {
+    /// The errno a kernel caller (FUSE) should see for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NoSpace => libc::ENOSPC,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
+            Error::NoSuchVolume(_) => libc::ENOENT,
+            Error::VolumeExists(_) => libc::EEXIST,
+            Error::InUse(_) => libc::EBUSY,
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+
+    pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
+        Error::Corrupt(msg.into())
+    }
+}

@@ -1,0 +1,28 @@
+//! thinpool: a block-level copy-on-write storage engine.
+//!
+//! A pool is one sparse file of fixed-size blocks with a refcounted block map.
+//! Volumes are thin; snapshots and clones share every block with their origin
+//! until it is written (copy-on-write), and cost O(1) to create.
+//!
+//! Layout of the crate (you know your room from the path):
+//! - [`format`]: on-disk structures only (superblock, page headers, checksums).
+//! - [`io`]: the `Storage` trait every byte of I/O goes through.
+//! - [`space`]: refcounts, free bitmap, allocator, deferred frees.
+//! - [`map`]: per-volume radix block map with shared, refcounted nodes.
+//! - [`pool`]: transactions, commit, open/create, the volume catalog, data path.
+//! - [`control`]: the request set shared by the CLI and the control socket.
+//! - [`export`]: FUSE export, loop devices, control socket server.
+
+pub mod catalog;
+pub mod control;
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod io;
+pub mod map;
+pub mod pool;
+pub mod size;
+pub mod space;
+
+pub use error::{Error, Result};
+pub use pool::{CreateOptions, Pool, PoolInfo, VolumeId, VolumeInfo};

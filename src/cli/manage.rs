@@ -1,0 +1,104 @@
+//! Pool and volume management verbs. Each builds a [`Request`] and hands it to
+//! [`super::request`], which asks the pool's server or opens the pool.
+
+use std::io::ErrorKind;
+
+use anyhow::{anyhow, bail, Result};
+use thinpool::control::{Request, Response};
+use thinpool::{CreateOptions, Pool};
+
+use super::{
+    request, show, CreateArgs, InfoArgs, ListArgs, RemoveArgs, RenameArgs, ResizeArgs,
+    SnapshotArgs, VolumeCreateArgs,
+};
+
+pub(crate) fn create(a: CreateArgs) -> Result<()> {
+    let opts = CreateOptions {
+        size: a.size,
+        block_size: a.block_size,
+    };
+    Pool::create(&a.pool, &opts).map_err(|e| match e {
+        thinpool::Error::Io(io) if io.kind() == ErrorKind::AlreadyExists => anyhow!(
+            "{}: file already exists; refusing to overwrite it (remove it or pick another path)",
+            a.pool.display()
+        ),
+        thinpool::Error::Io(io) => anyhow!("{}: cannot create pool: {io}", a.pool.display()),
+        other => other.into(),
+    })?;
+    Ok(())
+}
+
+pub(crate) fn info(a: InfoArgs) -> Result<()> {
+    let Response::Info(info) = request(&a.pool, Request::Info)? else {
+        bail!("unexpected answer to an info request");
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", show::pool_info(&info));
+    }
+    Ok(())
+}
+
+pub(crate) fn list(a: ListArgs) -> Result<()> {
+    let Response::List(volumes) = request(&a.pool, Request::List)? else {
+        bail!("unexpected answer to a list request");
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&volumes)?);
+    } else {
+        print!("{}", show::volume_table(&volumes, show::now()));
+    }
+    Ok(())
+}
+
+pub(crate) fn volume_create(a: VolumeCreateArgs) -> Result<()> {
+    request(
+        &a.pool,
+        Request::CreateVolume {
+            name: a.name,
+            size: a.size,
+        },
+    )?;
+    Ok(())
+}
+
+/// `writable == false`: a read-only snapshot; `true`: a clone.
+pub(crate) fn snapshot(a: SnapshotArgs, writable: bool) -> Result<()> {
+    request(
+        &a.pool,
+        Request::Snapshot {
+            source: a.source,
+            name: a.name,
+            writable,
+        },
+    )?;
+    Ok(())
+}
+
+pub(crate) fn remove(a: RemoveArgs) -> Result<()> {
+    request(&a.pool, Request::Remove { name: a.name })?;
+    Ok(())
+}
+
+pub(crate) fn rename(a: RenameArgs) -> Result<()> {
+    request(
+        &a.pool,
+        Request::Rename {
+            old: a.old,
+            new: a.new,
+        },
+    )?;
+    Ok(())
+}
+
+pub(crate) fn resize(a: ResizeArgs) -> Result<()> {
+    request(
+        &a.pool,
+        Request::Resize {
+            name: a.name,
+            size: a.size,
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,380 @@
+//! The command line: argument definitions, dispatch, and the one place where
+//! errors become a line on stderr and an exit code.
+//!
+//! - `manage.rs`: pool and volume management (create, info, list, snapshot...),
+//!   sent to the pool's server when one runs, else run on the opened pool.
+//! - `data.rs`: `read` / `write` of bytes at an offset.
+//! - `image.rs`: `import` / `export` of raw, sparse images.
+//! - `show.rs`: human-readable rendering (tables, sizes, ages).
+//! - `export.rs`: the live export verbs (serve, attach, mount...).
+
+mod data;
+pub mod export;
+mod image;
+mod manage;
+mod show;
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Parser, Subcommand};
+use thinpool::control::{self, Request, Response};
+use thinpool::size::parse_size;
+use thinpool::Pool;
+
+/// Bytes moved per library call by the bulk verbs: large enough to keep the
+/// disk busy, and a multiple of every legal block size (4 KiB to 2 MiB).
+pub(crate) const CHUNK: usize = 4 << 20;
+
+//------------------------------------------------------------------------------
+// Arguments
+
+/// Thin-provisioned block volumes with O(1) copy-on-write snapshots and clones,
+/// kept in one sparse pool file.
+///
+/// A pool is a file of fixed-size blocks that grows only as blocks are written.
+/// Volumes in it are thin: a 10G volume uses no space until written. Snapshots
+/// (read-only) and clones (writable) share every block with their source until
+/// one of them writes it.
+#[derive(Parser, Debug)]
+#[command(name = "thinpool", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new pool file (sparse: it grows only as blocks are used)
+    Create(CreateArgs),
+    /// Show the pool's size, block size and data/metadata use
+    Info(InfoArgs),
+    /// Manage volumes (see `thinpool volume create --help`)
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Take a read-only snapshot of a volume, snapshot or clone (O(1))
+    Snapshot(SnapshotArgs),
+    /// Make a writable clone of a volume, snapshot or clone (O(1))
+    Clone(SnapshotArgs),
+    /// List the volumes, snapshots and clones with their space use
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Remove a volume, freeing the blocks that only it held
+    #[command(visible_alias = "rm")]
+    Remove(RemoveArgs),
+    /// Rename a volume
+    Rename(RenameArgs),
+    /// Grow a volume's virtual size (no space is used until written)
+    Resize(ResizeArgs),
+    /// Write bytes from FILE (or stdin) into a volume at an offset
+    Write(WriteArgs),
+    /// Copy bytes of a volume to stdout
+    Read(ReadArgs),
+    /// Import a raw disk image as a new volume (all-zero blocks are not stored)
+    Import(ImportArgs),
+    /// Export a volume to a raw disk image (sparse where the volume reads zeros)
+    Export(ExportArgs),
+    /// Serve every volume of a pool as a file under a directory (FUSE)
+    Serve(export::ServeArgs),
+    /// Attach a volume as a loop device and print /dev/loopN
+    Attach(export::AttachArgs),
+    /// Detach a loop device attached by `thinpool attach`
+    Detach(export::DetachArgs),
+    /// Attach a volume and mount the filesystem on it
+    Mount(export::MountArgs),
+    /// Unmount a directory mounted by `thinpool mount` and detach its loop device
+    Umount(export::UmountArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Create an empty thin volume: it reads as zeros and uses no space until written
+    Create(VolumeCreateArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CreateArgs {
+    /// Path of the new pool file (must not exist)
+    pub pool: PathBuf,
+    /// Maximum size of the pool, e.g. 100G. The file is sparse: it starts at a
+    /// few hundred KiB and grows only as blocks are written
+    #[arg(long, value_parser = size_arg)]
+    pub size: u64,
+    /// Block size: the unit of allocation and copy-on-write, a power of two
+    /// from 4K to 2M. Smaller blocks make snapshots share more; larger blocks
+    /// make the map smaller and sequential I/O faster. Fixed at creation
+    #[arg(long, value_parser = block_size_arg, default_value = "64K")]
+    pub block_size: u32,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct InfoArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Print the pool's figures as one JSON object (sizes in bytes)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct VolumeCreateArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Name of the new volume (unique in the pool)
+    pub name: String,
+    /// Virtual size, e.g. 10G. May exceed the pool's size (thin provisioning)
+    #[arg(long, value_parser = size_arg)]
+    pub size: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SnapshotArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume, snapshot or clone to copy. It is not changed, and it may be
+    /// written or removed afterwards without affecting the copy
+    pub source: String,
+    /// Name of the new snapshot or clone (unique in the pool)
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ListArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Print a JSON array of volumes (sizes in bytes, `created` in seconds
+    /// since the Unix epoch)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RemoveArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume to remove. Blocks it shares with other volumes stay with them;
+    /// clones of a removed snapshot stay intact
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RenameArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Current name
+    pub old: String,
+    /// New name (unique in the pool)
+    pub new: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ResizeArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume to grow
+    pub name: String,
+    /// New virtual size, e.g. 20G; volumes only grow
+    #[arg(long, value_parser = size_arg)]
+    pub size: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WriteArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume or clone to write into (snapshots are read-only)
+    pub name: String,
+    /// Byte offset in the volume where the data goes, e.g. 0, 4096, 1M.
+    /// The data must fit inside the volume's virtual size
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    pub offset: u64,
+    /// File to read the data from; stdin when absent
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReadArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume, snapshot or clone to read
+    pub name: String,
+    /// Byte offset to start at, e.g. 0, 4096, 1M
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    pub offset: u64,
+    /// Number of bytes to read; up to the end of the volume when absent.
+    /// Unwritten ranges read as zeros
+    #[arg(long, value_parser = size_arg)]
+    pub length: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ImportArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Name of the new volume; its size is exactly the image's size
+    pub name: String,
+    /// Raw image file (or block device) to read. Blocks that are all zeros
+    /// are not stored, so holes in the image cost no space in the pool
+    pub image: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ExportArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Volume, snapshot or clone to export
+    pub name: String,
+    /// Raw image file to write, as large as the volume. Blocks that read as
+    /// zeros become holes, so the file is sparse
+    pub image: PathBuf,
+    /// Overwrite IMAGE if it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// clap value parser for sizes and offsets: `10G`, `64K`, `1.5M`, `4096`.
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| match e {
+        thinpool::Error::InvalidArgument(msg) => msg,
+        other => other.to_string(),
+    })
+}
+
+/// Block sizes are checked by the library (power of two, 4K..2M) so the rule
+/// lives in one place; here we only make sure the number fits its type.
+fn block_size_arg(s: &str) -> Result<u32, String> {
+    let v = size_arg(s)?;
+    u32::try_from(v).map_err(|_| format!("block size {s} is far too large (use 4K to 2M)"))
+}
+
+//------------------------------------------------------------------------------
+// Dispatch and error reporting
+
+pub fn main() -> ExitCode {
+    install_panic_hook();
+    // Usage errors exit with 2 (and --help/--version with 0) inside parse().
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `thinpool read ... | head`: the reader went away, nothing to report.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the context chain with ": " on one line.
+            eprintln!("thinpool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Create(a) => manage::create(a),
+        Command::Info(a) => manage::info(a),
+        Command::Volume(VolumeCommand::Create(a)) => manage::volume_create(a),
+        Command::Snapshot(a) => manage::snapshot(a, false),
+        Command::Clone(a) => manage::snapshot(a, true),
+        Command::List(a) => manage::list(a),
+        Command::Remove(a) => manage::remove(a),
+        Command::Rename(a) => manage::rename(a),
+        Command::Resize(a) => manage::resize(a),
+        Command::Write(a) => data::write(a),
+        Command::Read(a) => data::read(a),
+        Command::Import(a) => image::import(a),
+        Command::Export(a) => image::export(a),
+        Command::Serve(a) => export::serve(a),
+        Command::Attach(a) => export::attach(a),
+        Command::Detach(a) => export::detach(a),
+        Command::Mount(a) => export::mount(a),
+        Command::Umount(a) => export::umount(a),
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = match c.downcast_ref::<thinpool::Error>() {
+            Some(thinpool::Error::Io(io)) => Some(io),
+            _ => c.downcast_ref::<std::io::Error>(),
+        };
+        io.is_some_and(|io| io.kind() == ErrorKind::BrokenPipe)
+    })
+}
+
+/// A panic is a bug, but the user still gets one line, not a backtrace dump
+/// (unless they asked for one with RUST_BACKTRACE).
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("panic");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("thinpool: internal error (a bug; please report it): {msg}{at}");
+    }));
+}
+
+//------------------------------------------------------------------------------
+// Reaching the pool
+
+/// Open a pool file, turning "file missing" and friends into a message that
+/// names the file. Library errors already name it, so they pass through.
+pub(crate) fn open_pool(path: &Path) -> Result<Pool> {
+    Pool::open(path).map_err(|e| match e {
+        thinpool::Error::Io(io) if io.kind() == ErrorKind::NotFound => {
+            anyhow!("{}: no such pool file", path.display())
+        }
+        thinpool::Error::Io(io) => anyhow!("{}: cannot open pool: {io}", path.display()),
+        other => other.into(),
+    })
+}
+
+/// Run a management request: the pool's server answers it when one is
+/// serving the pool (it owns the file); otherwise we open the pool ourselves.
+pub(crate) fn request(pool: &Path, req: Request) -> Result<Response> {
+    if let Some(answer) = thinpool::export::control::request(pool, &req) {
+        return Ok(answer?);
+    }
+    let mut p = open_pool(pool)?;
+    Ok(control::execute(&mut p, req)?)
+}
+
+/// Open a pool for the data verbs, which move bulk bytes and so do not go
+/// through the control socket: while a server owns the pool, its exported
+/// files are the way in.
+pub(crate) fn open_unserved(pool: &Path, volume: &str) -> Result<Pool> {
+    if thinpool::export::control::request(pool, &Request::Info).is_some() {
+        bail!(
+            "pool {} is being served; use the exported file DIR/{volume} under the directory \
+             given to `thinpool serve` (or stop the server first)",
+            pool.display()
+        );
+    }
+    open_pool(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn arguments_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn block_size_must_fit() {
+        assert_eq!(block_size_arg("64K"), Ok(65536));
+        assert!(block_size_arg("8G").is_err());
+        assert!(size_arg("ten").unwrap_err().contains("cannot read size"));
+    }
+}

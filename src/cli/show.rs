@@ -1,0 +1,230 @@
+//! Human-readable output: the `info` summary, the `list` table, ages.
+//! Pure functions of the library's structs, so they are unit-tested here.
+
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use thinpool::size::format_size;
+use thinpool::{PoolInfo, VolumeInfo};
+
+/// Warn when free data space drops below this share of the pool: dm-thin's
+/// low-water mark, and the pool's default one.
+const LOW_WATER_PCT: f64 = 10.0;
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+pub(crate) fn pool_info(i: &PoolInfo) -> String {
+    let data = i.data_used_bytes + i.data_free_bytes;
+    let free_pct = pct(i.data_free_bytes, data);
+    let rows = [
+        ("pool", i.path.display().to_string()),
+        ("uuid", i.uuid.clone()),
+        (
+            "format",
+            format!("version {}, generation {}", i.format_version, i.generation),
+        ),
+        ("block size", format_size(i.block_size as u64)),
+        (
+            "size",
+            format!(
+                "{} ({} blocks, sparse)",
+                format_size(i.size),
+                i.total_blocks
+            ),
+        ),
+        (
+            "data used",
+            format!(
+                "{} ({:.1}%)",
+                format_size(i.data_used_bytes),
+                pct(i.data_used_bytes, data)
+            ),
+        ),
+        (
+            "data free",
+            format!("{} ({free_pct:.1}%)", format_size(i.data_free_bytes)),
+        ),
+        (
+            "metadata",
+            format!(
+                "{} ({:.1}%)",
+                format_size(i.metadata_used_bytes),
+                pct(i.metadata_used_bytes, i.size)
+            ),
+        ),
+        ("volumes", i.volumes.to_string()),
+    ];
+    let mut out = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(out, "{:<11} {v}", format!("{k}:"));
+    }
+    if free_pct < LOW_WATER_PCT {
+        let _ = writeln!(
+            out,
+            "warning: only {free_pct:.1}% of the pool is free; remove volumes or discard data \
+             before writes fail"
+        );
+    }
+    out
+}
+
+/// `docker ps -s` / `zfs list` style: one row per volume, sizes readable.
+pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
+    const HEAD: [&str; 7] = [
+        "NAME",
+        "PARENT",
+        "RO",
+        "VSIZE",
+        "MAPPED",
+        "EXCLUSIVE",
+        "CREATED",
+    ];
+    // Text columns align left, sizes right.
+    const RIGHT: [bool; 7] = [false, false, false, true, true, true, false];
+    let rows: Vec<[String; 7]> = vols
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                v.parent.clone().unwrap_or_else(|| "-".into()),
+                if v.read_only { "yes" } else { "no" }.into(),
+                format_size(v.virtual_size),
+                format_size(v.mapped_bytes),
+                format_size(v.exclusive_bytes),
+                ago(now.saturating_sub(v.created)),
+            ]
+        })
+        .collect();
+    let mut width = HEAD.map(str::len);
+    for r in &rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let head = HEAD.map(String::from);
+    for r in std::iter::once(&head).chain(&rows) {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            let w = width[i];
+            let _ = match RIGHT[i] {
+                true => write!(line, "{cell:>w$}  "),
+                false => write!(line, "{cell:<w$}  "),
+            };
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// "3 minutes ago", like `docker ps`: no calendar or time zone needed.
+pub(crate) fn ago(secs: u64) -> String {
+    const UNITS: [(u64, &str); 6] = [
+        (365 * 86400, "year"),
+        (30 * 86400, "month"),
+        (7 * 86400, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+    ];
+    if secs < 60 {
+        return if secs < 2 {
+            "just now".into()
+        } else {
+            format!("{secs} seconds ago")
+        };
+    }
+    let (unit, name) = UNITS
+        .iter()
+        .copied()
+        .find(|(u, _)| secs >= *u)
+        .unwrap_or((60, "minute"));
+    match secs / unit {
+        1 => format!("1 {name} ago"),
+        n => format!("{n} {name}s ago"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str, parent: Option<&str>, ro: bool) -> VolumeInfo {
+        VolumeInfo {
+            id: 1,
+            name: name.into(),
+            parent: parent.map(Into::into),
+            parent_id: None,
+            read_only: ro,
+            virtual_size: 10 << 30,
+            mapped_bytes: 3 << 20,
+            exclusive_bytes: 65536,
+            created: 1000,
+        }
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = volume_table(
+            &[vol("base", None, false), vol("layer-1", Some("base"), true)],
+            1000 + 7200,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("NAME     PARENT  RO   VSIZE  MAPPED  EXCLUSIVE  CREATED"),
+            "{t}"
+        );
+        assert!(
+            lines[2] == "layer-1  base    yes    10G    3.0M        64K  2 hours ago",
+            "{t}"
+        );
+        assert!(lines[1].contains(" -  "), "{t}");
+    }
+
+    #[test]
+    fn ages() {
+        assert_eq!(ago(0), "just now");
+        assert_eq!(ago(59), "59 seconds ago");
+        assert_eq!(ago(60), "1 minute ago");
+        assert_eq!(ago(3 * 3600 + 5), "3 hours ago");
+        assert_eq!(ago(400 * 86400), "1 year ago");
+    }
+
+    #[test]
+    fn info_warns_when_nearly_full() {
+        let mut i = PoolInfo {
+            path: "p".into(),
+            uuid: "u".into(),
+            format_version: 1,
+            generation: 2,
+            block_size: 65536,
+            size: 1 << 30,
+            total_blocks: 16384,
+            data_used_bytes: 100 << 20,
+            data_free_bytes: 900 << 20,
+            metadata_used_bytes: 1 << 20,
+            volumes: 2,
+        };
+        let s = pool_info(&i);
+        assert!(s.contains("data used:  100M (10.0%)"), "{s}");
+        assert!(!s.contains("warning"), "{s}");
+        i.data_used_bytes = 950 << 20;
+        i.data_free_bytes = 50 << 20;
+        assert!(pool_info(&i).contains("warning: only 5.0% of the pool is free"));
+    }
+}

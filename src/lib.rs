@@ -14,6 +14,7 @@
 //! - [`export`]: FUSE export, loop devices, control socket server.
 
 pub mod catalog;
+pub mod check;
 pub mod control;
 pub mod error;
 pub mod export;
@@ -24,5 +25,6 @@ pub mod pool;
 pub mod size;
 pub mod space;
 
+pub use check::CheckReport;
 pub use error::{Error, Result};
 pub use pool::{CreateOptions, Pool, PoolInfo, VolumeId, VolumeInfo};

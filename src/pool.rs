@@ -1,11 +1,28 @@
-//! The pool: open/create, transactions and commit, the volume catalog and the
-//! data path. (Engine work in progress: public signatures are final.)
+//! The pool: open/create, the commit protocol, volumes and the data path.
+//!
+//! Commit (two-phase, shadowing): metadata reachable from the last committed
+//! superblock is never overwritten. A commit writes every dirty map node,
+//! gives every dirty refcount/catalog page a fresh location and writes it,
+//! syncs, writes the superblock slot `generation % 2`, and syncs again.
+//! Blocks freed during the transaction become allocatable only afterwards.
 
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use byteorder::{ByteOrder, LittleEndian as LE};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::catalog::{validate_name, Catalog};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, PageType, SlotError, Superblock, VolumeRecord, FORMAT_VERSION, PAGE_HEADER_SIZE,
+    RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
+};
+use crate::io::{FileStorage, Storage};
+use crate::map::{self, Ctx, Nodes};
+use crate::space::{Budget, Kind, PagedArray, SpaceMap};
 
 /// Stable identifier of a volume inside its pool (never reused).
 pub type VolumeId = u64;
@@ -57,44 +74,778 @@ pub struct PoolInfo {
     pub volumes: usize,
 }
 
+
+/// Largest virtual size of a volume.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
+
 pub struct Pool {
-    _private: (),
+    path: PathBuf,
+    pub(crate) storage: Box<dyn Storage>,
+    /// The last committed superblock, updated in memory for the next commit.
+    pub(crate) sb: Superblock,
+    pub(crate) space: SpaceMap,
+    pub(crate) rc_layout: PagedArray,
+    pub(crate) catalog: Catalog,
+    pub(crate) nodes: Nodes,
+    block_size: u32,
+    /// Data was written in place since the last sync.
+    data_dirty: bool,
+    /// Set when a commit failed half way: memory no longer matches the file,
+    /// so nothing more is done until the pool is reopened (at its last commit).
+    failed: Option<String>,
 }
 
-#[allow(unused_variables)]
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn new_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut u);
+    }
+    if u == [0u8; 16] {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+/// Take the pool's owner lock: one process writes a pool at a time.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock on an fd we own.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::InUse(format!(
+            "pool {} is in use by another process (is it being served?)",
+            path.display()
+        )));
+    }
+    Err(Error::Io(e))
+}
+
+fn refcounts_per_page(block_size: u32) -> usize {
+    (block_size as usize - PAGE_HEADER_SIZE) / 4
+}
+
 impl Pool {
-    /// Create a new pool file (fails if `path` exists).
-    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Pool> { todo!() }
+    /// Create a new pool file (fails if `path` exists). On failure nothing is left behind.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Pool> {
+        Pool::check_create_options(opts)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::InvalidArgument(format!("{} already exists; not overwriting it", path.display()))
+            } else {
+                Error::Io(e)
+            }
+        })?;
+        let result = lock_exclusive(&file, path)
+            .and_then(|_| Pool::create_with(Box::new(FileStorage::new(file)), path, opts));
+        if result.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn check_create_options(opts: &CreateOptions) -> Result<()> {
+        if !format::valid_block_size(opts.block_size) {
+            return Err(Error::InvalidArgument(format!(
+                "block size {} is not a power of two from 4K to 2M",
+                opts.block_size
+            )));
+        }
+        let min = (format::reserved_blocks(opts.block_size) + 16) * opts.block_size as u64;
+        if opts.size < min {
+            return Err(Error::InvalidArgument(format!(
+                "pool size {} is too small (at least {} with {} blocks)",
+                crate::size::format_size(opts.size),
+                crate::size::format_size(min),
+                crate::size::format_size(opts.block_size as u64)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create a pool on any storage (tests use memory).
+    pub fn create_with(storage: Box<dyn Storage>, path: &Path, opts: &CreateOptions) -> Result<Pool> {
+        Pool::check_create_options(opts)?;
+        let bs = opts.block_size;
+        let total = opts.size / bs as u64;
+        if usize::try_from(total).is_err() {
+            return Err(Error::InvalidArgument("pool size too large".into()));
+        }
+        let per_rc = refcounts_per_page(bs);
+        let rc_layout = PagedArray::new(PageType::Refcount, bs, (total as usize).div_ceil(per_rc), RC_INDEX_MAX)
+            .map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "pool size {} is too large for {} blocks; use a larger block size",
+                    crate::size::format_size(opts.size),
+                    crate::size::format_size(bs as u64)
+                ))
+            })?;
+        let reserved = format::reserved_blocks(bs);
+        let sb = Superblock {
+            generation: 0,
+            block_size: bs,
+            low_water_pct: 10,
+            total_blocks: total,
+            uuid: new_uuid(),
+            created: now(),
+            next_volume_id: 1,
+            metadata_blocks: 0,
+            catalog_slots: 0,
+            rc_index: Vec::new(),
+            cat_index: Vec::new(),
+        };
+        let mut pool = Pool {
+            path: path.to_path_buf(),
+            storage,
+            sb,
+            space: SpaceMap::new(total, reserved, per_rc),
+            rc_layout,
+            catalog: Catalog::new(bs)?,
+            nodes: Nodes::new(bs, total, reserved),
+            block_size: bs,
+            data_dirty: false,
+            failed: None,
+        };
+        pool.update_reserve();
+        pool.commit_inner(true)?;
+        Ok(pool)
+    }
+
     /// Open an existing pool for reading and writing (exclusive lock).
-    pub fn open(path: &Path) -> Result<Pool> { todo!() }
-    pub fn path(&self) -> &Path { todo!() }
-    pub fn block_size(&self) -> u32 { todo!() }
-    pub fn info(&mut self) -> Result<PoolInfo> { todo!() }
+    pub fn open(path: &Path) -> Result<Pool> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(Error::NotAPool { path: path.to_path_buf() });
+        }
+        lock_exclusive(&file, path)?;
+        Pool::open_with(Box::new(FileStorage::new(file)), path)
+    }
+
+    /// Open a pool on any storage, at its newest valid commit.
+    pub fn open_with(storage: Box<dyn Storage>, path: &Path) -> Result<Pool> {
+        let sb = Pool::read_superblock(&*storage, path)?;
+        let bs = sb.block_size;
+        let total = sb.total_blocks;
+        let per_rc = refcounts_per_page(bs);
+        let n_rc_pages = usize::try_from(total)
+            .map_err(|_| Error::corrupt("pool too large for this machine"))?
+            .div_ceil(per_rc);
+        let mut rc = vec![0u32; 0];
+        // Allocate only once the table's shape is known to be sane.
+        if n_rc_pages.div_ceil(format::pointers_per_page(bs)) != sb.rc_index.len() {
+            return Err(Error::corrupt(format!(
+                "superblock lists {} refcount index pages, {} blocks need {}",
+                sb.rc_index.len(),
+                total,
+                n_rc_pages.div_ceil(format::pointers_per_page(bs))
+            )));
+        }
+        rc.resize(total as usize, 0);
+        let rc_layout = PagedArray::load(
+            PageType::Refcount,
+            bs,
+            n_rc_pages,
+            RC_INDEX_MAX,
+            &sb.rc_index,
+            &*storage,
+            total,
+            |page, bytes| {
+                let first = page * per_rc;
+                let n = per_rc.min(rc.len() - first);
+                LE::read_u32_into(&bytes[..4 * n], &mut rc[first..first + n]);
+                Ok(())
+            },
+        )?;
+        let reserved = format::reserved_blocks(bs);
+        if rc[..reserved as usize].iter().any(|&c| c != 1) {
+            return Err(Error::corrupt("refcounts of the superblock area are not 1"));
+        }
+        let used = rc.iter().skip(reserved as usize).filter(|&&c| c != 0).count() as u64;
+        if sb.metadata_blocks > used {
+            return Err(Error::corrupt(format!(
+                "superblock counts {} metadata blocks but only {used} blocks are in use",
+                sb.metadata_blocks
+            )));
+        }
+        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
+        let catalog = Catalog::load(bs, sb.catalog_slots, &sb.cat_index, &*storage, total)?;
+        let fanout = format::pointers_per_page(bs);
+        for r in catalog.iter() {
+            let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
+            if r.root >= total || (r.root != 0 && r.root < reserved) || r.depth < need || r.depth > need + 8 {
+                return Err(Error::corrupt(format!("volume '{}': bad map root or depth", r.name)));
+            }
+            if r.id >= sb.next_volume_id {
+                return Err(Error::corrupt(format!("volume '{}': id {} not below next id", r.name, r.id)));
+            }
+        }
+        let mut pool = Pool {
+            path: path.to_path_buf(),
+            storage,
+            sb,
+            space,
+            rc_layout,
+            catalog,
+            nodes: Nodes::new(bs, total, reserved),
+            block_size: bs,
+            data_dirty: false,
+            failed: None,
+        };
+        pool.update_reserve();
+        Ok(pool)
+    }
+
+    /// The valid superblock slot with the highest generation.
+    fn read_superblock(storage: &dyn Storage, path: &Path) -> Result<Superblock> {
+        let len = storage.len()?;
+        let mut buf = vec![0u8; 2 * SUPERBLOCK_SLOT_SIZE];
+        let n = (len as usize).min(buf.len());
+        if n < 8 {
+            return Err(Error::NotAPool { path: path.to_path_buf() });
+        }
+        storage.read_at(&mut buf[..n], 0)?;
+        let slots = [
+            Superblock::decode(&buf[..SUPERBLOCK_SLOT_SIZE]),
+            Superblock::decode(&buf[SUPERBLOCK_SLOT_SIZE..]),
+        ];
+        for s in &slots {
+            if let Err(SlotError::Version(v)) = s {
+                return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: *v, supported: FORMAT_VERSION });
+            }
+        }
+        if slots.iter().all(|s| matches!(s, Err(SlotError::BadMagic))) {
+            return Err(Error::NotAPool { path: path.to_path_buf() });
+        }
+        let best = slots.iter().filter_map(|s| s.as_ref().ok()).max_by_key(|s| s.generation);
+        match best {
+            Some(sb) => Ok(sb.clone()),
+            None => Err(Error::corrupt(format!(
+                "no valid superblock (slot 0: {:?}, slot 1: {:?})",
+                slots[0].as_ref().err(),
+                slots[1].as_ref().err()
+            ))),
+        }
+    }
+
+    /// Keep back enough blocks that a commit can always shadow its pages.
+    fn update_reserve(&mut self) {
+        let n = self.rc_layout.worst_case_pages() + self.catalog.layout.worst_case_pages() + 4;
+        self.space.set_commit_reserve(n);
+    }
+
+    fn check_ok(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(m) => Err(Error::Corrupt(format!(
+                "an earlier commit failed ({m}); reopen the pool to continue from its last commit"
+            ))),
+        }
+    }
+
+    fn ctx(&mut self) -> Ctx<'_> {
+        Ctx { nodes: &mut self.nodes, space: &mut self.space, storage: &*self.storage }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn uuid(&self) -> String {
+        uuid_string(&self.sb.uuid)
+    }
+
+    /// Commit generation of the last commit.
+    pub fn generation(&self) -> u64 {
+        self.sb.generation
+    }
+
+    pub fn info(&mut self) -> Result<PoolInfo> {
+        let bs = self.block_size as u64;
+        let meta = self.space.meta();
+        let used = self.space.used();
+        let usable = self.space.total() - self.space.reserved();
+        Ok(PoolInfo {
+            path: self.path.clone(),
+            uuid: self.uuid(),
+            format_version: FORMAT_VERSION,
+            generation: self.sb.generation,
+            block_size: self.block_size,
+            size: self.space.total() * bs,
+            total_blocks: self.space.total(),
+            data_used_bytes: (used - meta) * bs,
+            data_free_bytes: (usable - used) * bs,
+            metadata_used_bytes: (meta + self.space.reserved()) * bs,
+            volumes: self.catalog.len(),
+        })
+    }
+
+    fn record_info(&mut self, r: &VolumeRecord) -> Result<VolumeInfo> {
+        let excl = self.ctx().exclusive_blocks(r.root, r.depth - 1)?;
+        let parent = (r.parent_id != 0)
+            .then(|| self.catalog.get(r.parent_id).ok().map(|p| p.name.clone()))
+            .flatten();
+        let bs = self.block_size as u64;
+        Ok(VolumeInfo {
+            id: r.id,
+            name: r.name.clone(),
+            parent,
+            parent_id: (r.parent_id != 0).then_some(r.parent_id),
+            read_only: r.read_only,
+            virtual_size: r.size,
+            mapped_bytes: r.mapped_blocks * bs,
+            exclusive_bytes: excl * bs,
+            created: r.created,
+        })
+    }
+
     /// Every volume, in creation order. Reads metadata only, never data blocks.
-    pub fn list(&mut self) -> Result<Vec<VolumeInfo>> { todo!() }
-    pub fn volume_info(&mut self, name: &str) -> Result<VolumeInfo> { todo!() }
+    pub fn list(&mut self) -> Result<Vec<VolumeInfo>> {
+        self.check_ok()?;
+        let recs: Vec<VolumeRecord> = self.catalog.iter().cloned().collect();
+        recs.iter().map(|r| self.record_info(r)).collect()
+    }
+
+    pub fn volume_info(&mut self, name: &str) -> Result<VolumeInfo> {
+        self.check_ok()?;
+        let r = self.catalog.get_by_name(name)?.clone();
+        self.record_info(&r)
+    }
+
     /// Name -> id (errors with `NoSuchVolume`).
-    pub fn lookup(&self, name: &str) -> Result<VolumeId> { todo!() }
+    pub fn lookup(&self, name: &str) -> Result<VolumeId> {
+        self.catalog.id_of(name)
+    }
+
     /// Virtual size of a volume.
-    pub fn volume_size(&self, id: VolumeId) -> Result<u64> { todo!() }
-    pub fn is_read_only(&self, id: VolumeId) -> Result<bool> { todo!() }
+    pub fn volume_size(&self, id: VolumeId) -> Result<u64> {
+        Ok(self.catalog.get(id)?.size)
+    }
+
+    pub fn is_read_only(&self, id: VolumeId) -> Result<bool> {
+        Ok(self.catalog.get(id)?.read_only)
+    }
+
+    pub fn volume_name(&self, id: VolumeId) -> Result<String> {
+        Ok(self.catalog.get(id)?.name.clone())
+    }
+
     /// Create an empty thin volume of `size` bytes (commits).
-    pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeId> { todo!() }
+    pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeId> {
+        self.check_ok()?;
+        validate_name(name)?;
+        if size == 0 || size > MAX_VOLUME_SIZE {
+            return Err(Error::InvalidArgument(format!("volume size must be from 1 byte to 8E, not {size}")));
+        }
+        let fanout = format::pointers_per_page(self.block_size);
+        let id = self.sb.next_volume_id;
+        self.catalog.insert(VolumeRecord {
+            id,
+            parent_id: 0,
+            root: 0,
+            size,
+            mapped_blocks: 0,
+            created: now(),
+            depth: map::depth_for(size.div_ceil(self.block_size as u64), fanout),
+            read_only: false,
+            name: name.to_string(),
+            ..Default::default()
+        })?;
+        self.sb.next_volume_id += 1;
+        self.update_reserve();
+        self.commit()?;
+        Ok(id)
+    }
+
     /// O(1) snapshot (`writable == false`) or clone (`true`) of `source` (commits).
-    pub fn snapshot(&mut self, source: &str, name: &str, writable: bool) -> Result<VolumeId> { todo!() }
+    pub fn snapshot(&mut self, source: &str, name: &str, writable: bool) -> Result<VolumeId> {
+        self.check_ok()?;
+        validate_name(name)?;
+        if self.catalog.id_of(name).is_ok() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        let src = self.catalog.get_by_name(source)?.clone();
+        let id = self.sb.next_volume_id;
+        self.catalog.insert(VolumeRecord {
+            id,
+            parent_id: src.id,
+            created: now(),
+            read_only: !writable,
+            name: name.to_string(),
+            ..src.clone()
+        })?;
+        if src.root != 0 {
+            // The whole tree is shared by one more owner: one increment.
+            self.space.inc(src.root)?;
+        }
+        self.sb.next_volume_id += 1;
+        self.update_reserve();
+        self.commit()?;
+        Ok(id)
+    }
+
     /// Remove a volume, freeing blocks only it held (commits).
-    pub fn remove_volume(&mut self, name: &str) -> Result<()> { todo!() }
-    pub fn rename_volume(&mut self, old: &str, new: &str) -> Result<()> { todo!() }
+    pub fn remove_volume(&mut self, name: &str) -> Result<()> {
+        self.check_ok()?;
+        let id = self.catalog.id_of(name)?;
+        let rec = self.catalog.remove(id)?;
+        if rec.root != 0 {
+            self.ctx().release(rec.root, rec.depth - 1)?;
+        }
+        self.commit()
+    }
+
+    pub fn rename_volume(&mut self, old: &str, new: &str) -> Result<()> {
+        self.check_ok()?;
+        self.catalog.rename(old, new)?;
+        self.commit()
+    }
+
     /// Grow a volume's virtual size (commits).
-    pub fn resize_volume(&mut self, name: &str, size: u64) -> Result<()> { todo!() }
+    pub fn resize_volume(&mut self, name: &str, size: u64) -> Result<()> {
+        self.check_ok()?;
+        let id = self.catalog.id_of(name)?;
+        let rec = self.catalog.get(id)?.clone();
+        if rec.read_only {
+            return Err(Error::ReadOnly(name.to_string()));
+        }
+        if size < rec.size {
+            return Err(Error::InvalidArgument(format!(
+                "volume '{name}' is {} bytes; shrinking is not supported",
+                rec.size
+            )));
+        }
+        if size > MAX_VOLUME_SIZE {
+            return Err(Error::InvalidArgument("volume size must be at most 8E".into()));
+        }
+        let need = map::depth_for(size.div_ceil(self.block_size as u64), format::pointers_per_page(self.block_size));
+        let (mut root, mut depth) = (rec.root, rec.depth);
+        self.ctx().grow(&mut root, &mut depth, need)?;
+        let r = self.catalog.get_mut(id)?;
+        r.root = root;
+        r.depth = depth;
+        r.size = size;
+        self.commit()
+    }
+
+    fn check_range(&self, id: VolumeId, offset: u64, len: u64) -> Result<&VolumeRecord> {
+        let r = self.catalog.get(id)?;
+        if offset.checked_add(len).is_none_or(|end| end > r.size) {
+            return Err(Error::OutOfRange { volume: r.name.clone(), offset, len, size: r.size });
+        }
+        Ok(r)
+    }
+
     /// Read `buf.len()` bytes at `offset`; unmapped blocks read as zeros.
-    pub fn read(&mut self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> { todo!() }
+    pub fn read(&mut self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_ok()?;
+        let r = self.check_range(id, offset, buf.len() as u64)?;
+        let (root, depth) = (r.root, r.depth);
+        let bs = self.block_size as u64;
+        // Coalesce physically contiguous blocks into one read.
+        let mut run: Option<(u64, usize, usize)> = None; // (file offset, buf start, len)
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let (vb, within) = (at / bs, (at % bs) as usize);
+            let n = (bs as usize - within).min(buf.len() - pos);
+            match self.ctx().lookup(root, depth, vb)? {
+                None => {
+                    self.flush_run(&mut run, buf)?;
+                    buf[pos..pos + n].fill(0);
+                }
+                Some(p) => {
+                    let phys = p * bs + within as u64;
+                    match &mut run {
+                        Some((o, _, l)) if *o + *l as u64 == phys => *l += n,
+                        _ => {
+                            self.flush_run(&mut run, buf)?;
+                            run = Some((phys, pos, n));
+                        }
+                    }
+                }
+            }
+            pos += n;
+        }
+        self.flush_run(&mut run, buf)
+    }
+
+    fn flush_run(&self, run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]) -> Result<()> {
+        if let Some((o, start, len)) = run.take() {
+            self.storage.read_at(&mut buf[start..start + len], o).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Error::corrupt(format!("data at byte {o} is past the end of the pool file (truncated?)"))
+                } else {
+                    Error::Io(e)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Write at `offset`, copying shared blocks on first write.
-    pub fn write(&mut self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> { todo!() }
+    pub fn write(&mut self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_ok()?;
+        let r = self.check_range(id, offset, data.len() as u64)?;
+        if r.read_only {
+            return Err(Error::ReadOnly(r.name.clone()));
+        }
+        let bs = self.block_size as u64;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let (vb, within) = (at / bs, (at % bs) as usize);
+            let n = (bs as usize - within).min(data.len() - pos);
+            self.retry_on_full(|p| p.write_block(id, vb, within, &data[pos..pos + n]))?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// A full pool may only look full because frees wait for the commit:
+    /// commit once and try again before reporting ENOSPC.
+    fn retry_on_full(&mut self, mut op: impl FnMut(&mut Pool) -> Result<()>) -> Result<()> {
+        match op(self) {
+            Err(Error::NoSpace) if self.space.has_pending() => {
+                self.commit()?;
+                op(self)
+            }
+            r => r,
+        }
+    }
+
+    fn write_block(&mut self, id: VolumeId, vb: u64, within: usize, chunk: &[u8]) -> Result<()> {
+        let bs = self.block_size as usize;
+        let fanout = self.nodes.fanout();
+        let rec = self.catalog.get(id)?;
+        let (mut root, depth) = (rec.root, rec.depth);
+        let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, true);
+        if root != self.catalog.get(id)?.root {
+            self.catalog.get_mut(id)?.root = root;
+        }
+        let leaf = leaf?.expect("create=true always yields a leaf");
+        let s = map::slot(vb, 0, fanout);
+        let old = self.nodes.get_mut(leaf)?[s];
+        self.data_dirty = true;
+        if old != 0 && self.space.can_overwrite(old) {
+            self.storage.write_at(chunk, old * bs as u64 + within as u64)?;
+            return Ok(());
+        }
+        let new = self.space.alloc(Kind::Data, Budget::Write)?;
+        let written = if chunk.len() == bs {
+            // A whole block needs no read of the old one.
+            self.storage.write_at(chunk, new * bs as u64)
+        } else {
+            let mut buf = vec![0u8; bs];
+            if old != 0 {
+                self.storage.read_at(&mut buf, old * bs as u64)?;
+            }
+            buf[within..within + chunk.len()].copy_from_slice(chunk);
+            self.storage.write_at(&buf, new * bs as u64)
+        };
+        if let Err(e) = written {
+            self.space.dec(new, Kind::Data)?;
+            return Err(e.into());
+        }
+        self.nodes.get_mut(leaf)?[s] = new;
+        if old != 0 {
+            self.space.dec(old, Kind::Data)?;
+        } else {
+            self.catalog.get_mut(id)?.mapped_blocks += 1;
+        }
+        Ok(())
+    }
+
     /// Unmap whole blocks in the range (dropping references); zero the partial rest.
-    pub fn discard(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> { todo!() }
+    pub fn discard(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
+        self.check_ok()?;
+        let r = self.check_range(id, offset, len)?;
+        if r.read_only {
+            return Err(Error::ReadOnly(r.name.clone()));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.block_size as u64;
+        let end = offset + len;
+        let first_full = offset.div_ceil(bs);
+        let end_full = end / bs;
+        // Partial head and tail: zero them in place (only if mapped).
+        if first_full > end_full {
+            return self.zero_partial(id, offset, len);
+        }
+        if offset < first_full * bs {
+            self.zero_partial(id, offset, first_full * bs - offset)?;
+        }
+        if end_full * bs < end && end_full >= first_full {
+            self.zero_partial(id, end_full * bs, end - end_full * bs)?;
+        }
+        let rec = self.catalog.get(id)?;
+        let (root, depth) = (rec.root, rec.depth);
+        let mapped = self.ctx().mapped_in_range(root, depth, first_full, end_full)?;
+        for (vb, _) in mapped {
+            self.retry_on_full(|p| p.unmap_block(id, vb))?;
+        }
+        Ok(())
+    }
+
+    fn zero_partial(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
+        let bs = self.block_size as u64;
+        let rec = self.catalog.get(id)?;
+        let (root, depth) = (rec.root, rec.depth);
+        if self.ctx().lookup(root, depth, offset / bs)?.is_none() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; len as usize];
+        self.write(id, offset, &zeros)
+    }
+
+    fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+        let fanout = self.nodes.fanout();
+        let rec = self.catalog.get(id)?;
+        let (mut root, depth) = (rec.root, rec.depth);
+        let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, false);
+        if root != self.catalog.get(id)?.root {
+            self.catalog.get_mut(id)?.root = root;
+        }
+        let Some(leaf) = leaf? else { return Ok(()) };
+        let s = map::slot(vb, 0, fanout);
+        let old = std::mem::take(&mut self.nodes.get_mut(leaf)?[s]);
+        if old != 0 {
+            self.space.dec(old, Kind::Data)?;
+            self.catalog.get_mut(id)?.mapped_blocks -= 1;
+        }
+        Ok(())
+    }
+
     /// Make the range read as zeros (same as discard: unmapped blocks read as zeros).
-    pub fn write_zeroes(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> { todo!() }
+    pub fn write_zeroes(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
+        self.discard(id, offset, len)
+    }
+
+    /// Virtual block numbers that are mapped in `id`, ascending (metadata only).
+    pub fn mapped_blocks(&mut self, id: VolumeId) -> Result<Vec<u64>> {
+        self.check_ok()?;
+        let r = self.catalog.get(id)?;
+        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size as u64));
+        Ok(self.ctx().mapped_in_range(root, depth, 0, n)?.into_iter().map(|(v, _)| v).collect())
+    }
+
     /// Make everything written so far durable (two-phase commit).
-    pub fn commit(&mut self) -> Result<()> { todo!() }
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_ok()?;
+        self.commit_inner(false)
+    }
+
+    fn commit_inner(&mut self, force: bool) -> Result<()> {
+        let meta_dirty = self.nodes.has_dirty()
+            || !self.space.dirty_pages().is_empty()
+            || !self.catalog.dirty_pages().is_empty();
+        if !meta_dirty && !force {
+            if self.data_dirty {
+                self.storage.sync()?;
+                self.data_dirty = false;
+            }
+            return Ok(());
+        }
+        match self.write_commit() {
+            Ok(()) => {
+                self.data_dirty = false;
+                let freed = self.space.end_transaction();
+                self.catalog.clear_dirty();
+                self.punch(freed);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn write_commit(&mut self) -> Result<()> {
+        let generation = self.sb.generation + 1;
+        self.nodes.write_dirty(&*self.storage, generation)?;
+        // Shadowing a page allocates, which dirties refcount pages: repeat
+        // until every dirty page has a home the last commit does not use.
+        loop {
+            let cat_dirty = self.catalog.dirty_pages().clone();
+            let a = self.catalog.layout.shadow(&cat_dirty, &mut self.space)?;
+            let rc_dirty = self.space.dirty_pages().clone();
+            let b = self.rc_layout.shadow(&rc_dirty, &mut self.space)?;
+            if !a && !b {
+                break;
+            }
+        }
+        self.catalog.write_dirty(&*self.storage, generation)?;
+        let per_rc = refcounts_per_page(self.block_size);
+        let rc = self.space.refcounts();
+        self.rc_layout.write(self.space.dirty_pages(), &*self.storage, generation, |p, buf| {
+            let first = p * per_rc;
+            let n = per_rc.min(rc.len() - first);
+            LE::write_u32_into(&rc[first..first + n], &mut buf[..4 * n]);
+        })?;
+        self.storage.sync()?;
+        let mut sb = self.sb.clone();
+        sb.generation = generation;
+        sb.metadata_blocks = self.space.meta();
+        sb.catalog_slots = self.catalog.n_slots();
+        sb.rc_index = self.rc_layout.index_pointers().to_vec();
+        sb.cat_index = self.catalog.layout.index_pointers().to_vec();
+        let slot = (generation % 2) * SUPERBLOCK_SLOT_SIZE as u64;
+        self.storage.write_at(&sb.encode(), slot)?;
+        self.storage.sync()?;
+        self.sb = sb;
+        Ok(())
+    }
+
+    /// Give freed blocks' space back to the host file system (best effort).
+    fn punch(&self, mut freed: Vec<u64>) {
+        freed.sort_unstable();
+        let bs = self.block_size as u64;
+        let mut i = 0;
+        while i < freed.len() {
+            let start = freed[i];
+            let mut end = start + 1;
+            while i + 1 < freed.len() && freed[i + 1] == end {
+                i += 1;
+                end += 1;
+            }
+            let _ = self.storage.punch(start * bs, (end - start) * bs);
+            i += 1;
+        }
+    }
+
+    /// Commit and close. Dropping a pool commits too, but cannot report errors.
+    pub fn close(mut self) -> Result<()> {
+        let r = self.commit();
+        self.failed = Some("closed".into());
+        r
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if self.failed.is_none() {
+            let _ = self.commit_inner(false);
+        }
+    }
 }

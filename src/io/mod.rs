@@ -1,1 +1,23 @@
-//! WIP
+//! Every byte the engine reads or writes goes through [`Storage`], so tests
+//! can swap the file for memory or for a backend that simulates power loss.
+
+mod file;
+mod mem;
+
+pub use file::FileStorage;
+pub use mem::MemStorage;
+
+use std::io;
+
+pub trait Storage: Send {
+    /// Fill `buf` from `offset`; reading past the end is an `UnexpectedEof` error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset` (not durable until `sync`).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every write so far durable.
+    fn sync(&self) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Give the range's space back to the host; it reads as zeros afterwards.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+}

@@ -1,1 +1,227 @@
-//! WIP
+//! Per-volume block map: virtual block -> physical block, as a radix tree of
+//! one-block nodes. Nodes are refcounted like data blocks, so a snapshot
+//! shares the whole tree by taking one reference on the root (dm-thin's
+//! "clone the origin, an inc will do"). Writing through a shared node shadows
+//! it: copy, take a reference on each child, drop one on the original.
+//!
+//! Level 0 nodes are leaves (entries are data blocks); a volume of depth `d`
+//! has its root at level `d - 1`. Entry 0 means "nothing mapped here".
+
+mod nodes;
+
+pub use nodes::Nodes;
+
+use crate::error::{Error, Result};
+use crate::io::Storage;
+use crate::space::{Budget, Kind, SpaceMap};
+
+/// Levels needed to address `n_blocks` with `fanout` entries per node.
+pub fn depth_for(n_blocks: u64, fanout: usize) -> u8 {
+    let mut depth = 1u8;
+    let mut cap = fanout as u128;
+    while cap < n_blocks as u128 {
+        cap *= fanout as u128;
+        depth += 1;
+    }
+    depth
+}
+
+/// The slot of `vblock` in the node at `level`.
+pub fn slot(vblock: u64, level: u8, fanout: usize) -> usize {
+    let span = (fanout as u128).pow(level as u32);
+    ((vblock as u128 / span) % fanout as u128) as usize
+}
+
+/// Everything a tree operation touches.
+pub struct Ctx<'a> {
+    pub nodes: &'a mut Nodes,
+    pub space: &'a mut SpaceMap,
+    pub storage: &'a dyn Storage,
+}
+
+impl Ctx<'_> {
+    /// The data block mapped at `vblock`, if any. Reads metadata only.
+    pub fn lookup(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+        let f = self.nodes.fanout();
+        let mut node = root;
+        for level in (0..depth).rev() {
+            if node == 0 {
+                return Ok(None);
+            }
+            node = self.nodes.get(self.storage, node, level)?[slot(vblock, level, f)];
+        }
+        Ok((node != 0).then_some(node))
+    }
+
+    /// Make `node` private to this transaction and this tree: returns the
+    /// block to write to (itself if it already is).
+    fn shadow(&mut self, node: u64, level: u8, budget: Budget) -> Result<u64> {
+        if self.space.is_txn_new(node) && self.space.rc(node) == 1 {
+            return Ok(node);
+        }
+        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        let new = self.space.alloc(Kind::Meta, budget)?;
+        if self.space.was_shared(node) {
+            // The last commit reaches these children through the old node too:
+            // they must be copied, not overwritten, if written later.
+            for &c in entries.iter().filter(|&&c| c != 0) {
+                self.space.mark_shared(c);
+            }
+        }
+        if self.space.rc(node) > 1 {
+            // The original stays with its other owners; the copy owns children too.
+            for &c in entries.iter().filter(|&&c| c != 0) {
+                self.space.inc(c)?;
+            }
+        }
+        // Count 1: the copy takes over the children's references as they are.
+        if self.space.dec(node, Kind::Meta)? {
+            self.nodes.forget(node);
+        }
+        self.nodes.insert_dirty(new, level, entries);
+        Ok(new)
+    }
+
+    /// Shadow (or create) the path to `vblock` and return the writable leaf.
+    /// With `create == false` a missing path returns None and allocates nothing.
+    pub fn leaf_for_update(&mut self, root: &mut u64, depth: u8, vblock: u64, create: bool) -> Result<Option<u64>> {
+        let f = self.nodes.fanout();
+        let top = depth - 1;
+        let budget = if create { Budget::Write } else { Budget::Unmap };
+        if *root == 0 {
+            if !create {
+                return Ok(None);
+            }
+            *root = self.new_node(top)?;
+        } else {
+            *root = self.shadow(*root, top, budget)?;
+        }
+        let mut node = *root;
+        for level in (1..depth).rev() {
+            let s = slot(vblock, level, f);
+            let child = self.nodes.get(self.storage, node, level)?[s];
+            let child = if child == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                self.new_node(level - 1)?
+            } else {
+                self.shadow(child, level - 1, budget)?
+            };
+            self.nodes.get_mut(node)?[s] = child;
+            node = child;
+        }
+        Ok(Some(node))
+    }
+
+    fn new_node(&mut self, level: u8) -> Result<u64> {
+        let b = self.space.alloc(Kind::Meta, Budget::Write)?;
+        let f = self.nodes.fanout();
+        self.nodes.insert_dirty(b, level, vec![0; f]);
+        Ok(b)
+    }
+
+    /// Drop a tree's reference on `node`; if that was the last, drop its
+    /// children too. Shared subtrees stop the walk at once.
+    pub fn release(&mut self, node: u64, level: u8) -> Result<()> {
+        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        if !self.space.dec(node, Kind::Meta)? {
+            return Ok(());
+        }
+        self.nodes.forget(node);
+        for c in entries.into_iter().filter(|&c| c != 0) {
+            if level == 0 {
+                self.space.dec(c, Kind::Data)?;
+            } else {
+                self.release(c, level - 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Data blocks reachable from `root` that no other volume can reach.
+    pub fn exclusive_blocks(&mut self, node: u64, level: u8) -> Result<u64> {
+        if node == 0 || self.space.rc(node) != 1 {
+            return Ok(0);
+        }
+        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        let mut n = 0;
+        for c in entries.into_iter().filter(|&c| c != 0) {
+            n += if level == 0 {
+                (self.space.rc(c) == 1) as u64
+            } else {
+                self.exclusive_blocks(c, level - 1)?
+            };
+        }
+        Ok(n)
+    }
+
+    /// Add levels on top until the tree has `new_depth` levels.
+    pub fn grow(&mut self, root: &mut u64, depth: &mut u8, new_depth: u8) -> Result<()> {
+        while *depth < new_depth {
+            if *root != 0 {
+                let top = self.new_node(*depth)?;
+                // The old root moves under the new one: its one reference moves too.
+                self.nodes.get_mut(top)?[0] = *root;
+                *root = top;
+            }
+            *depth += 1;
+        }
+        Ok(())
+    }
+
+    /// Mapped blocks with `first <= vblock < end`, as (vblock, pblock), ascending.
+    /// Unmapped subtrees are skipped without being read.
+    pub fn mapped_in_range(&mut self, root: u64, depth: u8, first: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        if root != 0 && first < end {
+            self.range_node(root, depth - 1, 0, first, end, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn range_node(&mut self, node: u64, level: u8, base: u64, first: u64, end: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let fan = self.nodes.fanout() as u128;
+        let span = fan.pow(level as u32);
+        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        for (i, c) in entries.into_iter().enumerate() {
+            let lo = base as u128 + i as u128 * span;
+            let hi = lo + span;
+            if c == 0 || hi <= first as u128 || lo >= end as u128 {
+                continue;
+            }
+            if level == 0 {
+                out.push((lo as u64, c));
+            } else {
+                self.range_node(c, level - 1, lo as u64, first, end, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Call `f(vblock, pblock)` for every mapped block in ascending order.
+    pub fn walk(&mut self, root: u64, depth: u8, f: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        self.walk_node(root, depth - 1, 0, f)
+    }
+
+    fn walk_node(&mut self, node: u64, level: u8, base: u64, f: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let fan = self.nodes.fanout() as u64;
+        let span = fan.checked_pow(level as u32).ok_or_else(|| Error::corrupt("map deeper than addressable"))?;
+        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        for (i, c) in entries.into_iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let vb = base + i as u64 * span;
+            if level == 0 {
+                f(vb, c)?;
+            } else {
+                self.walk_node(c, level - 1, vb, f)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,312 @@
-//! WIP
+//! Space management: a reference count per block, a free bitmap derived from
+//! it, an allocator, and the rule that makes crashes safe: a block freed in
+//! the open transaction is still referenced by the last commit, so it is not
+//! handed out again until that transaction commits.
+
+mod array;
+
+pub use array::{read_page, PagedArray};
+
+use std::collections::{BTreeSet, HashSet};
+
+use bitvec::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Blocks kept back for unmapping on a full pool: discarding shadows a few
+/// map nodes before it frees anything.
+pub const UNMAP_RESERVE: u64 = 16;
+
+/// Which reserve an allocation may dip into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Ordinary writes: leave both reserves alone.
+    Write,
+    /// Shadowing map nodes to unmap blocks (discard, remove).
+    Unmap,
+    /// The commit's own pages.
+    Commit,
+}
+
+/// What a block holds; only used for accounting (data vs metadata use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Data,
+    Meta,
+}
+
+pub struct SpaceMap {
+    rc: Vec<u32>,
+    /// Set = may be allocated now.
+    free: BitVec<u64, Lsb0>,
+    free_count: u64,
+    /// Allocated in the open transaction: invisible to the last commit, so it
+    /// may be written in place and reused at once when freed.
+    txn_new: BitVec<u64, Lsb0>,
+    /// Blocks whose count fell from >= 2 in this transaction: the last commit
+    /// may still share them, so they must not be overwritten in place.
+    was_shared: HashSet<u64>,
+    /// Count reached zero in this transaction; free after the commit.
+    pending: Vec<u64>,
+    /// Refcount pages (index into the persistent array) changed in this transaction.
+    dirty_pages: BTreeSet<usize>,
+    per_page: usize,
+    reserved: u64,
+    used: u64,
+    meta: u64,
+    hint: u64,
+    /// Blocks kept back for the commit itself (shadowing refcount/catalog pages).
+    commit_reserve: u64,
+}
+
+impl SpaceMap {
+    /// Build from persisted refcounts. Blocks below `reserved` hold the superblocks.
+    pub fn from_refcounts(rc: Vec<u32>, reserved: u64, meta: u64, per_page: usize) -> SpaceMap {
+        let n = rc.len();
+        let mut free = bitvec![u64, Lsb0; 0; n];
+        let mut used = 0;
+        for (b, &c) in rc.iter().enumerate().skip(reserved as usize) {
+            if c == 0 {
+                free.set(b, true);
+            } else {
+                used += 1;
+            }
+        }
+        let free_count = free.count_ones() as u64;
+        SpaceMap {
+            rc,
+            free,
+            free_count,
+            txn_new: bitvec![u64, Lsb0; 0; n],
+            was_shared: HashSet::new(),
+            pending: Vec::new(),
+            dirty_pages: BTreeSet::new(),
+            per_page,
+            reserved,
+            used,
+            meta,
+            hint: reserved,
+            commit_reserve: 0,
+        }
+    }
+
+    /// A fresh pool: every block free except the superblock area.
+    pub fn new(total: u64, reserved: u64, per_page: usize) -> SpaceMap {
+        let mut rc = vec![0u32; total as usize];
+        rc[..reserved as usize].fill(1);
+        let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page);
+        s.dirty_pages.extend(0..(reserved as usize).div_ceil(per_page));
+        s
+    }
+
+    pub fn total(&self) -> u64 {
+        self.rc.len() as u64
+    }
+    pub fn reserved(&self) -> u64 {
+        self.reserved
+    }
+    /// Blocks in use (data + metadata), superblock area excluded.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+    pub fn meta(&self) -> u64 {
+        self.meta
+    }
+    pub fn refcounts(&self) -> &[u32] {
+        &self.rc
+    }
+    pub fn rc(&self, b: u64) -> u32 {
+        self.rc[b as usize]
+    }
+    pub fn set_commit_reserve(&mut self, n: u64) {
+        self.commit_reserve = n;
+    }
+    pub fn is_txn_new(&self, b: u64) -> bool {
+        self.txn_new[b as usize]
+    }
+    pub fn dirty_pages(&self) -> &BTreeSet<usize> {
+        &self.dirty_pages
+    }
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A data block may be overwritten in place only if this volume alone
+    /// holds it now and the last commit did not share it.
+    pub fn can_overwrite(&self, b: u64) -> bool {
+        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared.contains(&b))
+    }
+
+    /// The last commit may reach `b` through a path that is not the caller's.
+    pub fn was_shared(&self, b: u64) -> bool {
+        self.was_shared.contains(&b)
+    }
+
+    /// Mark `b` as reachable from the last commit through another path
+    /// (a child of a node that was shared there).
+    pub fn mark_shared(&mut self, b: u64) {
+        if !self.txn_new[b as usize] {
+            self.was_shared.insert(b);
+        }
+    }
+
+    fn touch(&mut self, b: u64) {
+        self.dirty_pages.insert(b as usize / self.per_page);
+    }
+
+    /// Allocate a block with count 1, leaving the reserves `budget` may not use.
+    pub fn alloc(&mut self, kind: Kind, budget: Budget) -> Result<u64> {
+        let keep = match budget {
+            Budget::Write => self.commit_reserve + UNMAP_RESERVE,
+            Budget::Unmap => self.commit_reserve,
+            Budget::Commit => 0,
+        };
+        if self.free_count <= keep {
+            return Err(Error::NoSpace);
+        }
+        let h = self.hint as usize;
+        let b = match self.free[h..].first_one() {
+            Some(i) => h + i,
+            None => self.free[..h].first_one().ok_or(Error::NoSpace)?,
+        };
+        self.free.set(b, false);
+        self.free_count -= 1;
+        self.txn_new.set(b, true);
+        self.rc[b] = 1;
+        self.used += 1;
+        if kind == Kind::Meta {
+            self.meta += 1;
+        }
+        self.hint = b as u64 + 1;
+        if self.hint >= self.total() {
+            self.hint = self.reserved;
+        }
+        self.touch(b as u64);
+        Ok(b as u64)
+    }
+
+    pub fn inc(&mut self, b: u64) -> Result<()> {
+        let c = &mut self.rc[b as usize];
+        if *c == 0 {
+            return Err(Error::corrupt(format!("reference to free block {b}")));
+        }
+        *c = c
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt(format!("refcount overflow on block {b}")))?;
+        self.touch(b);
+        Ok(())
+    }
+
+    /// Drop one reference; returns true when the block has no owner left.
+    pub fn dec(&mut self, b: u64, kind: Kind) -> Result<bool> {
+        let i = b as usize;
+        let old = self.rc[i];
+        if old == 0 || b < self.reserved {
+            return Err(Error::corrupt(format!("double free of block {b}")));
+        }
+        self.rc[i] = old - 1;
+        self.touch(b);
+        if old >= 2 {
+            if !self.txn_new[i] {
+                self.was_shared.insert(b);
+            }
+            return Ok(false);
+        }
+        self.used -= 1;
+        if kind == Kind::Meta {
+            self.meta -= 1;
+        }
+        if self.txn_new[i] {
+            // Never committed: nobody else can see it, reuse at once.
+            self.txn_new.set(i, false);
+            self.release(b);
+        } else {
+            self.pending.push(b);
+        }
+        Ok(true)
+    }
+
+    fn release(&mut self, b: u64) {
+        self.free.set(b as usize, true);
+        self.free_count += 1;
+        self.hint = self.hint.min(b);
+    }
+
+    /// After a successful commit: the deferred frees become free. Returns
+    /// them so the caller can give their space back to the host.
+    pub fn end_transaction(&mut self) -> Vec<u64> {
+        let pending = std::mem::take(&mut self.pending);
+        for &b in &pending {
+            self.release(b);
+        }
+        self.txn_new.fill(false);
+        self.was_shared.clear();
+        self.dirty_pages.clear();
+        pending
+    }
+
+    /// Grow the pool to `total` blocks.
+    pub fn grow(&mut self, total: u64) {
+        let old = self.rc.len();
+        self.rc.resize(total as usize, 0);
+        self.free.resize(total as usize, true);
+        self.txn_new.resize(total as usize, false);
+        self.free_count += total - old as u64;
+        for p in old / self.per_page..(total as usize).div_ceil(self.per_page) {
+            self.dirty_pages.insert(p);
+        }
+    }
+
+    /// Free blocks that may be allocated (pending frees not yet counted).
+    pub fn free_count(&self) -> u64 {
+        self.free_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_is_not_free_until_commit() {
+        let mut s = SpaceMap::new(16, 1, 1024);
+        let a = s.alloc(Kind::Data, Budget::Write).unwrap();
+        s.end_transaction(); // a is now committed
+        assert!(s.dec(a, Kind::Data).unwrap());
+        // The committed state still references a: it must not come back yet.
+        let mut got = vec![];
+        while let Ok(b) = s.alloc(Kind::Data, Budget::Write) {
+            got.push(b);
+        }
+        assert!(!got.contains(&a));
+        assert_eq!(s.end_transaction(), vec![a]);
+        assert_eq!(s.alloc(Kind::Data, Budget::Write).unwrap(), a);
+    }
+
+    #[test]
+    fn txn_new_blocks_reuse_at_once_and_shared_blocks_are_not_overwritten() {
+        let mut s = SpaceMap::new(8, 1, 1024);
+        let a = s.alloc(Kind::Data, Budget::Write).unwrap();
+        assert!(s.dec(a, Kind::Data).unwrap());
+        assert_eq!(s.alloc(Kind::Data, Budget::Write).unwrap(), a);
+        s.inc(a).unwrap();
+        s.end_transaction();
+        assert!(!s.can_overwrite(a));
+        assert!(!s.dec(a, Kind::Data).unwrap());
+        // Count is 1 now, but the commit shares it: still no in-place write.
+        assert!(!s.can_overwrite(a));
+        s.end_transaction();
+        assert!(s.can_overwrite(a));
+    }
+
+    #[test]
+    fn reserve_is_kept_for_commits() {
+        let mut s = SpaceMap::new(6 + UNMAP_RESERVE, 1, 1024);
+        s.set_commit_reserve(2);
+        assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
+        assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
+        assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
+        assert!(matches!(s.alloc(Kind::Data, Budget::Write), Err(Error::NoSpace)));
+        assert!(s.alloc(Kind::Meta, Budget::Commit).is_ok());
+    }
+}

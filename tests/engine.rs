@@ -1,0 +1,238 @@
+//! Engine tests through the library API, on an in-memory storage and on files.
+
+use std::path::Path;
+
+use thinpool::io::MemStorage;
+use thinpool::{CreateOptions, Error, Pool};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+fn mem_pool(size: u64, bs: u32) -> (MemStorage, Pool) {
+    let m = MemStorage::new();
+    let p = Pool::create_with(Box::new(m.clone()), Path::new("mem"), &CreateOptions { size, block_size: bs }).unwrap();
+    (m, p)
+}
+
+fn reopen(m: &MemStorage, p: Pool) -> Pool {
+    p.close().unwrap();
+    Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap()
+}
+
+fn assert_clean(p: &mut Pool) {
+    let r = p.check().unwrap();
+    assert!(r.is_clean(), "check found problems: {:#?}", r.problems);
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn unwritten_blocks_read_as_zeros_and_use_no_space() {
+    let (_m, mut p) = mem_pool(64 * MIB, 64 * 1024);
+    let id = p.create_volume("v", 1 << 40).unwrap();
+    let before = p.info().unwrap().data_used_bytes;
+    let mut buf = vec![1u8; 300_000];
+    p.read(id, (1 << 40) - 300_000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(p.info().unwrap().data_used_bytes, before);
+    assert_eq!(before, 0);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn snapshot_shares_until_written_then_copies_one_block() {
+    let (m, mut p) = mem_pool(64 * MIB, 64 * 1024);
+    let v = p.create_volume("base", 8 * MIB).unwrap();
+    let data = pattern(4 * MIB as usize, 7);
+    p.write(v, 0, &data).unwrap();
+    p.commit().unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    assert_eq!(used, 4 * MIB);
+    let s = p.snapshot("base", "snap", false).unwrap();
+    let c = p.snapshot("snap", "clone", true).unwrap();
+    assert_eq!(p.info().unwrap().data_used_bytes, used, "snapshots must not copy data");
+    p.write(c, 100_000, b"hello").unwrap();
+    assert_eq!(p.info().unwrap().data_used_bytes, used + 64 * KIB);
+    let l = p.list().unwrap();
+    let get = |n: &str| l.iter().find(|v| v.name == n).unwrap().clone();
+    assert_eq!(get("clone").exclusive_bytes, 64 * KIB);
+    assert_eq!(get("clone").mapped_bytes, 4 * MIB);
+    assert_eq!(get("snap").parent.as_deref(), Some("base"));
+    assert!(get("snap").read_only);
+    assert!(matches!(p.write(s, 0, b"x"), Err(Error::ReadOnly(_))));
+    let mut p = reopen(&m, p);
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    p.read(s, 0, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    p.read(c, 0, &mut buf).unwrap();
+    let mut expect = data.clone();
+    expect[100_000..100_005].copy_from_slice(b"hello");
+    assert_eq!(buf, expect);
+    assert_clean(&mut p);
+    // Removing the clone gives back exactly its one block.
+    p.remove_volume("clone").unwrap();
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    // Removing the origin keeps the snapshot whole.
+    p.remove_volume("base").unwrap();
+    let mut p = reopen(&m, p);
+    p.read(s, 0, &mut buf).unwrap();
+    assert_eq!(buf, data);
+    assert_clean(&mut p);
+    p.remove_volume("snap").unwrap();
+    let i = p.info().unwrap();
+    assert_eq!(i.data_used_bytes, 0);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn discard_unmaps_whole_blocks_and_zeroes_the_rest() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    p.write(v, 0, &vec![0xaa; MIB as usize]).unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    p.discard(v, 1000, 3 * 4096).unwrap(); // partial head, 2 whole blocks, partial tail
+    assert_eq!(p.info().unwrap().data_used_bytes, used - 2 * 4096);
+    let mut buf = vec![0u8; 5 * 4096];
+    p.read(v, 0, &mut buf).unwrap();
+    assert!(buf[..1000].iter().all(|&b| b == 0xaa));
+    assert!(buf[1000..1000 + 3 * 4096].iter().all(|&b| b == 0));
+    assert!(buf[1000 + 3 * 4096..].iter().all(|&b| b == 0xaa));
+    assert_clean(&mut p);
+}
+
+#[test]
+fn full_pool_is_enospc_and_recovers_after_free() {
+    let (_m, mut p) = mem_pool(2 * MIB, 4096);
+    let v = p.create_volume("v", 64 * MIB).unwrap();
+    let mut written = 0u64;
+    let err = loop {
+        match p.write(v, written, &[0x55; 4096]) {
+            Ok(()) => written += 4096,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::NoSpace), "{err}");
+    assert!(written > MIB);
+    p.commit().unwrap();
+    assert_clean(&mut p);
+    p.discard(v, 0, 64 * 4096).unwrap();
+    p.write(v, written, &[0x66; 4096]).unwrap();
+    let mut b = [0u8; 4096];
+    p.read(v, written - 4096, &mut b).unwrap();
+    assert_eq!(b, [0x55; 4096]);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn errors_are_typed() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    assert!(matches!(p.create_volume("v", MIB), Err(Error::VolumeExists(_))));
+    assert!(matches!(p.snapshot("nope", "x", true), Err(Error::NoSuchVolume(_))));
+    assert!(matches!(p.write(v, MIB - 1, b"ab"), Err(Error::OutOfRange { .. })));
+    assert!(matches!(p.create_volume("a/b", MIB), Err(Error::InvalidArgument(_))));
+    assert!(matches!(p.resize_volume("v", 10), Err(Error::InvalidArgument(_))));
+    p.resize_volume("v", 1 << 50).unwrap();
+    p.write(v, (1 << 50) - 4096, &[1; 4096]).unwrap();
+    assert_clean(&mut p);
+}
+
+#[test]
+fn file_pool_is_sparse_locked_and_versioned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.pool");
+    let p = Pool::create(&path, &CreateOptions { size: 100 << 30, block_size: 64 * 1024 }).unwrap();
+    assert!(matches!(Pool::open(&path), Err(Error::InUse(_))));
+    drop(p);
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(on_disk <= 512 * 1024, "new 100G pool uses {on_disk} bytes");
+    assert!(matches!(Pool::create(&path, &CreateOptions { size: 1 << 30, block_size: 65536 }), Err(Error::InvalidArgument(_))));
+    // A future format version is refused clearly.
+    let mut bytes = std::fs::read(&path).unwrap();
+    for slot in [0usize, 4096] {
+        bytes[slot + 8] = 9;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(matches!(Pool::open(&path), Err(Error::UnsupportedVersion { found: 9, .. })));
+    std::fs::write(&path, b"just some text file").unwrap();
+    assert!(matches!(Pool::open(&path), Err(Error::NotAPool { .. })));
+}
+
+/// Memory storage that tears the next superblock write (half written, then
+/// an error), as a power cut in the middle of a commit's last step would.
+#[derive(Clone)]
+struct TearSuperblock {
+    inner: MemStorage,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl thinpool::io::Storage for TearSuperblock {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        if off < 8192 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.write_at(&buf[..buf.len() / 2], off)?;
+            return Err(std::io::Error::other("power cut"));
+        }
+        self.inner.write_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, l: u64) -> std::io::Result<()> {
+        self.inner.set_len(l)
+    }
+    fn punch(&self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.punch(o, l)
+    }
+}
+
+#[test]
+fn torn_superblock_write_opens_at_previous_commit() {
+    let m = MemStorage::new();
+    let s = TearSuperblock { inner: m.clone(), armed: Default::default() };
+    let opts = CreateOptions { size: 16 * MIB, block_size: 4096 };
+    let mut p = Pool::create_with(Box::new(s.clone()), Path::new("mem"), &opts).unwrap();
+    let v = p.create_volume("v", MIB).unwrap();
+    p.write(v, 0, &[1; 4096]).unwrap();
+    p.commit().unwrap();
+    let snap = p.snapshot("v", "snap", false).unwrap();
+    let g = p.generation();
+    p.write(v, 0, &[2; 8192]).unwrap();
+    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(p.remove_volume("snap").is_err(), "its commit is torn");
+    assert!(p.commit().is_err(), "pool refuses work after a failed commit");
+    drop(p);
+    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    assert_eq!(p.generation(), g);
+    let mut b = [0u8; 4096];
+    p.read(snap, 0, &mut b).unwrap();
+    assert_eq!(b, [1; 4096], "the snapshot is intact at the last commit");
+    assert_clean(&mut p);
+}
+
+#[test]
+fn snapshot_cost_does_not_depend_on_mapped_size() {
+    // Counting work, not time: a snapshot writes the same number of metadata
+    // blocks whatever the origin's size.
+    let (_m, mut p) = mem_pool(256 * MIB, 4096);
+    p.create_volume("small", MIB).unwrap();
+    let big = p.create_volume("big", 128 * MIB).unwrap();
+    p.write(big, 0, &vec![3u8; 128 * MIB as usize]).unwrap();
+    p.commit().unwrap();
+    let meta = |p: &mut Pool| p.info().unwrap().metadata_used_bytes;
+    let m0 = meta(&mut p);
+    p.snapshot("small", "s1", false).unwrap();
+    let m1 = meta(&mut p);
+    p.snapshot("big", "s2", false).unwrap();
+    let m2 = meta(&mut p);
+    assert_eq!(m1 - m0, m2 - m1);
+    assert_clean(&mut p);
+}

@@ -48,6 +48,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new pool file (sparse: it grows only as blocks are used)
+    ///
+    /// Refuses to overwrite an existing file. A new pool of any size takes a
+    /// few hundred KiB on disk.
     Create(CreateArgs),
     /// Show the pool's size, block size and data/metadata use
     Info(InfoArgs),
@@ -55,10 +58,25 @@ enum Command {
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Take a read-only snapshot of a volume, snapshot or clone (O(1))
+    ///
+    /// A snapshot freezes SOURCE as it is now: it can be read, exported,
+    /// cloned, but never written. It shares every block with SOURCE, so it
+    /// costs no data space until SOURCE changes; taking it costs the same for
+    /// an empty volume and a full one. Use `clone` for a writable copy.
     Snapshot(SnapshotArgs),
     /// Make a writable clone of a volume, snapshot or clone (O(1))
+    ///
+    /// A clone starts as an exact copy of SOURCE and can be written (a
+    /// container's writable layer on top of an image snapshot). Only the
+    /// blocks it writes use new space: writing part of a shared block copies
+    /// that one block (copy-on-write). Use `snapshot` for a read-only copy.
     Clone(SnapshotArgs),
     /// List the volumes, snapshots and clones with their space use
+    ///
+    /// VSIZE is the virtual size; MAPPED the bytes of written blocks it can
+    /// read (ZFS `referenced`); EXCLUSIVE the bytes of blocks no other volume
+    /// shares, i.e. what `remove` frees (`docker ps -s` size). Listing reads
+    /// metadata only.
     #[command(visible_alias = "ls")]
     List(ListArgs),
     /// Remove a volume, freeing the blocks that only it held

@@ -1,9 +1,10 @@
 //! CLI verbs of the live export: serve, attach, detach, mount, umount.
-//! (Owned by the export work; stubs until it lands.)
+//! Each is a thin wrapper over `thinpool::export`; see docs/EXPORT.md.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
+use thinpool::export::{self, Mkfs, MountOptions, ServeOptions};
 
 /// Serve every volume of POOL as a file under DIR (FUSE), until unmounted or signalled.
 #[derive(clap::Args, Debug)]
@@ -12,13 +13,22 @@ pub struct ServeArgs {
     pub pool: PathBuf,
     /// Directory to mount the FUSE export on
     pub dir: PathBuf,
+    /// FUSE worker threads (default: twice the CPU count, 4 to 16)
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Started by `attach`: exit when the last volume is detached (internal)
+    #[arg(long, hide = true)]
+    pub background: bool,
 }
 
 /// Attach a volume as a loop device and print /dev/loopN.
 #[derive(clap::Args, Debug)]
 pub struct AttachArgs {
+    /// Pool file
     pub pool: PathBuf,
+    /// Volume name
     pub name: String,
+    /// Attach read-only (snapshots always are)
     #[arg(long)]
     pub read_only: bool,
 }
@@ -26,35 +36,82 @@ pub struct AttachArgs {
 /// Detach a loop device attached by `thinpool attach`.
 #[derive(clap::Args, Debug)]
 pub struct DetachArgs {
+    /// The loop device (/dev/loopN)
     pub device: PathBuf,
 }
 
 /// Attach a volume and mount the filesystem on it.
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
+    /// Pool file
     pub pool: PathBuf,
+    /// Volume name
     pub name: String,
+    /// Mount point (an existing directory)
     pub dir: PathBuf,
+    /// Make a filesystem first (ext4 or xfs); erases the volume
+    #[arg(long, value_name = "FS")]
+    pub mkfs: Option<Mkfs>,
+    /// Attach and mount read-only
+    #[arg(long)]
+    pub read_only: bool,
+    /// Mount options, passed to mount(8)
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Option<String>,
 }
 
 /// Unmount a directory mounted by `thinpool mount` and detach its loop device.
 #[derive(clap::Args, Debug)]
 pub struct UmountArgs {
+    /// Mount point
     pub dir: PathBuf,
 }
 
-pub fn serve(_a: ServeArgs) -> Result<()> {
-    bail!("serve: not built yet")
+pub fn serve(a: ServeArgs) -> Result<()> {
+    let opts = ServeOptions {
+        background: a.background,
+        threads: a.threads,
+    };
+    export::serve(&a.pool, &a.dir, &opts).with_context(|| format!("serve {}", a.pool.display()))?;
+    Ok(())
 }
-pub fn attach(_a: AttachArgs) -> Result<()> {
-    bail!("attach: not built yet")
+
+pub fn attach(a: AttachArgs) -> Result<()> {
+    let dev = export::attach(&a.pool, &a.name, a.read_only)
+        .with_context(|| format!("attach '{}' of {}", a.name, a.pool.display()))?;
+    println!("{}", dev.display());
+    Ok(())
 }
-pub fn detach(_a: DetachArgs) -> Result<()> {
-    bail!("detach: not built yet")
+
+pub fn detach(a: DetachArgs) -> Result<()> {
+    export::detach(&a.device).with_context(|| format!("detach {}", a.device.display()))?;
+    Ok(())
 }
-pub fn mount(_a: MountArgs) -> Result<()> {
-    bail!("mount: not built yet")
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    let opts = MountOptions {
+        mkfs: a.mkfs,
+        read_only: a.read_only,
+        options: a.options,
+    };
+    let dev = export::mount(&a.pool, &a.name, &a.dir, &opts).with_context(|| {
+        format!(
+            "mount '{}' of {} on {}",
+            a.name,
+            a.pool.display(),
+            a.dir.display()
+        )
+    })?;
+    eprintln!(
+        "{} mounted on {} ({})",
+        a.name,
+        a.dir.display(),
+        dev.display()
+    );
+    Ok(())
 }
-pub fn umount(_a: UmountArgs) -> Result<()> {
-    bail!("umount: not built yet")
+
+pub fn umount(a: UmountArgs) -> Result<()> {
+    export::umount(&a.dir).with_context(|| format!("umount {}", a.dir.display()))?;
+    Ok(())
 }

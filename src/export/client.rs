@@ -1,0 +1,339 @@
+//! The verbs around a server: attach/detach a volume as a loop device, mount
+//! and unmount a filesystem on it, and start/stop a background server.
+//!
+//! Nothing is recorded on disk: a loop device's backing file names the export
+//! directory, and the FUSE mount of that directory names its pool
+//! (`thinpool:/path/to/pool` in the mount table).
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::control::{self, ServerStatus};
+use super::sys::{self, LoopDev};
+use super::ExportError;
+
+/// Where background servers mount their pools.
+pub const RUN_DIR: &str = "/run/thinpool";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping server waits for loop devices to release their files.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+const FSNAME_PREFIX: &str = "thinpool:";
+
+/// Filesystems `mount --mkfs` can create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mkfs {
+    Ext4,
+    Xfs,
+}
+
+impl std::str::FromStr for Mkfs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mkfs, String> {
+        match s {
+            "ext4" => Ok(Mkfs::Ext4),
+            "xfs" => Ok(Mkfs::Xfs),
+            _ => Err(format!("unsupported filesystem '{s}' (use ext4 or xfs)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub mkfs: Option<Mkfs>,
+    pub read_only: bool,
+    /// Passed to mount(8) as `-o`.
+    pub options: Option<String>,
+}
+
+/// The export directory of a background server: `/run/thinpool/<hash of the pool path>`.
+pub fn default_export_dir(pool: &Path) -> PathBuf {
+    // FNV-1a: stable across builds and runs, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pool.as_os_str().as_encoded_bytes() {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    Path::new(RUN_DIR).join(format!("{h:016x}"))
+}
+
+fn canonical(p: &Path) -> Result<PathBuf, ExportError> {
+    fs::canonicalize(p).map_err(|e| ExportError::Msg(format!("{}: {e}", p.display())))
+}
+
+//------------------------------------------------------------------------------
+// Servers
+
+/// The running server of `pool`, starting one in the background if none runs.
+/// Returns its status and whether we started it.
+pub fn ensure_server(pool: &Path) -> Result<(ServerStatus, bool), ExportError> {
+    let pool = canonical(pool)?;
+    match control::status(&pool) {
+        Some(Ok(st)) if !st.stopping => return Ok((st, false)),
+        Some(Ok(_)) => wait_gone(&pool, STOP_TIMEOUT)?,
+        Some(Err(e)) => return Err(e.into()),
+        None => {}
+    }
+    start_background(&pool).map(|st| (st, true))
+}
+
+fn start_background(pool: &Path) -> Result<ServerStatus, ExportError> {
+    let dir = default_export_dir(pool);
+    fs::create_dir_all(RUN_DIR).map_err(|e| ExportError::Msg(format!("{RUN_DIR}: {e}")))?;
+    let log_path = dir.with_extension("log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| ExportError::Msg(format!("{}: {e}", log_path.display())))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| ExportError::Msg(format!("cannot find this program: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve").arg(pool).arg(&dir).arg("--background");
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe; it detaches the server from our
+    // session so a Ctrl-C aimed at the CLI does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ExportError::Msg(format!("cannot start the pool server: {e}")))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match control::status(pool) {
+            Some(Ok(st)) if !st.stopping => return Ok(st),
+            Some(Err(e)) => return Err(e.into()),
+            _ => {}
+        }
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
+            // Another attach may have won the race to serve this pool.
+            if let Some(Ok(st)) = control::status(pool) {
+                return Ok(st);
+            }
+            if !exited {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let tail = fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(ExportError::Msg(format!(
+                "the pool server for {} did not start{} (log: {}){}{}",
+                pool.display(),
+                if exited { "" } else { " in time" },
+                log_path.display(),
+                if tail.is_empty() { "" } else { ":\n  " },
+                tail.join("\n  ")
+            )));
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Wait until no server answers for `pool` (its socket is gone or refuses).
+fn wait_gone(pool: &Path, timeout: Duration) -> Result<(), ExportError> {
+    let deadline = Instant::now() + timeout;
+    while control::status(pool).is_some() {
+        if Instant::now() > deadline {
+            return Err(ExportError::Msg(format!(
+                "the server of {} did not stop in time",
+                pool.display()
+            )));
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+/// Stop the background server of `pool` if nothing of it is in use any more,
+/// and wait for it to be gone. A server started by `thinpool serve` stays.
+pub fn stop_if_idle(pool: &Path) -> Result<(), ExportError> {
+    match control::shutdown_if_idle(pool, RELEASE_WAIT) {
+        Some(Ok(r)) if r.stopping => wait_gone(pool, STOP_TIMEOUT),
+        Some(Ok(_)) | None => Ok(()),
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+//------------------------------------------------------------------------------
+// attach / detach
+
+/// Attach volume `name` of `pool` as a loop device (direct I/O) and return it.
+pub fn attach(pool: &Path, name: &str, read_only: bool) -> Result<PathBuf, ExportError> {
+    let pool = canonical(pool)?;
+    let (st, started) = ensure_server(&pool)?;
+    let res = attach_file(&st.dir, name, read_only);
+    if res.is_err() && started {
+        let _ = stop_if_idle(&pool);
+    }
+    res
+}
+
+fn attach_file(dir: &Path, name: &str, read_only: bool) -> Result<PathBuf, ExportError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(crate::Error::NoSuchVolume(name.to_string()).into());
+    }
+    let file = dir.join(name);
+    let meta = match fs::metadata(&file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(crate::Error::NoSuchVolume(name.to_string()).into())
+        }
+        Err(e) => return Err(ExportError::Msg(format!("{}: {e}", file.display()))),
+    };
+    // Snapshots are 0444: attach them read-only rather than fail.
+    let read_only =
+        read_only || std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o200 == 0;
+    sys::losetup_attach(&file, read_only)
+}
+
+/// What a thinpool loop device is attached to.
+struct Attachment {
+    dev: LoopDev,
+    pool: PathBuf,
+    dir: PathBuf,
+}
+
+fn attachment(device: &Path) -> Result<Attachment, ExportError> {
+    let real = canonical(device)?;
+    let name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let not_ours = || {
+        ExportError::Msg(format!(
+            "{} is not a loop device attached by thinpool",
+            device.display()
+        ))
+    };
+    if !name.starts_with("loop") {
+        return Err(not_ours());
+    }
+    let dev = sys::loop_device(&name).ok_or_else(not_ours)?;
+    let dir = dev
+        .backing_file
+        .parent()
+        .ok_or_else(not_ours)?
+        .to_path_buf();
+    let pool = pool_of_export(&dir).ok_or_else(not_ours)?;
+    Ok(Attachment { dev, pool, dir })
+}
+
+/// The pool served on `dir`, from the FUSE mount's source (`thinpool:/pool`).
+fn pool_of_export(dir: &Path) -> Option<PathBuf> {
+    let m = sys::mount_at(dir)?;
+    let pool = m.source.strip_prefix(FSNAME_PREFIX)?;
+    (m.fstype == "fuse").then(|| PathBuf::from(pool))
+}
+
+/// Detach a loop device attached by `attach`; stop its background server if
+/// that was the last thing using the pool.
+pub fn detach(device: &Path) -> Result<(), ExportError> {
+    let a = attachment(device)?;
+    sys::losetup_detach(&a.dev.path())?;
+    after_detach(&a)
+}
+
+fn after_detach(a: &Attachment) -> Result<(), ExportError> {
+    if control::status(&a.pool).is_some() {
+        return stop_if_idle(&a.pool);
+    }
+    // The server died: once nothing uses its dead mount, take it away.
+    let others = sys::loop_devices()
+        .into_iter()
+        .any(|d| d.backing_file.starts_with(&a.dir));
+    if !others && sys::is_dead_fuse_mount(&a.dir) {
+        let _ = sys::umount(&a.dir, true);
+        if a.dir.starts_with(RUN_DIR) {
+            let _ = fs::remove_dir(&a.dir);
+        }
+    }
+    Ok(())
+}
+
+//------------------------------------------------------------------------------
+// mount / umount
+
+/// Detaches a loop device unless disarmed (for the error paths of `mount`).
+struct AttachGuard(Option<PathBuf>);
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        if let Some(dev) = self.0.take() {
+            if let Err(e) = detach(&dev) {
+                eprintln!("thinpool: cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// Attach `name`, optionally make a filesystem on it, and mount it on `dir`.
+pub fn mount(
+    pool: &Path,
+    name: &str,
+    dir: &Path,
+    opts: &MountOptions,
+) -> Result<PathBuf, ExportError> {
+    let dir = canonical(dir)?;
+    if !dir.is_dir() {
+        return Err(ExportError::Msg(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    if opts.mkfs.is_some() && opts.read_only {
+        return Err(crate::Error::InvalidArgument(
+            "--mkfs and --read-only do not go together".into(),
+        )
+        .into());
+    }
+    let dev = attach(pool, name, opts.read_only)?;
+    let mut guard = AttachGuard(Some(dev.clone()));
+    match opts.mkfs {
+        Some(Mkfs::Ext4) => sys::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev))?,
+        Some(Mkfs::Xfs) => sys::run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&dev))?,
+        None => String::new(),
+    };
+    let mut cmd = Command::new("mount");
+    if opts.read_only {
+        cmd.arg("-r");
+    }
+    if let Some(o) = &opts.options {
+        cmd.arg("-o").arg(o);
+    }
+    sys::run(cmd.arg(&dev).arg(&dir))?;
+    guard.0 = None;
+    Ok(dev)
+}
+
+/// Unmount `dir` (mounted by `mount`), detach its loop device, and stop the
+/// background server if nothing else of its pool is in use.
+pub fn umount(dir: &Path) -> Result<(), ExportError> {
+    let dir = canonical(dir)?;
+    let not_ours = || {
+        ExportError::Msg(format!(
+            "{} is not mounted from a thinpool volume",
+            dir.display()
+        ))
+    };
+    let m = sys::mount_at(&dir).ok_or_else(not_ours)?;
+    let a = attachment(Path::new(&m.source)).map_err(|_| not_ours())?;
+    sys::run(Command::new("umount").arg(&dir))?;
+    // The same device may still be mounted elsewhere (bind mounts): keep it.
+    if sys::mounts().iter().any(|o| o.majmin == a.dev.majmin) {
+        return Ok(());
+    }
+    sys::losetup_detach(&a.dev.path())?;
+    after_detach(&a)
+}

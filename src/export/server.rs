@@ -1,0 +1,550 @@
+//! `thinpool serve`: owns the pool, mounts the FUSE export, answers the control
+//! socket, commits on a timer, and stops cleanly on a signal or `umount DIR`.
+//!
+//! Threads: the fuser workers (one per request stream), one control-socket
+//! acceptor plus one thread per connection, and a ticker that commits about
+//! once a second when something was written and watches for stop requests.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{Config, MountOption, Notifier, Session, SessionACL};
+
+use super::control::{socket_path, Reply, ServerRequest, ServerStatus, ShutdownReply};
+use super::fs::{ino_of, ThinFs};
+use super::sys::{self, Frozen};
+use super::ExportError;
+use crate::control::{execute, Request, Response};
+use crate::error::{Error, Result};
+use crate::pool::{Pool, VolumeId};
+
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Started by `attach`: exit on `ExportShutdownIfIdle`, remove DIR on exit.
+    pub background: bool,
+    /// FUSE worker threads (0: pick from the CPU count).
+    pub threads: usize,
+}
+
+/// State shared by the FUSE workers, the control socket and the ticker.
+pub(crate) struct Shared {
+    pool: Mutex<Pool>,
+    pool_path: PathBuf,
+    dir: PathBuf,
+    background: bool,
+    pub started: SystemTime,
+    pub block_size: u32,
+    /// Something was written since the last commit.
+    pub dirty: AtomicBool,
+    /// Shutting down: refuse new opens and requests.
+    pub stopping: AtomicBool,
+    /// Open FUSE files per volume (a loop device holds one open while attached).
+    opens: Mutex<HashMap<VolumeId, u32>>,
+    idle: Condvar,
+    notifier: Mutex<Option<Notifier>>,
+}
+
+impl Shared {
+    pub fn lock_pool(&self) -> MutexGuard<'_, Pool> {
+        // A panic in one request must not wedge the export: the pool's own
+        // state is transactional, so keep serving.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_opens(&self) -> MutexGuard<'_, HashMap<VolumeId, u32>> {
+        self.opens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commit if needed and make it durable. The one place a commit happens.
+    pub fn commit(&self) -> Result<()> {
+        let mut pool = self.lock_pool();
+        self.dirty.store(false, Ordering::SeqCst);
+        pool.commit()
+            .inspect_err(|_| self.dirty.store(true, Ordering::SeqCst))
+    }
+
+    pub fn opened(&self, id: VolumeId) {
+        *self.lock_opens().entry(id).or_insert(0) += 1;
+    }
+
+    pub fn released(&self, id: VolumeId) {
+        let mut opens = self.lock_opens();
+        if let Some(n) = opens.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                opens.remove(&id);
+            }
+        }
+        if opens.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+
+    fn in_use(&self, id: VolumeId) -> bool {
+        self.lock_opens().contains_key(&id)
+    }
+
+    fn notify(&self, f: impl FnOnce(&Notifier) -> std::io::Result<()>) {
+        if let Some(n) = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            // ENOENT just means the kernel had nothing cached.
+            let _ = f(n);
+        }
+    }
+}
+
+//------------------------------------------------------------------------------
+// Signals
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only touches an atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+//------------------------------------------------------------------------------
+// serve
+
+/// Removes the socket (and the directory of a background server) on exit.
+struct Cleanup {
+    socket: PathBuf,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Serve every volume of `pool_path` as a file under `dir` until it is
+/// unmounted or the process is signalled.
+pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ExportError::Msg(
+            "serve needs root (it mounts FUSE without fusermount)".into(),
+        ));
+    }
+    let pool_path = std::fs::canonicalize(pool_path)
+        .map_err(|e| ExportError::Msg(format!("{}: {e}", pool_path.display())))?;
+    if let Some(Ok(st)) = super::control::status(&pool_path) {
+        return Err(ExportError::Msg(format!(
+            "{} is already served by process {} on {}",
+            pool_path.display(),
+            st.pid,
+            st.dir.display()
+        )));
+    }
+    let pool = Pool::open(&pool_path)?;
+    let block_size = pool.block_size();
+
+    if sys::is_dead_fuse_mount(dir) {
+        eprintln!(
+            "thinpool: {} is a dead FUSE mount (its server died); unmounting it",
+            dir.display()
+        );
+        let _ = sys::umount(dir, true);
+    }
+    if opts.background {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+    }
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+
+    let sock = socket_path(&pool_path);
+    // We hold the pool lock, so any socket file left here is stale.
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| ExportError::Msg(format!("cannot bind {}: {e}", sock.display())))?;
+    let _cleanup = Cleanup {
+        socket: sock.clone(),
+        dir: opts.background.then(|| dir.clone()),
+    };
+
+    let sh = Arc::new(Shared {
+        pool: Mutex::new(pool),
+        pool_path: pool_path.clone(),
+        dir: dir.clone(),
+        background: opts.background,
+        started: SystemTime::now(),
+        block_size,
+        dirty: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        opens: Mutex::new(HashMap::new()),
+        idle: Condvar::new(),
+        notifier: Mutex::new(None),
+    });
+
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8)
+            * 2
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("thinpool:{}", pool_path.display())),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+
+    install_signal_handlers();
+    let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config)
+        .map_err(|e| ExportError::Msg(format!("cannot mount FUSE on {}: {e}", dir.display())))?;
+    *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.notifier());
+    eprintln!(
+        "thinpool: serving {} on {} ({} threads, control socket {})",
+        pool_path.display(),
+        dir.display(),
+        threads,
+        sock.display()
+    );
+
+    {
+        let sh = sh.clone();
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(listener, sh))?;
+    }
+    {
+        let sh = sh.clone();
+        thread::Builder::new()
+            .name("ticker".into())
+            .spawn(move || ticker(sh))?;
+    }
+
+    let res = session.run();
+    sh.stopping.store(true, Ordering::SeqCst);
+    *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let commit = sh.commit();
+    if sys::mount_at(&dir).is_some_and(|m| m.source.starts_with("thinpool:") && m.fstype == "fuse")
+    {
+        let _ = sys::umount(&dir, true);
+    }
+    eprintln!("thinpool: stopped serving {}", pool_path.display());
+    res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
+    commit?;
+    Ok(())
+}
+
+/// Commits on a timer and turns stop requests into an unmount of DIR.
+fn ticker(sh: Arc<Shared>) {
+    let mut last_commit = Instant::now();
+    let mut handled_signals = 0;
+    let mut unmounted = false;
+    loop {
+        thread::sleep(TICK);
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals > handled_signals {
+            handled_signals = signals;
+            if unmounted {
+                // Second signal while volumes are still attached: commit and go.
+                // Closing /dev/fuse aborts the connection; loop devices see EIO.
+                eprintln!("thinpool: second signal, exiting with volumes still attached");
+                let _ = sh.commit();
+                let _ = std::fs::remove_file(socket_path(&sh.pool_path));
+                std::process::exit(1);
+            }
+            sh.stopping.store(true, Ordering::SeqCst);
+        }
+        if sh.stopping.load(Ordering::SeqCst) && !unmounted {
+            unmounted = true;
+            if let Err(e) = sh.commit() {
+                eprintln!("thinpool: commit failed: {e}");
+            }
+            stop_mount(&sh.dir);
+        }
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            last_commit = Instant::now();
+            if sh.dirty.load(Ordering::SeqCst) {
+                if let Err(e) = sh.commit() {
+                    eprintln!("thinpool: periodic commit failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn stop_mount(dir: &Path) {
+    match sys::umount(dir, false) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let attached: Vec<String> = sys::loop_devices()
+                .into_iter()
+                .filter(|d| d.backing_file.starts_with(dir))
+                .map(|d| d.name)
+                .collect();
+            eprintln!(
+                "thinpool: {} is busy (attached: {}); detached it lazily, serving until released \
+                 (signal again to force an exit)",
+                dir.display(),
+                if attached.is_empty() {
+                    "open files".to_string()
+                } else {
+                    attached.join(", ")
+                }
+            );
+            let _ = sys::umount(dir, true);
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // already unmounted
+        Err(e) => eprintln!("thinpool: cannot unmount {}: {e}", dir.display()),
+    }
+}
+
+//------------------------------------------------------------------------------
+// Control socket
+
+fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let sh = sh.clone();
+        let _ = thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || serve_conn(stream, &sh));
+    }
+}
+
+fn serve_conn(stream: UnixStream, sh: &Shared) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut out = write_half;
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = handle_line(sh, &line);
+        let mut text = serde_json::to_string(&reply)
+            .unwrap_or_else(|_| r#"{"error":"encode","errno":5}"#.into());
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn handle_line(sh: &Shared, line: &str) -> Reply {
+    if let Ok(req) = serde_json::from_str::<ServerRequest>(line) {
+        return match req {
+            ServerRequest::ExportStatus => Reply::ok(status(sh)),
+            ServerRequest::ExportShutdownIfIdle { wait_ms } => {
+                Reply::ok(shutdown_if_idle(sh, wait_ms))
+            }
+        };
+    }
+    match serde_json::from_str::<Request>(line) {
+        Ok(req) if sh.stopping.load(Ordering::SeqCst) => {
+            let _ = req;
+            Reply::err(&Error::InUse(format!(
+                "the server of {} is shutting down; retry",
+                sh.pool_path.display()
+            )))
+        }
+        Ok(req) => match handle_request(sh, req) {
+            Ok(resp) => Reply::ok(resp),
+            Err(e) => Reply::err(&e),
+        },
+        Err(e) => Reply::err(&Error::InvalidArgument(format!("bad request: {e}"))),
+    }
+}
+
+fn status(sh: &Shared) -> ServerStatus {
+    let opens: Vec<(VolumeId, u32)> = sh.lock_opens().iter().map(|(k, v)| (*k, *v)).collect();
+    let names: HashMap<VolumeId, String> = match sh.lock_pool().list() {
+        Ok(v) => v.into_iter().map(|v| (v.id, v.name)).collect(),
+        Err(_) => HashMap::new(),
+    };
+    let mut open: Vec<(String, u32)> = opens
+        .into_iter()
+        .map(|(id, n)| {
+            (
+                names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
+                n,
+            )
+        })
+        .collect();
+    open.sort();
+    ServerStatus {
+        pid: std::process::id(),
+        pool: sh.pool_path.clone(),
+        dir: sh.dir.clone(),
+        background: sh.background,
+        stopping: sh.stopping.load(Ordering::SeqCst),
+        open,
+    }
+}
+
+fn shutdown_if_idle(sh: &Shared, wait_ms: u64) -> ShutdownReply {
+    if !sh.background {
+        return ShutdownReply {
+            stopping: false,
+            reason: "started by 'thinpool serve'; stop it yourself".into(),
+        };
+    }
+    // A detached loop device releases its file asynchronously (and later
+    // still if udev has it open): give it a moment.
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    let mut opens = sh.lock_opens();
+    while !opens.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return ShutdownReply {
+                stopping: false,
+                reason: "volumes are still in use".into(),
+            };
+        }
+        opens = sh
+            .idle
+            .wait_timeout(opens, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    sh.stopping.store(true, Ordering::SeqCst);
+    ShutdownReply {
+        stopping: true,
+        reason: "idle".into(),
+    }
+}
+
+/// `execute` plus the rules that only make sense while volumes are exported.
+fn handle_request(sh: &Shared, req: Request) -> Result<Response> {
+    match req {
+        Request::Remove { ref name } | Request::Rename { old: ref name, .. } => {
+            let name = name.clone();
+            let resp = {
+                let mut pool = sh.lock_pool();
+                let id = pool.lookup(&name)?;
+                if sh.in_use(id) {
+                    return Err(in_use(sh, &name));
+                }
+                execute(&mut pool, req)?
+            };
+            sh.notify(|n| n.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&name)));
+            Ok(resp)
+        }
+        Request::Snapshot { ref source, .. } => {
+            let source = source.clone();
+            let id = sh.lock_pool().lookup(&source)?;
+            // Hold the freeze (if any) across the snapshot; thawed on drop.
+            let _frozen = if sh.in_use(id) {
+                quiesce(sh, &source)?
+            } else {
+                None
+            };
+            let mut pool = sh.lock_pool();
+            execute(&mut pool, req)
+        }
+        Request::Resize { ref name, .. } => {
+            let name = name.clone();
+            let resp = {
+                let mut pool = sh.lock_pool();
+                let r = execute(&mut pool, req)?;
+                (r, pool.lookup(&name)?)
+            };
+            sh.notify(|n| n.inval_inode(ino_of(resp.1), 0, 0));
+            Ok(resp.0)
+        }
+        Request::Flush => {
+            sh.commit()?;
+            Ok(Response::Ok)
+        }
+        other => {
+            let mut pool = sh.lock_pool();
+            execute(&mut pool, other)
+        }
+    }
+}
+
+fn in_use(sh: &Shared, name: &str) -> Error {
+    let file = sh.dir.join(name);
+    let devs: Vec<String> = sys::loops_backed_by(&file)
+        .iter()
+        .map(|d| d.path().display().to_string())
+        .collect();
+    if devs.is_empty() {
+        Error::InUse(format!(
+            "volume '{name}' is in use (open in {})",
+            sh.dir.display()
+        ))
+    } else {
+        Error::InUse(format!(
+            "volume '{name}' is in use (attached as {})",
+            devs.join(", ")
+        ))
+    }
+}
+
+/// Make a live volume consistent for a snapshot: freeze the filesystem mounted
+/// on its loop device (which flushes it through us), or flush the device.
+fn quiesce(sh: &Shared, name: &str) -> Result<Option<Frozen>> {
+    let file = sh.dir.join(name);
+    let devs = sys::loops_backed_by(&file);
+    let mounts = sys::mounts();
+    for dev in &devs {
+        if let Some(m) = mounts
+            .iter()
+            .find(|m| m.majmin == dev.majmin && !m.read_only)
+        {
+            match Frozen::freeze(&m.mountpoint) {
+                Ok(f) => return Ok(Some(f)),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => {
+                    return Err(Error::Io(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot freeze {} for a consistent snapshot: {e}",
+                            m.mountpoint.display()
+                        ),
+                    )))
+                }
+            }
+        }
+    }
+    for dev in &devs {
+        if let Err(e) = sys::flush_device(&dev.path()) {
+            eprintln!("thinpool: cannot flush {}: {e}", dev.path().display());
+        }
+    }
+    Ok(None)
+}

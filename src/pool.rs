@@ -56,6 +56,13 @@ pub struct VolumeInfo {
     pub exclusive_bytes: u64,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// Committed layers: sha256 of the layer's changes against its parent
+    /// (hex, see docs/LAYERS.md); None for volumes never committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_digest: Option<String>,
+    /// Committed layers: OCI-style chain digest over the parent chain (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +421,8 @@ impl Pool {
             mapped_bytes: r.mapped_blocks * bs,
             exclusive_bytes: excl * bs,
             created: r.created,
+            diff_digest: crate::layer::digest_hex(&r.diff_digest),
+            chain_digest: crate::layer::digest_hex(&r.chain_digest),
         })
     }
 
@@ -490,6 +499,9 @@ impl Pool {
             created: now(),
             read_only: !writable,
             name: name.to_string(),
+            // A copy is not the committed layer itself (`layer::commit` sets these).
+            diff_digest: [0; 32],
+            chain_digest: [0; 32],
             ..src.clone()
         })?;
         if src.root != 0 {
@@ -544,6 +556,14 @@ impl Pool {
         r.depth = depth;
         r.size = size;
         self.commit()
+    }
+
+    fn check_writable(&self, id: VolumeId) -> Result<()> {
+        let r = self.catalog.get(id)?;
+        if r.read_only {
+            return Err(Error::ReadOnly(r.name.clone()));
+        }
+        Ok(())
     }
 
     fn check_range(&self, id: VolumeId, offset: u64, len: u64) -> Result<&VolumeRecord> {
@@ -604,10 +624,8 @@ impl Pool {
     /// Write at `offset`, copying shared blocks on first write.
     pub fn write(&mut self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
         self.check_ok()?;
-        let r = self.check_range(id, offset, data.len() as u64)?;
-        if r.read_only {
-            return Err(Error::ReadOnly(r.name.clone()));
-        }
+        self.check_writable(id)?;
+        self.check_range(id, offset, data.len() as u64)?;
         let bs = self.block_size as u64;
         let mut pos = 0usize;
         while pos < data.len() {
@@ -677,10 +695,8 @@ impl Pool {
     /// Unmap whole blocks in the range (dropping references); zero the partial rest.
     pub fn discard(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
         self.check_ok()?;
-        let r = self.check_range(id, offset, len)?;
-        if r.read_only {
-            return Err(Error::ReadOnly(r.name.clone()));
-        }
+        self.check_writable(id)?;
+        self.check_range(id, offset, len)?;
         if len == 0 {
             return Ok(());
         }

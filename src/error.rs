@@ -40,6 +40,10 @@ pub enum Error {
 
     #[error("{0}")]
     InUse(String),
+
+    /// A send stream or image that cannot be received (says what is wrong).
+    #[error("{0}")]
+    Layer(String),
 }
 
 impl Error {

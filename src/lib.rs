@@ -20,6 +20,7 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod io;
+pub mod layer;
 pub mod map;
 pub mod pool;
 pub mod size;

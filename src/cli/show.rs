@@ -174,6 +174,8 @@ mod tests {
             mapped_bytes: 3 << 20,
             exclusive_bytes: 65536,
             created: 1000,
+            diff_digest: None,
+            chain_digest: None,
         }
     }
 

@@ -1,0 +1,197 @@
+//! Comparing two volumes' block maps (thin_delta).
+//!
+//! Map nodes are shared between volumes by pointer: a snapshot shares its
+//! origin's root, and a write shadows only the path to the block written.
+//! So two trees are walked side by side and an identical pointer on both
+//! sides means an identical subtree, skipped without being read. Only the
+//! nodes on paths that differ are read, and no data block is.
+//!
+//! Trees of different depths (a volume grown after the snapshot) are
+//! compared by lifting the shallower one: `grow` puts the old root in slot 0
+//! of each new top node, so the shallower tree is read as if it had such
+//! nodes above it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::map::Ctx;
+
+/// A volume's map: root block (0 = empty) and depth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tree {
+    pub root: u64,
+    pub depth: u8,
+}
+
+impl Tree {
+    pub const EMPTY: Tree = Tree { root: 0, depth: 1 };
+}
+
+/// A block whose map entry differs: its physical block in A and in B (0 = unmapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockChange {
+    pub vblock: u64,
+    pub a: u64,
+    pub b: u64,
+}
+
+/// How a range differs, going from A to B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Mapped only in B (written since A).
+    Added,
+    /// Mapped only in A (discarded in B).
+    Removed,
+    /// Mapped in both, to different blocks (rewritten).
+    Changed,
+}
+
+/// Consecutive blocks that differ the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffRange {
+    /// First virtual block.
+    pub block: u64,
+    /// Number of blocks.
+    pub blocks: u64,
+    pub kind: ChangeKind,
+}
+
+/// Totals of a diff (`--stat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffSummary {
+    pub ranges: u64,
+    pub added_blocks: u64,
+    pub removed_blocks: u64,
+    pub changed_blocks: u64,
+}
+
+impl DiffSummary {
+    pub fn of(ranges: &[DiffRange]) -> DiffSummary {
+        let mut s = DiffSummary {
+            ranges: ranges.len() as u64,
+            ..Default::default()
+        };
+        for r in ranges {
+            match r.kind {
+                ChangeKind::Added => s.added_blocks += r.blocks,
+                ChangeKind::Removed => s.removed_blocks += r.blocks,
+                ChangeKind::Changed => s.changed_blocks += r.blocks,
+            }
+        }
+        s
+    }
+
+    pub fn total_blocks(&self) -> u64 {
+        self.added_blocks + self.removed_blocks + self.changed_blocks
+    }
+}
+
+/// A node seen at some level of the comparison; `level` is its real level,
+/// lower than the comparison level when the tree is being lifted.
+#[derive(Debug, Clone, Copy)]
+struct Ref {
+    block: u64,
+    level: u8,
+}
+
+const NONE: Ref = Ref { block: 0, level: 0 };
+
+fn same(x: Ref, y: Ref) -> bool {
+    x.block == y.block && (x.block == 0 || x.level == y.level)
+}
+
+fn children(ctx: &mut Ctx<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
+    let f = ctx.nodes.fanout();
+    let mut v = vec![NONE; f];
+    if r.block == 0 {
+        return Ok(v);
+    }
+    if level > r.level {
+        v[0] = r;
+        return Ok(v);
+    }
+    let entries = ctx.nodes.get(ctx.storage, r.block, level)?;
+    let child_level = level.saturating_sub(1);
+    for (slot, &c) in v.iter_mut().zip(entries) {
+        *slot = Ref {
+            block: c,
+            level: child_level,
+        };
+    }
+    Ok(v)
+}
+
+fn compare(
+    ctx: &mut Ctx<'_>,
+    a: Ref,
+    b: Ref,
+    level: u8,
+    base: u128,
+    out: &mut dyn FnMut(BlockChange) -> Result<()>,
+) -> Result<()> {
+    if same(a, b) {
+        return Ok(());
+    }
+    let ca = children(ctx, a, level)?;
+    let cb = children(ctx, b, level)?;
+    let span = (ctx.nodes.fanout() as u128).pow(level as u32);
+    for (i, (&x, &y)) in ca.iter().zip(&cb).enumerate() {
+        if same(x, y) {
+            continue;
+        }
+        let vb = base + i as u128 * span;
+        if level == 0 {
+            out(BlockChange {
+                vblock: vb as u64,
+                a: x.block,
+                b: y.block,
+            })?;
+        } else {
+            compare(ctx, x, y, level - 1, vb, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Call `out` for every virtual block whose map entry differs between `a`
+/// and `b`, in ascending order.
+pub fn changed_blocks(
+    ctx: &mut Ctx<'_>,
+    a: Tree,
+    b: Tree,
+    out: &mut dyn FnMut(BlockChange) -> Result<()>,
+) -> Result<()> {
+    let top = a.depth.max(b.depth).max(1) - 1;
+    let ra = Ref {
+        block: a.root,
+        level: a.depth.max(1) - 1,
+    };
+    let rb = Ref {
+        block: b.root,
+        level: b.depth.max(1) - 1,
+    };
+    compare(ctx, ra, rb, top, 0, out)
+}
+
+/// The differing blocks of `a` and `b` as maximal ranges of one kind.
+pub fn ranges(ctx: &mut Ctx<'_>, a: Tree, b: Tree) -> Result<Vec<DiffRange>> {
+    let mut out: Vec<DiffRange> = Vec::new();
+    changed_blocks(ctx, a, b, &mut |c| {
+        let kind = match (c.a, c.b) {
+            (0, _) => ChangeKind::Added,
+            (_, 0) => ChangeKind::Removed,
+            _ => ChangeKind::Changed,
+        };
+        match out.last_mut() {
+            Some(r) if r.kind == kind && r.block + r.blocks == c.vblock => r.blocks += 1,
+            _ => out.push(DiffRange {
+                block: c.vblock,
+                blocks: 1,
+                kind,
+            }),
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}

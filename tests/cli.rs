@@ -14,6 +14,9 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+use thinpool::control::Response;
+use thinpool::export::control::ServerStatus;
+use thinpool::{CreateOptions, Pool};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -915,6 +918,110 @@ fn error_import_into_a_full_pool_leaves_nothing_behind() {
     );
     assert_eq!(u(&e.info(), "data_used_bytes"), used);
     e.assert_intact("keep", 0, &keep);
+}
+
+//------------------------------------------------------------------------------
+// A pool owned by a server
+
+/// Stands in for `thinpool serve` on `POOL.sock` (no FUSE needed): answers
+/// `export_status` naming `dir`, and any management request with `answer`.
+/// Returns the request lines it received.
+fn fake_server(
+    pool: &Path,
+    dir: &Path,
+    answer: Response,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+    let listener = UnixListener::bind(thinpool::export::control::socket_path(pool)).unwrap();
+    let status = ServerStatus {
+        pid: 4242,
+        pool: pool.to_owned(),
+        dir: dir.to_owned(),
+        background: false,
+        stopping: false,
+        open: vec![],
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    // The thread ends with the test process.
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let mut conn = conn.unwrap();
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).unwrap();
+            let req: Value = serde_json::from_str(&line).unwrap();
+            let ok = match req["op"].as_str() {
+                Some("export_status") => serde_json::to_value(&status).unwrap(),
+                _ => serde_json::to_value(&answer).unwrap(),
+            };
+            log.lock().unwrap().push(line.trim().to_owned());
+            let reply = serde_json::json!({ "ok": ok }).to_string() + "\n";
+            let _ = conn.write_all(reply.as_bytes());
+        }
+    });
+    seen
+}
+
+#[test]
+fn served_pool_management_goes_to_the_server() {
+    let e = Env::new("1G");
+    e.volume("on-disk", "1M");
+    // What the server answers: a list made by the library in another pool.
+    let other = e.path("other");
+    let mut p = Pool::create(
+        &other,
+        &CreateOptions {
+            size: 1 << 30,
+            block_size: 65536,
+        },
+    )
+    .unwrap();
+    p.create_volume("from-server", 1 << 20).unwrap();
+    let listed = p.list().unwrap();
+    drop(p);
+    let seen = fake_server(&e.pool, &e.path("export"), Response::List(listed));
+
+    let json = ok_json(&[s("list"), e.p(), s("--json")]);
+    assert_eq!(json[0]["name"], "from-server", "{json}");
+    assert!(ok_text(&[s("list"), e.p()]).contains("from-server"));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|l| l.contains(r#""op":"list""#)),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn served_pool_refuses_direct_data_access() {
+    let e = Env::new("1G");
+    e.volume("v", "1M");
+    e.write("v", 0, b"before");
+    let export_dir = e.path("export");
+    fake_server(&e.pool, &export_dir, Response::Ok);
+    let hint = export_dir.join("v");
+    let hint = hint.to_str().unwrap();
+    let f = e.file("data", b"after");
+    fails(
+        &[s("write"), e.p(), s("v"), f.clone()],
+        1,
+        &["is being served", hint],
+    );
+    fails(&[s("read"), e.p(), s("v")], 1, &["is being served", hint]);
+    let img = e.path("v.img").to_str().unwrap().to_owned();
+    fails(
+        &[s("export"), e.p(), s("v"), img.clone()],
+        1,
+        &["is being served", hint],
+    );
+    fails(&[s("import"), e.p(), s("v2"), f], 1, &["is being served"]);
+    assert!(!Path::new(&img).exists());
+    // The pool file itself was not touched: with the socket gone, the data
+    // and the volume list are what they were.
+    fs::remove_file(thinpool::export::control::socket_path(&e.pool)).unwrap();
+    assert_eq!(e.names(), ["v"]);
+    assert_eq!(e.read("v", 0, 6), b"before");
 }
 
 //------------------------------------------------------------------------------

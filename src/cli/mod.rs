@@ -366,17 +366,24 @@ pub(crate) fn request(pool: &Path, req: Request) -> Result<Response> {
 }
 
 /// Open a pool for the data verbs, which move bulk bytes and so do not go
-/// through the control socket: while a server owns the pool, its exported
-/// files are the way in.
+/// through the control socket: while a server owns the pool, the volume's
+/// exported file is the way in.
 pub(crate) fn open_unserved(pool: &Path, volume: &str) -> Result<Pool> {
-    if thinpool::export::control::request(pool, &Request::Info).is_some() {
-        bail!(
-            "pool {} is being served; use the exported file DIR/{volume} under the directory \
-             given to `thinpool serve` (or stop the server first)",
+    match thinpool::export::control::status(pool) {
+        None => open_pool(pool),
+        Some(Ok(server)) => bail!(
+            "pool {} is being served (pid {}); use the exported file {} instead, \
+             or stop the server first",
+            pool.display(),
+            server.pid,
+            server.dir.join(volume).display()
+        ),
+        Some(Err(e)) => bail!(
+            "pool {} is being served; use the exported file DIR/{volume} under the \
+             directory given to `thinpool serve`, or stop the server first (server: {e})",
             pool.display()
-        );
+        ),
     }
-    open_pool(pool)
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! Every byte the engine reads or writes goes through [`Storage`], so tests
 //! can swap the file for memory or for a backend that simulates power loss.
 
+pub mod crash;
 mod file;
 mod mem;
 
+pub use crash::CrashStorage;
 pub use file::FileStorage;
 pub use mem::MemStorage;
 

@@ -150,8 +150,31 @@ impl Thinpool {
         }
     }
 
+    /// Run a thinpool command; while a server that is shutting down still
+    /// holds the pool ("in use"), retry for up to a minute.
     fn tp(&self, args: &[&str]) -> Result<String> {
-        run(&self.bin, args)
+        let t = Instant::now();
+        loop {
+            match run(&self.bin, args) {
+                Err(e)
+                    if format!("{e:#}").contains("in use")
+                        && t.elapsed() < Duration::from_secs(60) =>
+                {
+                    crate::util::check_interrupt()?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r => {
+                    if t.elapsed() > Duration::from_millis(500) && r.is_ok() {
+                        crate::util::vlog(format!(
+                            "thinpool {}: waited {:.1} s for the pool to be released",
+                            args[0],
+                            t.elapsed().as_secs_f64()
+                        ));
+                    }
+                    return r;
+                }
+            }
+        }
     }
 
     fn pool_s(&self) -> String {
@@ -259,7 +282,11 @@ impl Backend for Thinpool {
         } else {
             self.td.forget(id);
         }
-        r.map(|_| ())
+        r?;
+        // `thinpool umount` can return before the server has let go of the
+        // pool file: wait (untimed) until the pool answers again.
+        self.tp(&["info", &self.pool_s(), "--json"])?;
+        Ok(())
     }
     fn remove(&mut self, name: &str) -> Result<()> {
         let pool = self.pool_s();

@@ -70,14 +70,13 @@ impl Catalog {
         let n_pages = n_slots.div_ceil(per_page);
         let mut slots: Vec<Option<VolumeRecord>> = Vec::new();
         if n_pages > per_page * crate::format::pointers_per_page(block_size) * CAT_INDEX_MAX {
-            return Err(Error::corrupt(format!("catalog of {n_slots} slots is too large")));
+            return Err(Error::corrupt(format!(
+                "catalog of {n_slots} slots is too large"
+            )));
         }
         slots.resize(n_slots, None);
-        let layout = PagedArray::load(
-            PageType::Catalog,
-            block_size,
+        let layout = PagedArray::new(PageType::Catalog, block_size, 0, CAT_INDEX_MAX)?.load(
             n_pages,
-            CAT_INDEX_MAX,
             index,
             storage,
             total_blocks,
@@ -142,16 +141,22 @@ impl Catalog {
 
     /// The record, marked for writing at the next commit.
     pub fn get_mut(&mut self, id: u64) -> Result<&mut VolumeRecord> {
-        let slot = *self.by_id.get(&id).ok_or_else(|| Error::NoSuchVolume(format!("#{id}")))?;
+        let slot = *self
+            .by_id
+            .get(&id)
+            .ok_or_else(|| Error::NoSuchVolume(format!("#{id}")))?;
         self.dirty.insert(slot / self.per_page);
-        Ok(self.slots[slot].as_mut().expect("indexed slot holds a record"))
+        Ok(self.slots[slot]
+            .as_mut()
+            .expect("indexed slot holds a record"))
     }
 
     /// Volumes in id (creation) order.
     pub fn iter(&self) -> impl Iterator<Item = &VolumeRecord> {
         let mut ids: Vec<_> = self.by_id.iter().map(|(id, s)| (*id, *s)).collect();
         ids.sort_unstable();
-        ids.into_iter().filter_map(move |(_, s)| self.slots[s].as_ref())
+        ids.into_iter()
+            .filter_map(move |(_, s)| self.slots[s].as_ref())
     }
 
     pub fn insert(&mut self, rec: VolumeRecord) -> Result<()> {
@@ -163,7 +168,8 @@ impl Catalog {
             Some(s) => s,
             None => {
                 self.slots.push(None);
-                self.layout.resize(self.slots.len().div_ceil(self.per_page))?;
+                self.layout
+                    .resize(self.slots.len().div_ceil(self.per_page))?;
                 self.slots.len() - 1
             }
         };
@@ -175,8 +181,13 @@ impl Catalog {
     }
 
     pub fn remove(&mut self, id: u64) -> Result<VolumeRecord> {
-        let slot = self.by_id.remove(&id).ok_or_else(|| Error::NoSuchVolume(format!("#{id}")))?;
-        let rec = self.slots[slot].take().expect("indexed slot holds a record");
+        let slot = self
+            .by_id
+            .remove(&id)
+            .ok_or_else(|| Error::NoSuchVolume(format!("#{id}")))?;
+        let rec = self.slots[slot]
+            .take()
+            .expect("indexed slot holds a record");
         self.by_name.remove(&rec.name);
         self.dirty.insert(slot / self.per_page);
         Ok(rec)
@@ -196,7 +207,13 @@ impl Catalog {
 
     /// Write the dirty catalog pages to the locations `layout.shadow` gave them.
     pub fn write_dirty(&mut self, storage: &dyn Storage, generation: u64) -> Result<()> {
-        let Catalog { slots, per_page, dirty, layout, .. } = self;
+        let Catalog {
+            slots,
+            per_page,
+            dirty,
+            layout,
+            ..
+        } = self;
         let per_page = *per_page;
         layout.write(dirty, storage, generation, |page, payload| {
             for j in 0..per_page {

@@ -14,12 +14,27 @@ use crate::pool::{Pool, PoolInfo, VolumeInfo};
 pub enum Request {
     Info,
     List,
-    CreateVolume { name: String, size: u64 },
+    CreateVolume {
+        name: String,
+        size: u64,
+    },
     /// `writable: false` is a read-only snapshot, `true` a clone.
-    Snapshot { source: String, name: String, writable: bool },
-    Remove { name: String },
-    Rename { old: String, new: String },
-    Resize { name: String, size: u64 },
+    Snapshot {
+        source: String,
+        name: String,
+        writable: bool,
+    },
+    Remove {
+        name: String,
+    },
+    Rename {
+        old: String,
+        new: String,
+    },
+    Resize {
+        name: String,
+        size: u64,
+    },
     Flush,
 }
 
@@ -41,7 +56,11 @@ pub fn execute(pool: &mut Pool, req: Request) -> Result<Response> {
             pool.create_volume(&name, size)?;
             Response::Volume(pool.volume_info(&name)?)
         }
-        Request::Snapshot { source, name, writable } => {
+        Request::Snapshot {
+            source,
+            name,
+            writable,
+        } => {
             pool.snapshot(&source, &name, writable)?;
             Response::Volume(pool.volume_info(&name)?)
         }

@@ -15,12 +15,18 @@ pub enum Error {
     NotAPool { path: PathBuf },
 
     #[error("{path}: pool format version {found} is not supported by this build (it reads version {supported}); use a newer thinpool")]
-    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
 
     #[error("pool metadata is corrupt: {0}")]
     Corrupt(String),
 
-    #[error("pool is full: no free block left (free space by removing volumes or discarding data)")]
+    #[error(
+        "pool is full: no free block left (free space by removing volumes or discarding data)"
+    )]
     NoSpace,
 
     #[error("volume '{0}' already exists")]
@@ -33,7 +39,12 @@ pub enum Error {
     ReadOnly(String),
 
     #[error("range {offset}+{len} is past the end of volume '{volume}' ({size} bytes)")]
-    OutOfRange { volume: String, offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        volume: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -37,7 +37,10 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size: 0, block_size: 64 * 1024 }
+        CreateOptions {
+            size: 0,
+            block_size: 64 * 1024,
+        }
     }
 }
 
@@ -81,7 +84,6 @@ pub struct PoolInfo {
     pub volumes: usize,
 }
 
-
 /// Largest virtual size of a volume.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
 
@@ -103,7 +105,10 @@ pub struct Pool {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn new_uuid() -> [u8; 16] {
@@ -113,7 +118,10 @@ fn new_uuid() -> [u8; 16] {
         let _ = (&f).read_exact(&mut u);
     }
     if u == [0u8; 16] {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
     }
     u[6] = (u[6] & 0x0f) | 0x40;
@@ -123,7 +131,14 @@ fn new_uuid() -> [u8; 16] {
 
 fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Take the pool's owner lock: one process writes a pool at a time.
@@ -151,13 +166,21 @@ impl Pool {
     /// Create a new pool file (fails if `path` exists). On failure nothing is left behind.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Pool> {
         Pool::check_create_options(opts)?;
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::InvalidArgument(format!("{} already exists; not overwriting it", path.display()))
-            } else {
-                Error::Io(e)
-            }
-        })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::InvalidArgument(format!(
+                        "{} already exists; not overwriting it",
+                        path.display()
+                    ))
+                } else {
+                    Error::Io(e)
+                }
+            })?;
         let result = lock_exclusive(&file, path)
             .and_then(|_| Pool::create_with(Box::new(FileStorage::new(file)), path, opts));
         if result.is_err() {
@@ -186,7 +209,11 @@ impl Pool {
     }
 
     /// Create a pool on any storage (tests use memory).
-    pub fn create_with(storage: Box<dyn Storage>, path: &Path, opts: &CreateOptions) -> Result<Pool> {
+    pub fn create_with(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &CreateOptions,
+    ) -> Result<Pool> {
         Pool::check_create_options(opts)?;
         let bs = opts.block_size;
         let total = opts.size / bs as u64;
@@ -194,14 +221,19 @@ impl Pool {
             return Err(Error::InvalidArgument("pool size too large".into()));
         }
         let per_rc = refcounts_per_page(bs);
-        let rc_layout = PagedArray::new(PageType::Refcount, bs, (total as usize).div_ceil(per_rc), RC_INDEX_MAX)
-            .map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "pool size {} is too large for {} blocks; use a larger block size",
-                    crate::size::format_size(opts.size),
-                    crate::size::format_size(bs as u64)
-                ))
-            })?;
+        let rc_layout = PagedArray::new(
+            PageType::Refcount,
+            bs,
+            (total as usize).div_ceil(per_rc),
+            RC_INDEX_MAX,
+        )
+        .map_err(|_| {
+            Error::InvalidArgument(format!(
+                "pool size {} is too large for {} blocks; use a larger block size",
+                crate::size::format_size(opts.size),
+                crate::size::format_size(bs as u64)
+            ))
+        })?;
         let reserved = format::reserved_blocks(bs);
         let sb = Superblock {
             generation: 0,
@@ -237,7 +269,9 @@ impl Pool {
     pub fn open(path: &Path) -> Result<Pool> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         if !file.metadata()?.is_file() {
-            return Err(Error::NotAPool { path: path.to_path_buf() });
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
         }
         lock_exclusive(&file, path)?;
         Pool::open_with(Box::new(FileStorage::new(file)), path)
@@ -263,11 +297,8 @@ impl Pool {
             )));
         }
         rc.resize(total as usize, 0);
-        let rc_layout = PagedArray::load(
-            PageType::Refcount,
-            bs,
+        let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
             n_rc_pages,
-            RC_INDEX_MAX,
             &sb.rc_index,
             &*storage,
             total,
@@ -282,7 +313,11 @@ impl Pool {
         if rc[..reserved as usize].iter().any(|&c| c != 1) {
             return Err(Error::corrupt("refcounts of the superblock area are not 1"));
         }
-        let used = rc.iter().skip(reserved as usize).filter(|&&c| c != 0).count() as u64;
+        let used = rc
+            .iter()
+            .skip(reserved as usize)
+            .filter(|&&c| c != 0)
+            .count() as u64;
         if sb.metadata_blocks > used {
             return Err(Error::corrupt(format!(
                 "superblock counts {} metadata blocks but only {used} blocks are in use",
@@ -294,11 +329,21 @@ impl Pool {
         let fanout = format::pointers_per_page(bs);
         for r in catalog.iter() {
             let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
-            if r.root >= total || (r.root != 0 && r.root < reserved) || r.depth < need || r.depth > need + 8 {
-                return Err(Error::corrupt(format!("volume '{}': bad map root or depth", r.name)));
+            if r.root >= total
+                || (r.root != 0 && r.root < reserved)
+                || r.depth < need
+                || r.depth > need + 8
+            {
+                return Err(Error::corrupt(format!(
+                    "volume '{}': bad map root or depth",
+                    r.name
+                )));
             }
             if r.id >= sb.next_volume_id {
-                return Err(Error::corrupt(format!("volume '{}': id {} not below next id", r.name, r.id)));
+                return Err(Error::corrupt(format!(
+                    "volume '{}': id {} not below next id",
+                    r.name, r.id
+                )));
             }
         }
         let mut pool = Pool {
@@ -323,7 +368,9 @@ impl Pool {
         let mut buf = vec![0u8; 2 * SUPERBLOCK_SLOT_SIZE];
         let n = (len as usize).min(buf.len());
         if n < 8 {
-            return Err(Error::NotAPool { path: path.to_path_buf() });
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
         }
         storage.read_at(&mut buf[..n], 0)?;
         let slots = [
@@ -332,13 +379,22 @@ impl Pool {
         ];
         for s in &slots {
             if let Err(SlotError::Version(v)) = s {
-                return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: *v, supported: FORMAT_VERSION });
+                return Err(Error::UnsupportedVersion {
+                    path: path.to_path_buf(),
+                    found: *v,
+                    supported: FORMAT_VERSION,
+                });
             }
         }
         if slots.iter().all(|s| matches!(s, Err(SlotError::BadMagic))) {
-            return Err(Error::NotAPool { path: path.to_path_buf() });
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
         }
-        let best = slots.iter().filter_map(|s| s.as_ref().ok()).max_by_key(|s| s.generation);
+        let best = slots
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .max_by_key(|s| s.generation);
         match best {
             Some(sb) => Ok(sb.clone()),
             None => Err(Error::corrupt(format!(
@@ -365,7 +421,11 @@ impl Pool {
     }
 
     fn ctx(&mut self) -> Ctx<'_> {
-        Ctx { nodes: &mut self.nodes, space: &mut self.space, storage: &*self.storage }
+        Ctx {
+            nodes: &mut self.nodes,
+            space: &mut self.space,
+            storage: &*self.storage,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -462,7 +522,9 @@ impl Pool {
         self.check_ok()?;
         validate_name(name)?;
         if size == 0 || size > MAX_VOLUME_SIZE {
-            return Err(Error::InvalidArgument(format!("volume size must be from 1 byte to 8E, not {size}")));
+            return Err(Error::InvalidArgument(format!(
+                "volume size must be from 1 byte to 8E, not {size}"
+            )));
         }
         let fanout = format::pointers_per_page(self.block_size);
         let id = self.sb.next_volume_id;
@@ -546,9 +608,14 @@ impl Pool {
             )));
         }
         if size > MAX_VOLUME_SIZE {
-            return Err(Error::InvalidArgument("volume size must be at most 8E".into()));
+            return Err(Error::InvalidArgument(
+                "volume size must be at most 8E".into(),
+            ));
         }
-        let need = map::depth_for(size.div_ceil(self.block_size as u64), format::pointers_per_page(self.block_size));
+        let need = map::depth_for(
+            size.div_ceil(self.block_size as u64),
+            format::pointers_per_page(self.block_size),
+        );
         let (mut root, mut depth) = (rec.root, rec.depth);
         self.ctx().grow(&mut root, &mut depth, need)?;
         let r = self.catalog.get_mut(id)?;
@@ -569,7 +636,12 @@ impl Pool {
     fn check_range(&self, id: VolumeId, offset: u64, len: u64) -> Result<&VolumeRecord> {
         let r = self.catalog.get(id)?;
         if offset.checked_add(len).is_none_or(|end| end > r.size) {
-            return Err(Error::OutOfRange { volume: r.name.clone(), offset, len, size: r.size });
+            return Err(Error::OutOfRange {
+                volume: r.name.clone(),
+                offset,
+                len,
+                size: r.size,
+            });
         }
         Ok(r)
     }
@@ -610,13 +682,17 @@ impl Pool {
 
     fn flush_run(&self, run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]) -> Result<()> {
         if let Some((o, start, len)) = run.take() {
-            self.storage.read_at(&mut buf[start..start + len], o).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    Error::corrupt(format!("data at byte {o} is past the end of the pool file (truncated?)"))
-                } else {
-                    Error::Io(e)
-                }
-            })?;
+            self.storage
+                .read_at(&mut buf[start..start + len], o)
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Error::corrupt(format!(
+                            "data at byte {o} is past the end of the pool file (truncated?)"
+                        ))
+                    } else {
+                        Error::Io(e)
+                    }
+                })?;
         }
         Ok(())
     }
@@ -664,7 +740,8 @@ impl Pool {
         let old = self.nodes.get_mut(leaf)?[s];
         self.data_dirty = true;
         if old != 0 && self.space.can_overwrite(old) {
-            self.storage.write_at(chunk, old * bs as u64 + within as u64)?;
+            self.storage
+                .write_at(chunk, old * bs as u64 + within as u64)?;
             return Ok(());
         }
         let new = self.space.alloc(Kind::Data, Budget::Write)?;
@@ -716,7 +793,9 @@ impl Pool {
         }
         let rec = self.catalog.get(id)?;
         let (root, depth) = (rec.root, rec.depth);
-        let mapped = self.ctx().mapped_in_range(root, depth, first_full, end_full)?;
+        let mapped = self
+            .ctx()
+            .mapped_in_range(root, depth, first_full, end_full)?;
         for (vb, _) in mapped {
             self.retry_on_full(|p| p.unmap_block(id, vb))?;
         }
@@ -762,7 +841,12 @@ impl Pool {
         self.check_ok()?;
         let r = self.catalog.get(id)?;
         let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size as u64));
-        Ok(self.ctx().mapped_in_range(root, depth, 0, n)?.into_iter().map(|(v, _)| v).collect())
+        Ok(self
+            .ctx()
+            .mapped_in_range(root, depth, 0, n)?
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect())
     }
 
     /// Make everything written so far durable (two-phase commit).
@@ -814,11 +898,16 @@ impl Pool {
         self.catalog.write_dirty(&*self.storage, generation)?;
         let per_rc = refcounts_per_page(self.block_size);
         let rc = self.space.refcounts();
-        self.rc_layout.write(self.space.dirty_pages(), &*self.storage, generation, |p, buf| {
-            let first = p * per_rc;
-            let n = per_rc.min(rc.len() - first);
-            LE::write_u32_into(&rc[first..first + n], &mut buf[..4 * n]);
-        })?;
+        self.rc_layout.write(
+            self.space.dirty_pages(),
+            &*self.storage,
+            generation,
+            |p, buf| {
+                let first = p * per_rc;
+                let n = per_rc.min(rc.len() - first);
+                LE::write_u32_into(&rc[first..first + n], &mut buf[..4 * n]);
+            },
+        )?;
         self.storage.sync()?;
         let mut sb = self.sb.clone();
         sb.generation = generation;

@@ -5,7 +5,11 @@ use crate::error::{Error, Result};
 /// Parse `10G`, `64K`, `512`, `1.5M`, `2TiB`, `8GB` into bytes (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let bad = || Error::InvalidArgument(format!("cannot read size '{s}' (use e.g. 4096, 64K, 10G, 1T)"));
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "cannot read size '{s}' (use e.g. 4096, 64K, 10G, 1T)"
+        ))
+    };
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -24,7 +28,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => return Err(bad()),
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(bad);
+        return n
+            .checked_shl(shift)
+            .filter(|v| v >> shift == n)
+            .ok_or_else(bad);
     }
     let f: f64 = num.parse().map_err(|_| bad())?;
     let v = f * (1u64 << shift) as f64;

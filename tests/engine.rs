@@ -10,7 +10,15 @@ const MIB: u64 = 1024 * KIB;
 
 fn mem_pool(size: u64, bs: u32) -> (MemStorage, Pool) {
     let m = MemStorage::new();
-    let p = Pool::create_with(Box::new(m.clone()), Path::new("mem"), &CreateOptions { size, block_size: bs }).unwrap();
+    let p = Pool::create_with(
+        Box::new(m.clone()),
+        Path::new("mem"),
+        &CreateOptions {
+            size,
+            block_size: bs,
+        },
+    )
+    .unwrap();
     (m, p)
 }
 
@@ -25,7 +33,9 @@ fn assert_clean(p: &mut Pool) {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -52,7 +62,11 @@ fn snapshot_shares_until_written_then_copies_one_block() {
     assert_eq!(used, 4 * MIB);
     let s = p.snapshot("base", "snap", false).unwrap();
     let c = p.snapshot("snap", "clone", true).unwrap();
-    assert_eq!(p.info().unwrap().data_used_bytes, used, "snapshots must not copy data");
+    assert_eq!(
+        p.info().unwrap().data_used_bytes,
+        used,
+        "snapshots must not copy data"
+    );
     p.write(c, 100_000, b"hello").unwrap();
     assert_eq!(p.info().unwrap().data_used_bytes, used + 64 * KIB);
     let l = p.list().unwrap();
@@ -129,11 +143,26 @@ fn full_pool_is_enospc_and_recovers_after_free() {
 fn errors_are_typed() {
     let (_m, mut p) = mem_pool(16 * MIB, 4096);
     let v = p.create_volume("v", MIB).unwrap();
-    assert!(matches!(p.create_volume("v", MIB), Err(Error::VolumeExists(_))));
-    assert!(matches!(p.snapshot("nope", "x", true), Err(Error::NoSuchVolume(_))));
-    assert!(matches!(p.write(v, MIB - 1, b"ab"), Err(Error::OutOfRange { .. })));
-    assert!(matches!(p.create_volume("a/b", MIB), Err(Error::InvalidArgument(_))));
-    assert!(matches!(p.resize_volume("v", 10), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        p.create_volume("v", MIB),
+        Err(Error::VolumeExists(_))
+    ));
+    assert!(matches!(
+        p.snapshot("nope", "x", true),
+        Err(Error::NoSuchVolume(_))
+    ));
+    assert!(matches!(
+        p.write(v, MIB - 1, b"ab"),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        p.create_volume("a/b", MIB),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        p.resize_volume("v", 10),
+        Err(Error::InvalidArgument(_))
+    ));
     p.resize_volume("v", 1 << 50).unwrap();
     p.write(v, (1 << 50) - 4096, &[1; 4096]).unwrap();
     assert_clean(&mut p);
@@ -143,20 +172,39 @@ fn errors_are_typed() {
 fn file_pool_is_sparse_locked_and_versioned() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.pool");
-    let p = Pool::create(&path, &CreateOptions { size: 100 << 30, block_size: 64 * 1024 }).unwrap();
+    let p = Pool::create(
+        &path,
+        &CreateOptions {
+            size: 100 << 30,
+            block_size: 64 * 1024,
+        },
+    )
+    .unwrap();
     assert!(matches!(Pool::open(&path), Err(Error::InUse(_))));
     drop(p);
     use std::os::unix::fs::MetadataExt;
     let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
     assert!(on_disk <= 512 * 1024, "new 100G pool uses {on_disk} bytes");
-    assert!(matches!(Pool::create(&path, &CreateOptions { size: 1 << 30, block_size: 65536 }), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        Pool::create(
+            &path,
+            &CreateOptions {
+                size: 1 << 30,
+                block_size: 65536
+            }
+        ),
+        Err(Error::InvalidArgument(_))
+    ));
     // A future format version is refused clearly.
     let mut bytes = std::fs::read(&path).unwrap();
     for slot in [0usize, 4096] {
         bytes[slot + 8] = 9;
     }
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(Pool::open(&path), Err(Error::UnsupportedVersion { found: 9, .. })));
+    assert!(matches!(
+        Pool::open(&path),
+        Err(Error::UnsupportedVersion { found: 9, .. })
+    ));
     std::fs::write(&path, b"just some text file").unwrap();
     assert!(matches!(Pool::open(&path), Err(Error::NotAPool { .. })));
 }
@@ -197,8 +245,14 @@ impl thinpool::io::Storage for TearSuperblock {
 #[test]
 fn torn_superblock_write_opens_at_previous_commit() {
     let m = MemStorage::new();
-    let s = TearSuperblock { inner: m.clone(), armed: Default::default() };
-    let opts = CreateOptions { size: 16 * MIB, block_size: 4096 };
+    let s = TearSuperblock {
+        inner: m.clone(),
+        armed: Default::default(),
+    };
+    let opts = CreateOptions {
+        size: 16 * MIB,
+        block_size: 4096,
+    };
     let mut p = Pool::create_with(Box::new(s.clone()), Path::new("mem"), &opts).unwrap();
     let v = p.create_volume("v", MIB).unwrap();
     p.write(v, 0, &[1; 4096]).unwrap();
@@ -208,7 +262,10 @@ fn torn_superblock_write_opens_at_previous_commit() {
     p.write(v, 0, &[2; 8192]).unwrap();
     s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(p.remove_volume("snap").is_err(), "its commit is torn");
-    assert!(p.commit().is_err(), "pool refuses work after a failed commit");
+    assert!(
+        p.commit().is_err(),
+        "pool refuses work after a failed commit"
+    );
     drop(p);
     let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
     assert_eq!(p.generation(), g);

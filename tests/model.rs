@@ -17,13 +17,37 @@ const NAMES: usize = 6;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { name: usize, blocks: u64 },
-    Snapshot { src: usize, name: usize, writable: bool },
-    Write { vol: usize, at: u64, len: u64, seed: u8 },
-    Discard { vol: usize, at: u64, len: u64 },
-    Remove { vol: usize },
-    Rename { vol: usize, name: usize },
-    Grow { vol: usize, extra: u64 },
+    Create {
+        name: usize,
+        blocks: u64,
+    },
+    Snapshot {
+        src: usize,
+        name: usize,
+        writable: bool,
+    },
+    Write {
+        vol: usize,
+        at: u64,
+        len: u64,
+        seed: u8,
+    },
+    Discard {
+        vol: usize,
+        at: u64,
+        len: u64,
+    },
+    Remove {
+        vol: usize,
+    },
+    Rename {
+        vol: usize,
+        name: usize,
+    },
+    Grow {
+        vol: usize,
+        extra: u64,
+    },
     Commit,
     Reopen,
 }
@@ -54,7 +78,10 @@ fn name(i: usize) -> String {
 
 fn run(ops: Vec<Op>) {
     let mem = MemStorage::new();
-    let opts = CreateOptions { size: 16 << 20, block_size: BS as u32 };
+    let opts = CreateOptions {
+        size: 16 << 20,
+        block_size: BS as u32,
+    };
     let mut pool = Some(Pool::create_with(Box::new(mem.clone()), Path::new("mem"), &opts).unwrap());
     let mut model: BTreeMap<String, Vol> = BTreeMap::new();
     for (step, op) in ops.into_iter().enumerate() {
@@ -62,14 +89,24 @@ fn run(ops: Vec<Op>) {
         match op {
             Op::Create { name: n, blocks } => {
                 let r = p.create_volume(&name(n), blocks * BS);
-                if model.contains_key(&name(n)) {
-                    assert!(matches!(r, Err(Error::VolumeExists(_))));
-                } else {
-                    r.unwrap();
-                    model.insert(name(n), Vol { data: vec![0; (blocks * BS) as usize], read_only: false });
+                match model.entry(name(n)) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        assert!(matches!(r, Err(Error::VolumeExists(_))))
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        r.unwrap();
+                        e.insert(Vol {
+                            data: vec![0; (blocks * BS) as usize],
+                            read_only: false,
+                        });
+                    }
                 }
             }
-            Op::Snapshot { src, name: n, writable } => {
+            Op::Snapshot {
+                src,
+                name: n,
+                writable,
+            } => {
                 let r = p.snapshot(&name(src), &name(n), writable);
                 match (model.get(&name(src)), model.contains_key(&name(n))) {
                     (None, _) => assert!(r.is_err()),
@@ -77,12 +114,20 @@ fn run(ops: Vec<Op>) {
                     (Some(v), false) => {
                         r.unwrap();
                         let data = v.data.clone();
-                        model.insert(name(n), Vol { data, read_only: !writable });
+                        model.insert(
+                            name(n),
+                            Vol {
+                                data,
+                                read_only: !writable,
+                            },
+                        );
                     }
                 }
             }
             Op::Write { vol, at, len, seed } => {
-                let Some(v) = model.get_mut(&name(vol)) else { continue };
+                let Some(v) = model.get_mut(&name(vol)) else {
+                    continue;
+                };
                 // `at` is a position in thousandths of the volume, so grown
                 // (multi-level) maps are written all over.
                 let offset = at * v.data.len() as u64 / 1000;
@@ -99,7 +144,9 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Discard { vol, at, len } => {
-                let Some(v) = model.get_mut(&name(vol)) else { continue };
+                let Some(v) = model.get_mut(&name(vol)) else {
+                    continue;
+                };
                 let offset = at * v.data.len() as u64 / 1000;
                 let id = p.lookup(&name(vol)).unwrap();
                 let r = p.discard(id, offset, len);
@@ -127,7 +174,9 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Grow { vol, extra } => {
-                let Some(v) = model.get_mut(&name(vol)) else { continue };
+                let Some(v) = model.get_mut(&name(vol)) else {
+                    continue;
+                };
                 let size = v.data.len() as u64 + extra;
                 let r = p.resize_volume(&name(vol), size);
                 if v.read_only {
@@ -152,7 +201,10 @@ fn run(ops: Vec<Op>) {
     }
     p.commit().unwrap();
     let info = p.info().unwrap();
-    assert_eq!(info.data_used_bytes, 0, "data left allocated after removing every volume");
+    assert_eq!(
+        info.data_used_bytes, 0,
+        "data left allocated after removing every volume"
+    );
     assert_eq!(info.volumes, 0);
     let r = p.check().unwrap();
     assert!(r.is_clean(), "{:#?}", r.problems);
@@ -166,7 +218,10 @@ fn verify(p: &mut Pool, model: &BTreeMap<String, Vol>, step: usize) {
         let id = p.lookup(n).unwrap();
         let mut buf = vec![0u8; v.data.len()];
         p.read(id, 0, &mut buf).unwrap();
-        assert!(buf == v.data, "step {step}: contents of {n} differ from the model");
+        assert!(
+            buf == v.data,
+            "step {step}: contents of {n} differ from the model"
+        );
         let info = list.iter().find(|i| &i.name == n).unwrap();
         assert_eq!(info.read_only, v.read_only);
         assert_eq!(info.virtual_size, v.data.len() as u64);

@@ -81,7 +81,10 @@ pub fn encode_page(page: &mut [u8], h: &PageHeader) {
 /// Returns its header, or a message saying precisely what is wrong.
 pub fn decode_page(page: &[u8], kind: PageType, location: u64) -> Result<PageHeader, String> {
     if page.len() < PAGE_HEADER_SIZE {
-        return Err(format!("{} at block {location}: page too small", kind.name()));
+        return Err(format!(
+            "{} at block {location}: page too small",
+            kind.name()
+        ));
     }
     let magic = LE::read_u32(&page[0..4]);
     if magic != kind.magic() {
@@ -122,15 +125,24 @@ mod tests {
     fn roundtrip_and_salt() {
         let mut p = vec![0u8; 4096];
         p[100] = 7;
-        let h = PageHeader { kind: PageType::MapNode, location: 9, generation: 3, level: 1 };
+        let h = PageHeader {
+            kind: PageType::MapNode,
+            location: 9,
+            generation: 3,
+            level: 1,
+        };
         encode_page(&mut p, &h);
         assert_eq!(decode_page(&p, PageType::MapNode, 9).unwrap(), h);
         // Same bytes read as another type fail (magic, and salt if magic were forged).
         assert!(decode_page(&p, PageType::Refcount, 9).is_err());
         // Misdirected.
-        assert!(decode_page(&p, PageType::MapNode, 10).unwrap_err().contains("misdirected"));
+        assert!(decode_page(&p, PageType::MapNode, 10)
+            .unwrap_err()
+            .contains("misdirected"));
         // Bit flip in payload.
         p[4000] ^= 1;
-        assert!(decode_page(&p, PageType::MapNode, 9).unwrap_err().contains("checksum"));
+        assert!(decode_page(&p, PageType::MapNode, 9)
+            .unwrap_err()
+            .contains("checksum"));
     }
 }

@@ -123,8 +123,12 @@ impl Superblock {
             next_volume_id: LE::read_u64(&b[64..72]),
             metadata_blocks: LE::read_u64(&b[72..80]),
             catalog_slots: LE::read_u64(&b[80..88]),
-            rc_index: (0..n_rc).map(|i| LE::read_u64(&b[OFF_RC_INDEX + 8 * i..][..8])).collect(),
-            cat_index: (0..n_cat).map(|i| LE::read_u64(&b[OFF_CAT_INDEX + 8 * i..][..8])).collect(),
+            rc_index: (0..n_rc)
+                .map(|i| LE::read_u64(&b[OFF_RC_INDEX + 8 * i..][..8]))
+                .collect(),
+            cat_index: (0..n_cat)
+                .map(|i| LE::read_u64(&b[OFF_CAT_INDEX + 8 * i..][..8]))
+                .collect(),
         };
         sb.check_geometry().map_err(SlotError::Geometry)?;
         Ok(sb)
@@ -187,6 +191,9 @@ mod tests {
         assert_eq!(Superblock::decode(&[0u8; 4096]), Err(SlotError::BadMagic));
         let mut s = sample();
         s.rc_index = vec![5000];
-        assert!(matches!(Superblock::decode(&s.encode()), Err(SlotError::Geometry(_))));
+        assert!(matches!(
+            Superblock::decode(&s.encode()),
+            Err(SlotError::Geometry(_))
+        ));
     }
 }

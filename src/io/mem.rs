@@ -18,7 +18,9 @@ impl MemStorage {
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
-        MemStorage { bytes: Arc::new(Mutex::new(bytes)) }
+        MemStorage {
+            bytes: Arc::new(Mutex::new(bytes)),
+        }
     }
 
     /// A copy of the current image.
@@ -34,13 +36,18 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let b = self.bytes.lock().unwrap();
-        let end = offset.checked_add(buf.len() as u64).filter(|e| *e <= b.len() as u64);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= b.len() as u64);
         match end {
             Some(end) => {
                 buf.copy_from_slice(&b[offset as usize..end as usize]);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end",
+            )),
         }
     }
 

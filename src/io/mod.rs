@@ -11,6 +11,7 @@ pub use mem::MemStorage;
 
 use std::io;
 
+#[allow(clippy::len_without_is_empty)] // a file's length, not a collection
 pub trait Storage: Send {
     /// Fill `buf` from `offset`; reading past the end is an `UnexpectedEof` error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -84,7 +84,13 @@ impl Ctx<'_> {
 
     /// Shadow (or create) the path to `vblock` and return the writable leaf.
     /// With `create == false` a missing path returns None and allocates nothing.
-    pub fn leaf_for_update(&mut self, root: &mut u64, depth: u8, vblock: u64, create: bool) -> Result<Option<u64>> {
+    pub fn leaf_for_update(
+        &mut self,
+        root: &mut u64,
+        depth: u8,
+        vblock: u64,
+        create: bool,
+    ) -> Result<Option<u64>> {
         let f = self.nodes.fanout();
         let top = depth - 1;
         let budget = if create { Budget::Write } else { Budget::Unmap };
@@ -172,7 +178,13 @@ impl Ctx<'_> {
 
     /// Mapped blocks with `first <= vblock < end`, as (vblock, pblock), ascending.
     /// Unmapped subtrees are skipped without being read.
-    pub fn mapped_in_range(&mut self, root: u64, depth: u8, first: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    pub fn mapped_in_range(
+        &mut self,
+        root: u64,
+        depth: u8,
+        first: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         if root != 0 && first < end {
             self.range_node(root, depth - 1, 0, first, end, &mut out)?;
@@ -180,7 +192,15 @@ impl Ctx<'_> {
         Ok(out)
     }
 
-    fn range_node(&mut self, node: u64, level: u8, base: u64, first: u64, end: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
+    fn range_node(
+        &mut self,
+        node: u64,
+        level: u8,
+        base: u64,
+        first: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
         let fan = self.nodes.fanout() as u128;
         let span = fan.pow(level as u32);
         let entries = self.nodes.get(self.storage, node, level)?.to_vec();
@@ -200,16 +220,29 @@ impl Ctx<'_> {
     }
 
     /// Call `f(vblock, pblock)` for every mapped block in ascending order.
-    pub fn walk(&mut self, root: u64, depth: u8, f: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    pub fn walk(
+        &mut self,
+        root: u64,
+        depth: u8,
+        f: &mut dyn FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         if root == 0 {
             return Ok(());
         }
         self.walk_node(root, depth - 1, 0, f)
     }
 
-    fn walk_node(&mut self, node: u64, level: u8, base: u64, f: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    fn walk_node(
+        &mut self,
+        node: u64,
+        level: u8,
+        base: u64,
+        f: &mut dyn FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let fan = self.nodes.fanout() as u64;
-        let span = fan.checked_pow(level as u32).ok_or_else(|| Error::corrupt("map deeper than addressable"))?;
+        let span = fan
+            .checked_pow(level as u32)
+            .ok_or_else(|| Error::corrupt("map deeper than addressable"))?;
         let entries = self.nodes.get(self.storage, node, level)?.to_vec();
         for (i, c) in entries.into_iter().enumerate() {
             if c == 0 {

@@ -105,10 +105,18 @@ impl Nodes {
 
     fn load(&self, storage: &dyn Storage, node: u64, level: u8) -> Result<Node> {
         if node < self.first_block || node >= self.total_blocks {
-            return Err(Error::corrupt(format!("map pointer {node} is out of range")));
+            return Err(Error::corrupt(format!(
+                "map pointer {node} is out of range"
+            )));
         }
         let mut buf = vec![0u8; self.block_size];
-        let h = read_page(storage, &mut buf, node, PageType::MapNode, self.total_blocks)?;
+        let h = read_page(
+            storage,
+            &mut buf,
+            node,
+            PageType::MapNode,
+            self.total_blocks,
+        )?;
         if h.level != level {
             return Err(Error::corrupt(format!(
                 "map node at block {node} is at level {}, expected {level}",
@@ -116,7 +124,10 @@ impl Nodes {
             )));
         }
         let mut entries = vec![0u64; self.fanout];
-        LE::read_u64_into(&buf[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + 8 * self.fanout], &mut entries);
+        LE::read_u64_into(
+            &buf[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + 8 * self.fanout],
+            &mut entries,
+        );
         for &e in &entries {
             if e != 0 && (e < self.first_block || e >= self.total_blocks) {
                 return Err(Error::corrupt(format!(
@@ -135,8 +146,19 @@ impl Nodes {
         for b in dirty {
             let n = &self.cache[&b];
             buf.fill(0);
-            LE::write_u64_into(&n.entries, &mut buf[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + 8 * self.fanout]);
-            encode_page(&mut buf, &PageHeader { kind: PageType::MapNode, location: b, generation, level: n.level });
+            LE::write_u64_into(
+                &n.entries,
+                &mut buf[PAGE_HEADER_SIZE..PAGE_HEADER_SIZE + 8 * self.fanout],
+            );
+            encode_page(
+                &mut buf,
+                &PageHeader {
+                    kind: PageType::MapNode,
+                    location: b,
+                    generation,
+                    level: n.level,
+                },
+            );
             storage.write_at(&buf, b * self.block_size as u64)?;
         }
         Ok(())

@@ -25,7 +25,12 @@ pub struct PagedArray {
 }
 
 impl PagedArray {
-    pub fn new(kind: PageType, block_size: u32, n_pages: usize, max_index: usize) -> Result<PagedArray> {
+    pub fn new(
+        kind: PageType,
+        block_size: u32,
+        n_pages: usize,
+        max_index: usize,
+    ) -> Result<PagedArray> {
         let mut a = PagedArray {
             kind,
             block_size: block_size as usize,
@@ -82,18 +87,18 @@ impl PagedArray {
         Ok(())
     }
 
-    /// Read the table and hand each data page's payload to `load(page, bytes)`.
+    /// Read the table of an empty array made by `new` and hand each data
+    /// page's payload to `load(page, bytes)`.
     pub fn load(
-        kind: PageType,
-        block_size: u32,
+        mut self,
         n_pages: usize,
-        max_index: usize,
         index_ptrs: &[u64],
         storage: &dyn Storage,
         total_blocks: u64,
         mut load: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<PagedArray> {
-        let mut a = PagedArray::new(kind, block_size, 0, max_index)?;
+        let a = &mut self;
+        let kind = a.kind;
         if n_pages > a.capacity() || index_ptrs.len() != n_pages.div_ceil(a.per_index) {
             return Err(Error::corrupt(format!(
                 "{} table: {} index pages for {n_pages} pages",
@@ -101,7 +106,7 @@ impl PagedArray {
                 index_ptrs.len()
             )));
         }
-        let mut buf = vec![0u8; block_size as usize];
+        let mut buf = vec![0u8; a.block_size];
         for (i, &ip) in index_ptrs.iter().enumerate() {
             read_page(storage, &mut buf, ip, PageType::Index, total_blocks)?;
             let first = i * a.per_index;
@@ -126,7 +131,7 @@ impl PagedArray {
             read_page(storage, &mut buf, p, kind, total_blocks)?;
             load(i, &buf[PAGE_HEADER_SIZE..])?;
         }
-        Ok(a)
+        Ok(self)
     }
 
     /// Give every dirty page (and the index pages above it) a location that
@@ -183,28 +188,61 @@ impl PagedArray {
             for (j, p) in self.pages[first..last].iter().enumerate() {
                 LE::write_u64(&mut buf[PAGE_HEADER_SIZE + 8 * j..][..8], *p);
             }
-            self.put(storage, &mut buf, self.index[i], PageType::Index, generation)?;
+            self.put(
+                storage,
+                &mut buf,
+                self.index[i],
+                PageType::Index,
+                generation,
+            )?;
         }
         self.dirty_index.clear();
         Ok(())
     }
 
-    fn put(&self, storage: &dyn Storage, buf: &mut [u8], loc: u64, kind: PageType, generation: u64) -> Result<()> {
+    fn put(
+        &self,
+        storage: &dyn Storage,
+        buf: &mut [u8],
+        loc: u64,
+        kind: PageType,
+        generation: u64,
+    ) -> Result<()> {
         debug_assert!(loc != 0);
-        encode_page(buf, &PageHeader { kind, location: loc, generation, level: 0 });
+        encode_page(
+            buf,
+            &PageHeader {
+                kind,
+                location: loc,
+                generation,
+                level: 0,
+            },
+        );
         storage.write_at(buf, loc * self.block_size as u64)?;
         Ok(())
     }
 }
 
 /// Read and validate one metadata page.
-pub fn read_page(storage: &dyn Storage, buf: &mut [u8], loc: u64, kind: PageType, total: u64) -> Result<PageHeader> {
+pub fn read_page(
+    storage: &dyn Storage,
+    buf: &mut [u8],
+    loc: u64,
+    kind: PageType,
+    total: u64,
+) -> Result<PageHeader> {
     if loc == 0 || loc >= total {
-        return Err(Error::corrupt(format!("{} pointer {loc} is out of range", kind.name())));
+        return Err(Error::corrupt(format!(
+            "{} pointer {loc} is out of range",
+            kind.name()
+        )));
     }
     storage.read_at(buf, loc * buf.len() as u64).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::corrupt(format!("{} at block {loc} is past the end of the file (truncated pool?)", kind.name()))
+            Error::corrupt(format!(
+                "{} at block {loc} is past the end of the file (truncated pool?)",
+                kind.name()
+            ))
         } else {
             Error::Io(e)
         }

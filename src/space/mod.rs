@@ -95,7 +95,8 @@ impl SpaceMap {
         let mut rc = vec![0u32; total as usize];
         rc[..reserved as usize].fill(1);
         let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page);
-        s.dirty_pages.extend(0..(reserved as usize).div_ceil(per_page));
+        s.dirty_pages
+            .extend(0..(reserved as usize).div_ceil(per_page));
         s
     }
 
@@ -306,7 +307,10 @@ mod tests {
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
-        assert!(matches!(s.alloc(Kind::Data, Budget::Write), Err(Error::NoSpace)));
+        assert!(matches!(
+            s.alloc(Kind::Data, Budget::Write),
+            Err(Error::NoSpace)
+        ));
         assert!(s.alloc(Kind::Meta, Budget::Commit).is_ok());
     }
 }

@@ -11,6 +11,7 @@
 mod data;
 pub mod export;
 mod image;
+mod layer;
 mod manage;
 mod show;
 
@@ -94,6 +95,21 @@ enum Command {
     Import(ImportArgs),
     /// Export a volume to a raw disk image (sparse where the volume reads zeros)
     Export(ExportArgs),
+    /// Freeze a writable volume into a read-only layer with content digests
+    ///
+    /// Records the layer's diff digest (sha256 of its changes against the
+    /// layer it was cloned from) and chain digest (OCI ChainID rule). See
+    /// docs/LAYERS.md.
+    Commit(layer::CommitArgs),
+    /// Show the block ranges in which two volumes differ (from the maps only)
+    Diff(layer::DiffArgs),
+    /// Write a layer as a verifiable stream, full or incremental (--from)
+    Send(layer::SendArgs),
+    /// Receive a stream from `send` as a new read-only layer (all verified)
+    Receive(layer::ReceiveArgs),
+    /// Import and list container images (OCI layout, docker save) as layers
+    #[command(subcommand)]
+    Image(layer::ImageCommand),
     /// Serve every volume of a pool as a file under a directory (FUSE)
     Serve(export::ServeArgs),
     /// Attach a volume as a loop device and print /dev/loopN
@@ -301,6 +317,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Read(a) => data::read(a),
         Command::Import(a) => image::import(a),
         Command::Export(a) => image::export(a),
+        Command::Commit(a) => layer::commit(a),
+        Command::Diff(a) => layer::diff(a),
+        Command::Send(a) => layer::send(a),
+        Command::Receive(a) => layer::receive(a),
+        Command::Image(c) => layer::image(c),
         Command::Serve(a) => export::serve(a),
         Command::Attach(a) => export::attach(a),
         Command::Detach(a) => export::detach(a),

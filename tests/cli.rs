@@ -178,6 +178,12 @@ impl Env {
         ])
     }
 
+    /// `thinpool check`: every refcount and map invariant holds.
+    fn check(&self) {
+        let out = ok_text(&[s("check"), self.p()]);
+        assert!(out.contains(": clean ("), "{out}");
+    }
+
     fn info(&self) -> Value {
         ok_json(&[s("info"), self.p(), s("--json")])
     }
@@ -205,6 +211,7 @@ impl Env {
 
     /// The pool still opens and answers, and `vol` still holds `data` at `offset`.
     fn assert_intact(&self, vol: &str, offset: u64, data: &[u8]) {
+        self.check();
         let info = self.info();
         assert!(info["data_used_bytes"].as_u64().is_some(), "{info}");
         assert_eq!(
@@ -262,6 +269,7 @@ fn every_verb_has_help() {
     let verbs: &[&[&str]] = &[
         &["create"],
         &["info"],
+        &["check"],
         &["volume"],
         &["volume", "create"],
         &["snapshot"],
@@ -389,6 +397,23 @@ fn create_rejects_bad_block_sizes() {
         );
         assert!(!e.pool.exists(), "--block-size {bad} left a file behind");
     }
+}
+
+#[test]
+fn check_reports_a_clean_pool() {
+    let e = Env::new("1G");
+    e.volume("v", "4M");
+    e.write("v", 0, &random_bytes(MIB as usize, 20));
+    ok(&[s("snapshot"), e.p(), s("v"), s("s")]);
+    e.write("v", 100, b"cow");
+    let text = ok_text(&[s("check"), e.p()]);
+    assert!(text.starts_with(&format!("{}: clean (", e.p())), "{text}");
+    assert!(text.contains("2 volumes"), "{text}");
+    let json = ok_json(&[s("check"), e.p(), s("--json")]);
+    assert_eq!(json["problems"], serde_json::json!([]));
+    assert_eq!(u(&json, "volumes"), 2);
+    // 16 blocks shared by both volumes, plus the one copied on write.
+    assert_eq!(u(&json, "data_blocks"), 17);
 }
 
 #[test]
@@ -1016,6 +1041,8 @@ fn served_pool_refuses_direct_data_access() {
         &["is being served", hint],
     );
     fails(&[s("import"), e.p(), s("v2"), f], 1, &["is being served"]);
+    let dir = export_dir.to_str().unwrap();
+    fails(&[s("check"), e.p()], 1, &["is being served", dir]);
     assert!(!Path::new(&img).exists());
     // The pool file itself was not touched: with the socket gone, the data
     // and the volume list are what they were.
@@ -1135,6 +1162,7 @@ fn acceptance_import_snapshot_clone_export() {
         assert_eq!(clone["parent"], "snap");
         assert_eq!(e.vol("snap")["read_only"], true);
         assert_eq!(u(&e.info(), "data_used_bytes"), used_before_clone + BLOCK);
+        e.check();
     };
     check("first");
     ok(&[s("info"), e.p()]);
@@ -1154,4 +1182,5 @@ fn acceptance_import_snapshot_clone_export() {
     ]);
     assert_eq!(sha256_file(&snap_img), original_sha);
     assert_eq!(e.names(), ["base", "snap"]);
+    e.check();
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use super::{open_unserved, ReadArgs, WriteArgs, CHUNK};
 
 pub(crate) fn write(a: WriteArgs) -> Result<()> {
-    let mut pool = open_unserved(&a.pool, &a.name)?;
+    let mut pool = open_unserved(&a.pool, Some(&a.name))?;
     let id = pool.lookup(&a.name)?;
     let mut input: Box<dyn Read> = match &a.file {
         Some(path) => {
@@ -49,7 +49,7 @@ pub(crate) fn write(a: WriteArgs) -> Result<()> {
 }
 
 pub(crate) fn read(a: ReadArgs) -> Result<()> {
-    let mut pool = open_unserved(&a.pool, &a.name)?;
+    let mut pool = open_unserved(&a.pool, Some(&a.name))?;
     let id = pool.lookup(&a.name)?;
     let size = pool.volume_size(id)?;
     let length = a.length.unwrap_or(size.saturating_sub(a.offset));

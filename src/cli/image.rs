@@ -23,7 +23,7 @@ pub(crate) fn import(a: ImportArgs) -> Result<()> {
     let size = src.seek(SeekFrom::End(0))?;
     src.seek(SeekFrom::Start(0))?;
 
-    let mut pool = open_unserved(&a.pool, &a.name)?;
+    let mut pool = open_unserved(&a.pool, Some(&a.name))?;
     let id = pool.create_volume(&a.name, size)?;
     if let Err(e) = copy_in(&mut pool, id, &mut src, size) {
         // Leave no half-imported volume behind.
@@ -68,7 +68,7 @@ fn copy_in(pool: &mut Pool, id: VolumeId, src: &mut File, size: u64) -> Result<(
 }
 
 pub(crate) fn export(a: ExportArgs) -> Result<()> {
-    let mut pool = open_unserved(&a.pool, &a.name)?;
+    let mut pool = open_unserved(&a.pool, Some(&a.name))?;
     let id = pool.lookup(&a.name)?;
     let size = pool.volume_size(id)?;
 

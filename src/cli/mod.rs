@@ -5,9 +5,11 @@
 //!   sent to the pool's server when one runs, else run on the opened pool.
 //! - `data.rs`: `read` / `write` of bytes at an offset.
 //! - `image.rs`: `import` / `export` of raw, sparse images.
+//! - `check.rs`: `check`, the pool's invariants verified.
 //! - `show.rs`: human-readable rendering (tables, sizes, ages).
 //! - `export.rs`: the live export verbs (serve, attach, mount...).
 
+mod check;
 mod data;
 pub mod export;
 mod image;
@@ -55,6 +57,10 @@ enum Command {
     Create(CreateArgs),
     /// Show the pool's size, block size and data/metadata use
     Info(InfoArgs),
+    /// Verify every invariant of the pool (refcounts, maps), reading metadata only
+    ///
+    /// Exits with 1 and lists the problems when any is found.
+    Check(CheckArgs),
     /// Manage volumes (see `thinpool volume create --help`)
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -148,6 +154,15 @@ pub(crate) struct InfoArgs {
     /// Pool file
     pub pool: PathBuf,
     /// Print the pool's figures as one JSON object (sizes in bytes)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CheckArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Print the checker's report as JSON
     #[arg(long)]
     pub json: bool,
 }
@@ -306,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Create(a) => manage::create(a),
         Command::Info(a) => manage::info(a),
+        Command::Check(a) => check::check(a),
         Command::Volume(VolumeCommand::Create(a)) => manage::volume_create(a),
         Command::Snapshot(a) => manage::snapshot(a, false),
         Command::Clone(a) => manage::snapshot(a, true),
@@ -388,23 +404,30 @@ pub(crate) fn request(pool: &Path, req: Request) -> Result<Response> {
 
 /// Open a pool for the data verbs, which move bulk bytes and so do not go
 /// through the control socket: while a server owns the pool, the volume's
-/// exported file is the way in.
-pub(crate) fn open_unserved(pool: &Path, volume: &str) -> Result<Pool> {
-    match thinpool::export::control::status(pool) {
-        None => open_pool(pool),
-        Some(Ok(server)) => bail!(
-            "pool {} is being served (pid {}); use the exported file {} instead, \
-             or stop the server first",
-            pool.display(),
-            server.pid,
-            server.dir.join(volume).display()
-        ),
-        Some(Err(e)) => bail!(
-            "pool {} is being served; use the exported file DIR/{volume} under the \
-             directory given to `thinpool serve`, or stop the server first (server: {e})",
-            pool.display()
-        ),
-    }
+/// exported file is the way in. `volume: None` for whole-pool verbs (check).
+pub(crate) fn open_unserved(pool: &Path, volume: Option<&str>) -> Result<Pool> {
+    let server = match thinpool::export::control::status(pool) {
+        None => return open_pool(pool),
+        Some(s) => s,
+    };
+    let way_in = match (&server, volume) {
+        (Ok(st), Some(v)) => format!("use the exported file {}", st.dir.join(v).display()),
+        (Ok(st), None) => format!("its volumes are files under {}", st.dir.display()),
+        (Err(_), Some(v)) => {
+            format!("use the exported file DIR/{v} (DIR as given to `thinpool serve`)")
+        }
+        (Err(_), None) => {
+            "its volumes are files under the directory given to `thinpool serve`".into()
+        }
+    };
+    let who = match &server {
+        Ok(st) => format!("pid {}", st.pid),
+        Err(e) => format!("server: {e}"),
+    };
+    bail!(
+        "pool {} is being served ({who}); {way_in}, or stop the server first",
+        pool.display()
+    )
 }
 
 #[cfg(test)]

@@ -264,47 +264,70 @@ fn sha256_file(path: &Path) -> [u8; 32] {
 //------------------------------------------------------------------------------
 // Help and usage
 
+/// The subcommand names a `--help` text lists under "Commands:".
+fn listed_subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn every_verb_has_help() {
-    let verbs: &[&[&str]] = &[
-        &["create"],
-        &["info"],
-        &["check"],
-        &["volume"],
-        &["volume", "create"],
-        &["snapshot"],
-        &["clone"],
-        &["list"],
-        &["remove"],
-        &["rename"],
-        &["resize"],
-        &["write"],
-        &["read"],
-        &["import"],
-        &["export"],
-        &["serve"],
-        &["attach"],
-        &["detach"],
-        &["mount"],
-        &["umount"],
+    // Walk the whole command tree, so verbs added later are covered too.
+    let mut todo: Vec<Vec<String>> = vec![vec![]];
+    let mut seen = Vec::new();
+    while let Some(path) = todo.pop() {
+        let mut args = path.clone();
+        args.push(s("--help"));
+        let out = ok_text(&args);
+        let usage = format!("Usage: thinpool {}", path.join(" "));
+        assert!(out.contains(usage.trim_end()), "{path:?} --help:\n{out}");
+        // An about line, and help for every argument.
+        assert!(
+            out.lines().next().is_some_and(|l| l.len() > 10),
+            "{path:?}:\n{out}"
+        );
+        for sub in listed_subcommands(&out) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+        seen.push(path.join(" "));
+    }
+    let verbs = [
+        "create",
+        "info",
+        "check",
+        "volume",
+        "volume create",
+        "snapshot",
+        "clone",
+        "list",
+        "remove",
+        "rename",
+        "resize",
+        "write",
+        "read",
+        "import",
+        "export",
+        "serve",
+        "attach",
+        "detach",
+        "mount",
+        "umount",
     ];
     for v in verbs {
-        let mut args = v.to_vec();
-        args.push("--help");
-        let out = ok_text(&args);
-        let usage = format!("Usage: thinpool {}", v.join(" "));
-        assert!(out.contains(&usage), "{v:?} --help:\n{out}");
-    }
-    let top = ok_text(&["--help"]);
-    for v in verbs.iter().filter(|v| v.len() == 1) {
-        assert!(
-            top.contains(&format!("\n  {} ", v[0])),
-            "top-level help lacks {v:?}:\n{top}"
-        );
+        assert!(seen.iter().any(|x| x == v), "no {v:?} in {seen:?}");
     }
     // The help says what the difference between a snapshot and a clone is.
     assert!(ok_text(&["snapshot", "--help"]).contains("never written"));
     assert!(ok_text(&["clone", "--help"]).contains("copy-on-write"));
+    assert!(ok_text(&["create", "--help"]).contains("sparse"));
 }
 
 #[test]

@@ -111,6 +111,11 @@ impl CrashStorage {
         }
     }
 
+    /// Calls recorded so far (a position in the log).
+    pub fn log_len(&self) -> usize {
+        self.lock().log.as_ref().map_or(0, Vec::len)
+    }
+
     /// The image as of the last sync.
     pub fn durable(&self) -> Vec<u8> {
         self.lock().durable.clone()

@@ -650,6 +650,40 @@ fn read_into_a_closed_pipe_is_quiet() {
 }
 
 #[test]
+fn output_into_a_closed_pipe_is_quiet() {
+    let e = Env::new("1G");
+    e.volume("v", "1M");
+    for verb in ["list", "info", "check"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thinpool"))
+            .args([s(verb), e.p()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Gone before thinpool has opened the pool, let alone printed.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{verb}");
+        assert!(out.status.success(), "{verb}");
+    }
+}
+
+#[test]
+fn export_never_overwrites_the_pool() {
+    let e = Env::new("1G");
+    e.volume("v", "1M");
+    e.write("v", 0, b"data");
+    let before = fs::read(&e.pool).unwrap();
+    fails(
+        &[s("export"), e.p(), s("v"), e.p(), s("--force")],
+        1,
+        &["pool file itself"],
+    );
+    assert_eq!(fs::read(&e.pool).unwrap(), before);
+    e.assert_intact("v", 0, b"data");
+}
+
+#[test]
 fn import_skips_zero_blocks_and_export_is_sparse() {
     let e = Env::new("1G");
     // 1M of data, 2M of zeros, one 64K block of data, and a tail that is

@@ -1,21 +1,25 @@
 //! `check`: verify every invariant of a pool (like thin_check), reading
 //! metadata only.
 
+use std::fmt::Write;
+
 use anyhow::{bail, Result};
 
-use super::{open_unserved, CheckArgs};
+use super::{open_unserved, print, CheckArgs};
 
 pub(crate) fn check(a: CheckArgs) -> Result<()> {
     // The checker walks the whole pool, so it needs the file to itself.
     let mut pool = open_unserved(&a.pool, None)?;
     let r = pool.check()?;
+    let mut out = String::new();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        out = serde_json::to_string_pretty(&r)? + "\n";
     } else {
         for p in &r.problems {
-            println!("problem: {p}");
+            writeln!(out, "problem: {p}")?;
         }
-        println!(
+        writeln!(
+            out,
             "{}: {} (generation {}, {} volumes, {} map nodes, {} data blocks, {} metadata blocks)",
             a.pool.display(),
             if r.is_clean() { "clean" } else { "DAMAGED" },
@@ -24,8 +28,9 @@ pub(crate) fn check(a: CheckArgs) -> Result<()> {
             r.map_nodes,
             r.data_blocks,
             r.metadata_blocks
-        );
+        )?;
     }
+    print(&out)?;
     if !r.is_clean() {
         bail!(
             "pool {} has {} problem(s)",

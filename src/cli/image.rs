@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, IsTerminal, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
@@ -72,6 +72,15 @@ pub(crate) fn export(a: ExportArgs) -> Result<()> {
     let id = pool.lookup(&a.name)?;
     let size = pool.volume_size(id)?;
 
+    // `--force` truncates: never let that be the pool itself.
+    if let (Ok(img), Ok(pf)) = (fs::metadata(&a.image), fs::metadata(&a.pool)) {
+        if (img.dev(), img.ino()) == (pf.dev(), pf.ino()) {
+            bail!(
+                "{} is the pool file itself; export to another path",
+                a.image.display()
+            );
+        }
+    }
     let mut opts = OpenOptions::new();
     match a.force {
         true => opts.write(true).create(true).truncate(true),

@@ -8,7 +8,7 @@ use thinpool::control::{Request, Response};
 use thinpool::{CreateOptions, Pool};
 
 use super::{
-    request, show, CreateArgs, InfoArgs, ListArgs, RemoveArgs, RenameArgs, ResizeArgs,
+    print, request, show, CreateArgs, InfoArgs, ListArgs, RemoveArgs, RenameArgs, ResizeArgs,
     SnapshotArgs, VolumeCreateArgs,
 };
 
@@ -33,9 +33,9 @@ pub(crate) fn info(a: InfoArgs) -> Result<()> {
         bail!("unexpected answer to an info request");
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        print(&(serde_json::to_string_pretty(&info)? + "\n"))?;
     } else {
-        print!("{}", show::pool_info(&info));
+        print(&show::pool_info(&info))?;
     }
     Ok(())
 }
@@ -45,9 +45,9 @@ pub(crate) fn list(a: ListArgs) -> Result<()> {
         bail!("unexpected answer to a list request");
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&volumes)?);
+        print(&(serde_json::to_string_pretty(&volumes)? + "\n"))?;
     } else {
-        print!("{}", show::volume_table(&volumes, show::now()));
+        print(&show::volume_table(&volumes, show::now()))?;
     }
     Ok(())
 }

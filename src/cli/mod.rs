@@ -377,6 +377,16 @@ fn install_panic_hook() {
     }));
 }
 
+/// Print to stdout, reporting a closed pipe (`thinpool list | head -1`) as an
+/// error instead of panicking the way `print!` does.
+pub(crate) fn print(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 //------------------------------------------------------------------------------
 // Reaching the pool
 

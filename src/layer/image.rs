@@ -186,14 +186,25 @@ fn diff_ids(config: &serde_json::Value, what: &Path) -> Result<Vec<Digest>> {
         .collect()
 }
 
-/// Layers of an OCI image layout at `root`.
-fn oci_layers(root: &Path) -> Result<Vec<LayerBlob>> {
+/// Layers of an OCI image layout at `root`: the manifest tagged `tag`
+/// (`org.opencontainers.image.ref.name`), or the only/first one.
+fn oci_layers(root: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>> {
     let index = read_json(&root.join("index.json"))?;
-    let mut desc = index["manifests"]
-        .as_array()
-        .and_then(|m| m.first())
-        .cloned()
-        .ok_or_else(|| err(format!("{}: index.json lists no manifest", root.display())))?;
+    let list = index["manifests"].as_array().cloned().unwrap_or_default();
+    let mut desc = match tag {
+        None => list.first().cloned(),
+        Some(t) => list
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == t)
+            .cloned(),
+    }
+    .ok_or_else(|| match tag {
+        None => err(format!("{}: index.json lists no manifest", root.display())),
+        Some(t) => err(format!(
+            "{}: no image tagged '{t}' in index.json",
+            root.display()
+        )),
+    })?;
     // A nested index (multi-platform): take its linux/amd64 manifest, or the first.
     for _ in 0..4 {
         let mt = desc["mediaType"].as_str().unwrap_or("");
@@ -304,8 +315,29 @@ fn safe_join(root: &Path, p: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Split `[oci:]PATH[:TAG]` into the path and tag (a path that exists as
+/// given wins over a tag split).
+fn parse_source(source: &Path) -> (PathBuf, Option<String>) {
+    let s = source.to_string_lossy();
+    let s = s
+        .strip_prefix("oci:")
+        .or_else(|| s.strip_prefix("docker-archive:"))
+        .unwrap_or(&s);
+    if Path::new(s).exists() {
+        return (PathBuf::from(s), None);
+    }
+    match s.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') && Path::new(p).exists() => {
+            (PathBuf::from(p), Some(t.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
 /// Find the layers of `source`; a tarball is unpacked into `scratch` first.
 fn source_layers(source: &Path, scratch: &Path) -> Result<Vec<LayerBlob>> {
+    let (path, tag) = parse_source(source);
+    let source = path.as_path();
     let meta = fs::metadata(source).map_err(|e| io_err(source, e))?;
     let root = if meta.is_dir() {
         source.to_path_buf()
@@ -319,7 +351,7 @@ fn source_layers(source: &Path, scratch: &Path) -> Result<Vec<LayerBlob>> {
     if root.join("manifest.json").is_file() {
         docker_layers(&root)
     } else if root.join("index.json").is_file() {
-        oci_layers(&root)
+        oci_layers(&root, tag.as_deref())
     } else {
         Err(err(format!(
             "{}: neither an OCI image layout (index.json) nor a docker save archive (manifest.json)",
@@ -783,6 +815,7 @@ pub fn import(
         let mut p = open_pool(pool)?;
         let present = p.lookup(&volume).is_ok();
         let imported = if present {
+            drop(p);
             progress(&format!(
                 "layer {}/{}: sha256:{} already present",
                 i + 1,
@@ -814,11 +847,7 @@ pub fn import(
             }
             true
         };
-        let p = open_pool(pool)?;
-        let info = {
-            let mut p = p;
-            p.volume_info(&volume)?
-        };
+        let info = open_pool(pool)?.volume_info(&volume)?;
         report.layers.push(ImportedLayer {
             volume: volume.clone(),
             diff_id: hex(&l.diff_id),

@@ -73,7 +73,7 @@ pub fn ensure_server(pool: &Path) -> Result<(ServerStatus, bool), ExportError> {
     let pool = canonical(pool)?;
     match control::status(&pool) {
         Some(Ok(st)) if !st.stopping => return Ok((st, false)),
-        Some(Ok(_)) => wait_gone(&pool, STOP_TIMEOUT)?,
+        Some(Ok(st)) => wait_gone(&pool, Some(st.pid), STOP_TIMEOUT)?,
         Some(Err(e)) => return Err(e.into()),
         None => {}
     }
@@ -141,10 +141,11 @@ fn start_background(pool: &Path) -> Result<ServerStatus, ExportError> {
     }
 }
 
-/// Wait until no server answers for `pool` (its socket is gone or refuses).
-fn wait_gone(pool: &Path, timeout: Duration) -> Result<(), ExportError> {
+/// Wait until no server answers for `pool` (its socket is gone or refuses)
+/// and its process `pid` has exited, so the pool file is free again.
+fn wait_gone(pool: &Path, pid: Option<u32>, timeout: Duration) -> Result<(), ExportError> {
     let deadline = Instant::now() + timeout;
-    while control::status(pool).is_some() {
+    while control::status(pool).is_some() || pid.is_some_and(alive) {
         if Instant::now() > deadline {
             return Err(ExportError::Msg(format!(
                 "the server of {} did not stop in time",
@@ -156,11 +157,25 @@ fn wait_gone(pool: &Path, timeout: Duration) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// A process that has not exited (a zombie has: its files are closed).
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// Stop the background server of `pool` if nothing of it is in use any more,
 /// and wait for it to be gone. A server started by `thinpool serve` stays.
 pub fn stop_if_idle(pool: &Path) -> Result<(), ExportError> {
+    let pid = match control::status(pool) {
+        Some(Ok(st)) => Some(st.pid),
+        _ => None,
+    };
     match control::shutdown_if_idle(pool, RELEASE_WAIT) {
-        Some(Ok(r)) if r.stopping => wait_gone(pool, STOP_TIMEOUT),
+        Some(Ok(r)) if r.stopping => wait_gone(pool, pid, STOP_TIMEOUT),
         Some(Ok(_)) | None => Ok(()),
         Some(Err(e)) => Err(e.into()),
     }
@@ -249,7 +264,14 @@ fn after_detach(a: &Attachment) -> Result<(), ExportError> {
     if control::status(&a.pool).is_some() {
         return stop_if_idle(&a.pool);
     }
-    // The server died: once nothing uses its dead mount, take it away.
+    // The server died: its socket is stale (nobody listens), and once
+    // nothing uses its dead mount, take that away too.
+    let sock = control::socket_path(&a.pool);
+    if std::os::unix::net::UnixStream::connect(&sock)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    {
+        let _ = fs::remove_file(&sock);
+    }
     let others = sys::loop_devices()
         .into_iter()
         .any(|d| d.backing_file.starts_with(&a.dir));

@@ -264,6 +264,10 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
     eprintln!("thinpool: stopped serving {}", pool_path.display());
     res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
     commit?;
+    if opts.background {
+        // A clean exit leaves nothing to look at; failures keep their log.
+        let _ = std::fs::remove_file(dir.with_extension("log"));
+    }
     Ok(())
 }
 

@@ -1,0 +1,716 @@
+//! Live export tests: FUSE files, loop devices and ext4 on top, for real.
+//!
+//! They need root, /dev/fuse and loop devices (CI has them) and skip with a
+//! printed reason otherwise. Every test cleans up what it set up through a
+//! `Drop` guard, also when it fails: filesystems under its temporary directory
+//! are unmounted, loop devices over its export detached, its server stopped.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use thinpool::export::{control, default_export_dir};
+
+const MIB: u64 = 1 << 20;
+
+//------------------------------------------------------------------------------
+// Harness
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the export tests need root (FUSE mount, loop devices)");
+        return false;
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            eprintln!("skipped: {dev} is missing");
+            return false;
+        }
+    }
+    true
+}
+
+fn run_tp<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_thinpool"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run thinpool")
+}
+
+fn describe<S: AsRef<OsStr>>(what: &str, args: &[S], out: &Output) -> String {
+    let args: Vec<_> = args
+        .iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect();
+    format!(
+        "{what} {}\nexit: {:?}\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Run `thinpool ARGS`, which must succeed; its stdout.
+fn tp<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = run_tp(args);
+    assert!(out.status.success(), "{}", describe("thinpool", args, &out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Run a host tool, which must succeed; its stdout.
+fn sh<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect(prog);
+    assert!(out.status.success(), "{}", describe(prog, args, &out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn e2fsck_clean(dev: &str) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", dev])
+        .output()
+        .expect("e2fsck");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("e2fsck", &["-fn", dev], &out)
+    );
+}
+
+/// One pool in a temporary directory, and everything a test sets up on it.
+struct Env {
+    tmp: TempDir,
+    pool: PathBuf,
+    /// `thinpool serve` run in the foreground by the test, if any.
+    server: Option<Child>,
+}
+
+impl Env {
+    fn new(pool_size: &str) -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("tp-export-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let pool = tmp.path().join("pool");
+        tp(&[
+            "create".as_ref(),
+            pool.as_os_str(),
+            "--size".as_ref(),
+            pool_size.as_ref(),
+        ]);
+        Env {
+            tmp,
+            pool,
+            server: None,
+        }
+    }
+
+    fn p(&self) -> &str {
+        self.pool.to_str().unwrap()
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn volume(&self, name: &str, size: &str) {
+        tp(&["volume", "create", self.p(), name, "--size", size]);
+    }
+
+    fn mount(&self, name: &str, dir: &Path, extra: &[&str]) {
+        let mut args = vec!["mount", self.p(), name, dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        tp(&args);
+    }
+
+    fn umount(&self, dir: &Path) {
+        tp(&["umount", dir.to_str().unwrap()]);
+    }
+
+    fn attach(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["attach", self.p(), name];
+        args.extend_from_slice(extra);
+        tp(&args)
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::from_str(&tp(&["info", self.p(), "--json"])).unwrap()
+    }
+
+    fn data_used(&self) -> u64 {
+        self.info()["data_used_bytes"].as_u64().unwrap()
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        control::status(&self.canonical_pool())
+            .and_then(|r| r.ok())
+            .map(|s| s.pid)
+    }
+
+    fn canonical_pool(&self) -> PathBuf {
+        fs::canonicalize(&self.pool).unwrap_or_else(|_| self.pool.clone())
+    }
+
+    fn export_dir(&self) -> PathBuf {
+        default_export_dir(&self.canonical_pool())
+    }
+
+    /// Wait until no server answers for this pool.
+    fn wait_no_server(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while control::status(&self.canonical_pool()).is_some() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+}
+
+fn mounts() -> Vec<(String, PathBuf)> {
+    // (source, mountpoint); good enough for paths without spaces, which ours are.
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mp = left.split(' ').nth(4)?;
+            let src = right.split(' ').nth(1)?;
+            Some((src.to_string(), PathBuf::from(mp)))
+        })
+        .collect()
+}
+
+fn loops_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
+            if Path::new(b.trim()).starts_with(dir) {
+                out.push(format!("/dev/{name}"));
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let tmp = self.tmp.path().to_path_buf();
+        let export = self.export_dir();
+        let canon_tmp = fs::canonicalize(&tmp).unwrap_or(tmp.clone());
+        // Filesystems under our directory, topmost first.
+        for (_, mp) in mounts().into_iter().rev() {
+            if mp.starts_with(&canon_tmp) && mp != canon_tmp {
+                let _ = Command::new("umount").arg("-l").arg(&mp).status();
+            }
+        }
+        let mut dirs = vec![export.clone()];
+        dirs.extend(self.server.as_ref().map(|_| canon_tmp.join("export")));
+        for d in &dirs {
+            for dev in loops_under(d) {
+                let _ = Command::new("losetup").args(["-d", &dev]).status();
+            }
+        }
+        if let Some(mut child) = self.server.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(pid) = self.server_pid() {
+            // SAFETY: plain kill(2) of the server of our own pool.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            if !self.wait_no_server(Duration::from_secs(10)) {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                self.wait_no_server(Duration::from_secs(5));
+            }
+        }
+        for d in &dirs {
+            if mounts().iter().any(|(_, mp)| mp == d) {
+                let _ = Command::new("umount").arg("-l").arg(d).status();
+            }
+        }
+        let _ = fs::remove_dir(&export);
+        if !thread::panicking() {
+            let _ = fs::remove_file(export.with_extension("log"));
+        }
+        let _ = fs::remove_file(control::socket_path(&self.pool));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Write `len` pseudo-random bytes to `path`; returns their sha256.
+fn write_file(path: &Path, seed: u64, len: u64, fsync: bool) -> [u8; 32] {
+    try_write_file(path, seed, len, fsync).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn try_write_file(path: &Path, seed: u64, len: u64, fsync: bool) -> std::io::Result<[u8; 32]> {
+    let mut f = fs::File::create(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = len;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        fill(seed ^ (i << 32), &mut buf[..n]);
+        f.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+        i += 1;
+    }
+    if fsync {
+        f.sync_all()?;
+    }
+    Ok(h.finalize().into())
+}
+
+fn sha256_file(path: &Path) -> [u8; 32] {
+    let mut f = fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().into()
+}
+
+/// A tree of small and medium files: (relative path, sha256).
+fn write_tree(root: &Path, seed: u64) -> Vec<(PathBuf, [u8; 32])> {
+    let mut out = Vec::new();
+    for d in 0..4u64 {
+        let dir = root.join(format!("dir{d}/sub{}", d % 2));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..12u64 {
+            let len = [0, 1, 4095, 4096, 65537, 300_000][(f % 6) as usize] + d * 7;
+            let rel = dir.strip_prefix(root).unwrap().join(format!("f{f}"));
+            let sum = write_file(&root.join(&rel), seed + d * 100 + f, len, false);
+            out.push((rel, sum));
+        }
+    }
+    out
+}
+
+fn assert_no_leftovers(env: &Env) {
+    let export = env.export_dir();
+    assert!(
+        loops_under(&export).is_empty(),
+        "loop devices left over {}",
+        export.display()
+    );
+    assert!(
+        !mounts().iter().any(|(_, mp)| mp == &export),
+        "FUSE mount left on {}",
+        export.display()
+    );
+    assert!(
+        env.wait_no_server(Duration::from_secs(10)),
+        "background server still running"
+    );
+    assert!(
+        !control::socket_path(&env.pool).exists(),
+        "socket left behind"
+    );
+}
+
+//------------------------------------------------------------------------------
+// Acceptance
+
+/// mkfs + files + 200 MiB file; snapshot, clone, change the clone; the
+/// snapshot still reads the originals; both filesystems check clean.
+#[test]
+fn snapshot_and_clone_of_an_ext4_volume() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("4G");
+    env.volume("base", "1G");
+    let m1 = env.dir("m1");
+    env.mount("base", &m1, &["--mkfs", "ext4"]);
+    let mut files = write_tree(&m1, 1);
+    let big = PathBuf::from("big.bin");
+    files.push((big.clone(), write_file(&m1.join(&big), 7, 200 * MIB, false)));
+    env.umount(&m1);
+    assert_no_leftovers(&env);
+
+    tp(&["snapshot", env.p(), "base", "snap"]);
+    tp(&["clone", env.p(), "snap", "clone"]);
+
+    let m2 = env.dir("m2");
+    env.mount("clone", &m2, &[]);
+    {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(m2.join(&big))
+            .unwrap();
+        f.write_all_at(&[0xa5; 4096], 100 * MIB + 12345).unwrap();
+        f.sync_all().unwrap();
+    }
+    for (rel, _) in files.iter().take(10) {
+        fs::remove_file(m2.join(rel)).unwrap();
+    }
+    assert_ne!(sha256_file(&m2.join(&big)), files.last().unwrap().1);
+    env.umount(&m2);
+
+    let m3 = env.dir("m3");
+    env.mount("snap", &m3, &["--read-only"]);
+    for (rel, sum) in &files {
+        assert_eq!(
+            &sha256_file(&m3.join(rel)),
+            sum,
+            "{} changed in the snapshot",
+            rel.display()
+        );
+    }
+    env.umount(&m3);
+
+    let snap = env.attach("snap", &["--read-only"]);
+    let clone = env.attach("clone", &[]);
+    e2fsck_clean(&snap);
+    e2fsck_clean(&clone);
+    tp(&["detach", &snap]);
+    tp(&["detach", &clone]);
+    assert_no_leftovers(&env);
+}
+
+/// Snapshots of a mounted volume under a busy writer are clean filesystems
+/// (the server freezes ext4 around each one).
+#[test]
+fn snapshots_under_a_busy_writer_are_consistent() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("4G");
+    env.volume("live", "512M");
+    let m = env.dir("m");
+    env.mount("live", &m, &["--mkfs", "ext4"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, m) = (stop.clone(), m.clone());
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let d = m.join(format!("d{}", i % 16));
+                fs::create_dir_all(&d).unwrap();
+                write_file(
+                    &d.join(format!("f{i}")),
+                    i,
+                    64 * 1024 + (i % 7) * 4096,
+                    false,
+                );
+                if i % 50 == 49 {
+                    // Keep the volume from filling: the writer churns.
+                    let _ = fs::remove_dir_all(m.join(format!("d{}", (i + 1) % 16)));
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    for n in 0..5 {
+        thread::sleep(Duration::from_millis(300));
+        tp(&["snapshot", env.p(), "live", &format!("s{n}")]);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.join().unwrap();
+    assert!(written > 10, "the writer barely ran ({written} files)");
+    env.umount(&m);
+
+    for n in 0..5 {
+        let dev = env.attach(&format!("s{n}"), &[]);
+        e2fsck_clean(&dev);
+        tp(&["detach", &dev]);
+    }
+    assert_no_leftovers(&env);
+}
+
+/// Deleting files and running fstrim gives the space back to the pool.
+#[test]
+fn fstrim_returns_space_to_the_pool() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("2G");
+    env.volume("v", "1G");
+    let m = env.dir("m");
+    env.mount("v", &m, &["--mkfs", "ext4"]);
+    for i in 0..15 {
+        write_file(&m.join(format!("f{i}")), i, 10 * MIB, false);
+    }
+    sh("sync", &["-f", m.to_str().unwrap()]);
+    let before = env.data_used();
+    for i in 0..15 {
+        fs::remove_file(m.join(format!("f{i}"))).unwrap();
+    }
+    // ext4 trims only blocks whose freeing is committed to its journal.
+    sh("sync", &["-f", m.to_str().unwrap()]);
+    sh("fstrim", &[m.to_str().unwrap()]);
+    let after = env.data_used();
+    assert!(
+        before.saturating_sub(after) >= 100 * MIB,
+        "data_used_bytes went from {before} to {after}: less than 100 MiB freed"
+    );
+    env.umount(&m);
+    assert_no_leftovers(&env);
+}
+
+/// SIGKILL the server mid-workload: after cleanup and a restart, every file
+/// fsynced before the kill is intact and the filesystem checks clean.
+#[test]
+fn server_killed_mid_workload_loses_nothing_fsynced() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("2G");
+    env.volume("v", "512M");
+    let m = env.dir("m");
+    env.mount("v", &m, &["--mkfs", "ext4"]);
+    let mut synced = Vec::new();
+    for i in 0..20u64 {
+        let rel = format!("synced{i}");
+        synced.push((
+            rel.clone(),
+            write_file(&m.join(&rel), 1000 + i, 256 * 1024 + i * 512, true),
+        ));
+    }
+    let dirf = fs::File::open(&m).unwrap();
+    dirf.sync_all().unwrap();
+    drop(dirf);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, m) = (stop.clone(), m.clone());
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                // Errors are expected once the server is gone.
+                if try_write_file(&m.join(format!("busy{}", i % 64)), i, MIB, i % 3 == 0).is_err() {
+                    break;
+                }
+                i += 1;
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(700));
+    let pid = env
+        .server_pid()
+        .expect("a background server serves the pool");
+    // SAFETY: killing the server of our own pool.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(env.wait_no_server(Duration::from_secs(5)));
+
+    // Unmount what is left (ext4 on a dead device, the dead FUSE mount).
+    env.umount(&m);
+    assert_no_leftovers(&env);
+
+    env.mount("v", &m, &[]);
+    for (rel, sum) in &synced {
+        assert_eq!(
+            &sha256_file(&m.join(rel)),
+            sum,
+            "{rel} lost its fsynced content"
+        );
+    }
+    env.umount(&m);
+    let dev = env.attach("v", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    assert_no_leftovers(&env);
+}
+
+//------------------------------------------------------------------------------
+// The served directory and the control socket
+
+/// `thinpool serve` in the foreground: files appear and vanish with the
+/// catalog, data goes through, discards read as zeros, snapshots are
+/// read-only, attached volumes cannot be removed, SIGTERM stops it cleanly.
+#[test]
+fn serve_exports_volumes_as_files() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("1G");
+    env.volume("a", "16M");
+    let dir = env.dir("export");
+    let child = Command::new(env!("CARGO_BIN_EXE_thinpool"))
+        .args(["serve", env.p(), dir.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    env.server = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.server_pid().is_none() {
+        assert!(Instant::now() < deadline, "server did not come up");
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    // A volume created through the socket shows up at once.
+    tp(&["volume", "create", env.p(), "b", "--size", "8M"]);
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(fs::metadata(dir.join("b")).unwrap().len(), 8 * MIB);
+
+    // Data through the file.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("a"))
+        .unwrap();
+    let mut data = vec![0u8; 300_000];
+    fill(5, &mut data);
+    f.write_all_at(&data, 70_000).unwrap();
+    f.sync_all().unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 70_000).unwrap();
+    assert!(back == data);
+    // Reads stop at the end of the volume.
+    f.seek(SeekFrom::Start(16 * MIB - 10)).unwrap();
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).unwrap();
+    assert_eq!(tail.len(), 10);
+
+    // Punch a hole over whole blocks and partial ones: reads as zeros.
+    // SAFETY: fallocate on an open fd with in-range arguments.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            100_000,
+            200_000,
+        )
+    };
+    assert_eq!(r, 0, "punch hole: {}", std::io::Error::last_os_error());
+    f.read_exact_at(&mut back, 70_000).unwrap();
+    assert!(back[..30_000] == data[..30_000]);
+    assert!(back[30_000..230_000].iter().all(|b| *b == 0));
+    assert!(back[230_000..] == data[230_000..]);
+    drop(f);
+
+    // Snapshots are read-only files.
+    tp(&["snapshot", env.p(), "a", "a-snap"]);
+    let meta = fs::metadata(dir.join("a-snap")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("a-snap"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let mut snap = vec![0u8; 1000];
+    fs::File::open(dir.join("a-snap"))
+        .unwrap()
+        .read_exact_at(&mut snap, 70_000)
+        .unwrap();
+    assert!(snap == data[..1000]);
+
+    // An attached volume cannot be removed or renamed.
+    let dev = env.attach("b", &[]);
+    for args in [
+        vec!["remove", env.p(), "b"],
+        vec!["rename", env.p(), "b", "c"],
+    ] {
+        let out = run_tp(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("volume 'b' is in use"), "{err}");
+    }
+    tp(&["detach", &dev]);
+    // Detaching does not stop a server started by `serve`.
+    assert!(env.server_pid().is_some());
+    tp(&["remove", env.p(), "b"]);
+    assert!(!dir.join("b").exists());
+
+    // SIGTERM: commit, unmount, remove the socket, exit 0.
+    let mut child = env.server.take().unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    assert!(!control::socket_path(&env.pool).exists());
+    let canon = fs::canonicalize(&dir).unwrap();
+    assert!(!mounts().iter().any(|(_, mp)| mp == &canon));
+    // The pool is closed and holds what was written.
+    let out = run_tp(&[
+        "read",
+        env.p(),
+        "a",
+        "--offset",
+        "70000",
+        "--length",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("thinpool read", &["a"], &out)
+    );
+    assert!(out.stdout == data[..1000]);
+}
+
+/// Errors of the export verbs are clear and leave nothing behind.
+#[test]
+fn export_errors_clean_up() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("1G");
+    env.volume("v", "64M");
+    let m = env.dir("m");
+    let out = run_tp(&["mount", env.p(), "nope", m.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no volume named 'nope'"));
+    // No filesystem on the volume: mount fails, the loop device and server go.
+    let out = run_tp(&["mount", env.p(), "v", m.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_no_leftovers(&env);
+    let out = run_tp(&["umount", m.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not mounted from a thinpool volume"));
+    let out = run_tp(&["detach", "/dev/null"]);
+    assert!(!out.status.success());
+}

@@ -1113,21 +1113,27 @@ fn served_pool_refuses_direct_data_access() {
 
 #[test]
 fn acceptance_import_snapshot_clone_export() {
-    let e = Env::new("1G");
+    // The issue asks for 1 GiB; CI runs 64 MiB. For the full size:
+    // THINPOOL_ACCEPTANCE_MIB=1024 cargo test --test cli acceptance
+    let mibs: u64 = std::env::var("THINPOOL_ACCEPTANCE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let e = Env::new(&format!("{}M", 2 * mibs + 64));
     // Random data with holes: every third MiB is left unwritten.
     let image = e.path("image.img");
     {
         let f = fs::File::create(&image).unwrap();
-        for mib in 0..64u64 {
+        for mib in 0..mibs {
             if mib % 3 != 2 {
                 use std::os::unix::fs::FileExt;
                 f.write_all_at(&random_bytes(MIB as usize, 100 + mib), mib * MIB)
                     .unwrap();
             }
         }
-        f.set_len(64 * MIB).unwrap();
+        f.set_len(mibs * MIB).unwrap();
     }
-    let data_mib = (0..64).filter(|m| m % 3 != 2).count() as u64;
+    let data_mib = (0..mibs).filter(|m| m % 3 != 2).count() as u64;
     let original = fs::read(&image).unwrap();
     let original_sha = sha256_file(&image);
 
@@ -1193,7 +1199,7 @@ fn acceptance_import_snapshot_clone_export() {
 
         for img in [&snap_img, &clone_img] {
             let m = fs::metadata(img).unwrap();
-            assert_eq!(m.len(), 64 * MIB);
+            assert_eq!(m.len(), mibs * MIB);
             assert!(
                 m.blocks() * 512 < m.len(),
                 "{} is not sparse",

@@ -258,6 +258,33 @@ impl SpaceMap {
         }
     }
 
+    /// Set a block's count outright (repair). A block dropping to zero is
+    /// freed only after the commit, like any other free.
+    pub fn set_count(&mut self, b: u64, count: u32) {
+        let i = b as usize;
+        let old = self.rc[i];
+        if old == count || b < self.reserved {
+            return;
+        }
+        self.rc[i] = count;
+        self.touch(b);
+        if old == 0 {
+            if self.free[i] {
+                self.free.set(i, false);
+                self.free_count -= 1;
+            }
+            self.used += 1;
+        } else if count == 0 {
+            self.used -= 1;
+            self.pending.push(b);
+        }
+    }
+
+    /// Set the metadata block count outright (repair).
+    pub fn set_meta(&mut self, meta: u64) {
+        self.meta = meta;
+    }
+
     /// Free blocks that may be allocated (pending frees not yet counted).
     pub fn free_count(&self) -> u64 {
         self.free_count
@@ -270,7 +297,7 @@ mod tests {
 
     #[test]
     fn freed_is_not_free_until_commit() {
-        let mut s = SpaceMap::new(16, 1, 1024);
+        let mut s = SpaceMap::new(24 + UNMAP_RESERVE, 1, 1024);
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         s.end_transaction(); // a is now committed
         assert!(s.dec(a, Kind::Data).unwrap());
@@ -286,7 +313,7 @@ mod tests {
 
     #[test]
     fn txn_new_blocks_reuse_at_once_and_shared_blocks_are_not_overwritten() {
-        let mut s = SpaceMap::new(8, 1, 1024);
+        let mut s = SpaceMap::new(8 + UNMAP_RESERVE, 1, 1024);
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         assert!(s.dec(a, Kind::Data).unwrap());
         assert_eq!(s.alloc(Kind::Data, Budget::Write).unwrap(), a);

@@ -587,7 +587,7 @@ pub fn apply_layer(root: &Path, blob: &mut dyn Read) -> Result<Digest> {
     // The DiffID covers the whole tar, padding included.
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(Error::Io)?;
     // Directory mtimes last: creating their children changed them.
-    dir_times.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    dir_times.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (p, t) in dir_times {
         if p.exists() {
             set_mtime(&p, t)?;

@@ -1,12 +1,19 @@
-//! The pool checker (like thin_check): walks every volume's map from the
-//! catalog, recomputes every block's reference count, and compares it with
-//! the stored refcounts. Reads metadata only.
+//! The pool checker (like thin_check): looks at both superblock slots, walks
+//! every volume's map from the catalog (validating each node's checksum,
+//! type, level and pointers), recomputes every block's reference count and
+//! compares it with the stored refcounts. Reads metadata only.
+//!
+//! Each problem names what is wrong and the path to it: the volume, the chain
+//! of map slots from its root, the virtual and physical block, and the
+//! expected vs found value. A damaged subtree is reported once and skipped;
+//! the walk goes on so one bad node does not hide the rest.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::format::{Superblock, SUPERBLOCK_SLOT_SIZE};
 use crate::map::Ctx;
 use crate::pool::Pool;
 
@@ -19,6 +26,11 @@ pub struct CheckReport {
     pub metadata_blocks: u64,
     /// One line per problem, naming the volume / block concerned.
     pub problems: Vec<String>,
+    /// The same problems, structured (for `--json` consumers and `repair`).
+    pub issues: Vec<Issue>,
+    /// Things worth knowing that are not damage (e.g. a superblock slot torn
+    /// by a crash, which the next commit rewrites).
+    pub notes: Vec<String>,
 }
 
 impl CheckReport {
@@ -27,19 +39,117 @@ impl CheckReport {
     }
 }
 
+/// What kind of damage a problem is, and whether `repair` can fix it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueKind {
+    /// Allocated but referenced by nothing (repair frees it).
+    LeakedBlock,
+    /// Stored count differs from the references found (repair rebuilds it).
+    WrongRefcount,
+    /// Referenced but stored as free (repair rebuilds the count).
+    UsedButFree,
+    /// A volume record's mapped-block count is wrong (repair recounts).
+    MappedCount,
+    /// Metadata block count in the superblock is wrong (repair recounts).
+    MetadataCount,
+    /// A map node is unreadable: checksum, type, level, pointer range.
+    BadNode,
+    /// A virtual block past the volume's end is mapped.
+    MappedPastEnd,
+    /// One block used both as data and as metadata.
+    DataIsMetadata,
+}
+
+impl IssueKind {
+    /// `repair` fixes this kind without guessing data.
+    pub fn repairable(self) -> bool {
+        matches!(
+            self,
+            IssueKind::LeakedBlock
+                | IssueKind::WrongRefcount
+                | IssueKind::UsedButFree
+                | IssueKind::MappedCount
+                | IssueKind::MetadataCount
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    pub kind: IssueKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Slots from the volume's root down to the problem (root first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_block: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found: Option<u64>,
+    pub message: String,
+}
+
+impl Issue {
+    fn new(kind: IssueKind, message: String) -> Issue {
+        Issue {
+            kind,
+            volume: None,
+            path: Vec::new(),
+            virtual_block: None,
+            block: None,
+            expected: None,
+            found: None,
+            message,
+        }
+    }
+}
+
+/// What the walk of all maps found, kept for `repair`.
+pub(crate) struct Census {
+    /// References to each block found by walking every map and table.
+    pub expected: Vec<u32>,
+    /// Mapped blocks counted per volume id.
+    pub mapped: HashMap<u64, u64>,
+    /// Blocks found holding metadata.
+    pub meta_blocks: u64,
+}
+
 /// Per distinct node: (mapped entries below it, highest mapped block offset + 1).
 type Summary = (u64, u64);
 
 struct Walk<'a> {
     expected: Vec<u32>,
     is_meta: Vec<bool>,
-    memo: HashMap<u64, Summary>,
-    problems: &'a mut Vec<String>,
+    is_data: Vec<bool>,
+    memo: HashMap<u64, Option<Summary>>,
+    issues: &'a mut Vec<Issue>,
+    fanout: u128,
+    volume: String,
 }
 
 impl Pool {
     /// Check every invariant of the pool as it stands (committed + open transaction).
     pub fn check(&mut self) -> Result<CheckReport> {
+        self.check_with_progress(&mut |_, _| {})
+    }
+
+    /// `check`, calling `progress(done, total)` as volumes are walked.
+    pub fn check_with_progress(
+        &mut self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<CheckReport> {
+        Ok(self.census(progress)?.0)
+    }
+
+    pub(crate) fn census(
+        &mut self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(CheckReport, Census)> {
         let total = self.space.total() as usize;
         let reserved = self.space.reserved() as usize;
         let mut report = CheckReport {
@@ -47,63 +157,107 @@ impl Pool {
             volumes: self.catalog.len(),
             ..Default::default()
         };
+        self.check_superblocks(&mut report.notes);
+        let mut issues = Vec::new();
         let mut w = Walk {
             expected: vec![0; total],
             is_meta: vec![false; total],
+            is_data: vec![false; total],
             memo: HashMap::new(),
-            problems: &mut report.problems,
+            issues: &mut issues,
+            fanout: self.nodes.fanout() as u128,
+            volume: String::new(),
         };
         w.expected[..reserved].fill(1);
-        let pages = self.rc_layout.page_locations().iter().chain(self.rc_layout.index_pointers());
-        let cat = self.catalog.layout.page_locations().iter().chain(self.catalog.layout.index_pointers());
+        let pages = self
+            .rc_layout
+            .page_locations()
+            .iter()
+            .chain(self.rc_layout.index_pointers());
+        let cat = self
+            .catalog
+            .layout
+            .page_locations()
+            .iter()
+            .chain(self.catalog.layout.index_pointers());
         for &p in pages.chain(cat).filter(|&&p| p != 0) {
             w.expected[p as usize] += 1;
             w.is_meta[p as usize] = true;
         }
         let bs = self.block_size() as u64;
         let recs: Vec<_> = self.catalog.iter().cloned().collect();
-        let fanout = self.nodes.fanout() as u128;
-        for r in &recs {
-            if r.root == 0 {
-                if r.mapped_blocks != 0 {
-                    w.problems.push(format!("volume '{}': records {} mapped blocks but has no map", r.name, r.mapped_blocks));
-                }
-                continue;
+        let mut mapped = HashMap::new();
+        let n_vols = recs.len() as u64;
+        for (i, r) in recs.iter().enumerate() {
+            progress(i as u64, n_vols);
+            w.volume = r.name.clone();
+            let mut count_end = (0, 0);
+            if r.root != 0 {
+                w.expected[r.root as usize] += 1;
+                let mut ctx = Ctx {
+                    nodes: &mut self.nodes,
+                    space: &mut self.space,
+                    storage: &*self.storage,
+                };
+                let mut path = Vec::new();
+                count_end = w
+                    .visit(&mut ctx, r.root, r.depth - 1, 0, &mut path)
+                    .unwrap_or((0, 0));
             }
-            w.expected[r.root as usize] += 1;
-            let mut ctx = Ctx { nodes: &mut self.nodes, space: &mut self.space, storage: &*self.storage };
-            let (count, end) = match w.visit(&mut ctx, r.root, r.depth - 1, fanout) {
-                Ok(s) => s,
-                Err(e) => {
-                    w.problems.push(format!("volume '{}': {e}", r.name));
-                    continue;
-                }
-            };
+            let (count, end) = count_end;
+            mapped.insert(r.id, count);
             if count != r.mapped_blocks {
-                w.problems.push(format!(
-                    "volume '{}': records {} mapped blocks, its map holds {count}",
-                    r.name, r.mapped_blocks
-                ));
+                let mut is = Issue::new(
+                    IssueKind::MappedCount,
+                    format!(
+                        "volume '{}': records {} mapped blocks, its map holds {count}",
+                        r.name, r.mapped_blocks
+                    ),
+                );
+                is.volume = Some(r.name.clone());
+                is.expected = Some(count);
+                is.found = Some(r.mapped_blocks);
+                w.issues.push(is);
             }
             let n_blocks = r.size.div_ceil(bs);
             if end > n_blocks {
-                w.problems.push(format!(
-                    "volume '{}': virtual block {} is mapped past the end ({n_blocks} blocks)",
-                    r.name,
-                    end - 1
-                ));
+                let mut is = Issue::new(
+                    IssueKind::MappedPastEnd,
+                    format!(
+                        "volume '{}': virtual block {} is mapped past the end (the volume has {n_blocks} blocks)",
+                        r.name,
+                        end - 1
+                    ),
+                );
+                is.volume = Some(r.name.clone());
+                is.virtual_block = Some(end - 1);
+                w.issues.push(is);
             }
         }
+        progress(n_vols, n_vols);
         let rc = self.space.refcounts();
         for b in reserved..total {
             let (found, stored) = (w.expected[b], rc[b]);
             if found != stored {
-                let what = match (stored, found) {
-                    (_, 0) => "leaked: allocated but nothing references it",
-                    (0, _) => "in use but marked free",
-                    _ => "refcount does not match the references found",
+                let (kind, what) = match (stored, found) {
+                    (_, 0) => (
+                        IssueKind::LeakedBlock,
+                        "leaked: allocated but nothing references it",
+                    ),
+                    (0, _) => (IssueKind::UsedButFree, "in use but marked free"),
+                    _ => (
+                        IssueKind::WrongRefcount,
+                        "refcount does not match the references found",
+                    ),
                 };
-                w.problems.push(format!("block {b}: {what} (stored {stored}, found {found})"));
+                let mut is = Issue::new(
+                    kind,
+                    format!("block {b}: {what} (stored {stored}, found {found})"),
+                );
+                is.block = Some(b as u64);
+                is.expected = Some(found as u64);
+                is.found = Some(stored as u64);
+                w.issues.push(is);
             }
             if found > 0 {
                 if w.is_meta[b] {
@@ -114,47 +268,151 @@ impl Pool {
             }
         }
         if report.metadata_blocks != self.space.meta() {
-            w.problems.push(format!(
-                "superblock counts {} metadata blocks, {} found",
-                self.space.meta(),
-                report.metadata_blocks
-            ));
+            let mut is = Issue::new(
+                IssueKind::MetadataCount,
+                format!(
+                    "superblock counts {} metadata blocks, {} found",
+                    self.space.meta(),
+                    report.metadata_blocks
+                ),
+            );
+            is.expected = Some(report.metadata_blocks);
+            is.found = Some(self.space.meta());
+            w.issues.push(is);
         }
         report.map_nodes = w.memo.len() as u64;
-        Ok(report)
+        let census = Census {
+            expected: w.expected,
+            mapped,
+            meta_blocks: report.metadata_blocks,
+        };
+        report.problems = issues.iter().map(|i| i.message.clone()).collect();
+        report.issues = issues;
+        Ok((report, census))
+    }
+
+    /// Both slots: note a damaged one (a torn write from a crash looks the same
+    /// as media damage; the next commit rewrites that slot either way).
+    fn check_superblocks(&self, notes: &mut Vec<String>) {
+        let mut buf = vec![0u8; SUPERBLOCK_SLOT_SIZE];
+        for slot in 0..2u64 {
+            if self
+                .storage
+                .read_at(&mut buf, slot * SUPERBLOCK_SLOT_SIZE as u64)
+                .is_err()
+            {
+                notes.push(format!("superblock slot {slot}: unreadable"));
+                continue;
+            }
+            match Superblock::decode(&buf) {
+                Ok(sb) if sb.generation > self.generation() => notes.push(format!(
+                    "superblock slot {slot}: generation {} is newer than the one in use ({})",
+                    sb.generation,
+                    self.generation()
+                )),
+                Ok(_) => {}
+                Err(_) if buf.iter().all(|&b| b == 0) => {}
+                Err(e) => notes.push(format!(
+                    "superblock slot {slot}: invalid ({e:?}); the pool is at generation {} from the other slot",
+                    self.generation()
+                )),
+            }
+        }
     }
 }
 
 impl Walk<'_> {
-    fn visit(&mut self, ctx: &mut Ctx, node: u64, level: u8, fanout: u128) -> Result<Summary> {
+    fn problem_at(
+        &mut self,
+        kind: IssueKind,
+        path: &[usize],
+        vblock: Option<u64>,
+        block: u64,
+        what: String,
+    ) {
+        let route: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        let mut msg = format!("volume '{}': ", self.volume);
+        if !path.is_empty() {
+            msg += &format!("map path root/{}: ", route.join("/"));
+        }
+        if let Some(vb) = vblock {
+            msg += &format!("virtual block {vb}: ");
+        }
+        msg += &what;
+        let mut is = Issue::new(kind, msg);
+        is.volume = Some(self.volume.clone());
+        is.path = path.to_vec();
+        is.virtual_block = vblock;
+        is.block = Some(block);
+        self.issues.push(is);
+    }
+
+    /// Walk the subtree at `node`; None if it could not be read (reported).
+    fn visit(
+        &mut self,
+        ctx: &mut Ctx,
+        node: u64,
+        level: u8,
+        base: u64,
+        path: &mut Vec<usize>,
+    ) -> Option<Summary> {
         if let Some(s) = self.memo.get(&node) {
-            return Ok(*s);
+            return *s;
         }
         self.is_meta[node as usize] = true;
-        let entries = ctx.nodes.get(ctx.storage, node, level)?.to_vec();
-        let span = fanout.pow(level as u32);
+        if self.is_data[node as usize] {
+            self.problem_at(
+                IssueKind::DataIsMetadata,
+                path,
+                None,
+                node,
+                format!("block {node} is a map node and also mapped as data"),
+            );
+        }
+        let entries = match ctx.nodes.get(ctx.storage, node, level) {
+            Ok(e) => e.to_vec(),
+            Err(e) => {
+                let span = self.fanout.pow(level as u32 + 1);
+                let what = format!(
+                    "map node at block {node} (level {level}, virtual blocks {base}..{}) is unreadable: {e}",
+                    (base as u128 + span).min(u64::MAX as u128)
+                );
+                self.problem_at(IssueKind::BadNode, path, None, node, what);
+                self.memo.insert(node, None);
+                return None;
+            }
+        };
+        let span = self.fanout.pow(level as u32);
         let (mut count, mut end) = (0u64, 0u64);
         for (i, c) in entries.into_iter().enumerate() {
             if c == 0 {
                 continue;
             }
             self.expected[c as usize] += 1;
-            let base = (i as u128 * span) as u64;
+            let off = (i as u128 * span) as u64;
+            path.push(i);
             if level == 0 {
                 if self.is_meta[c as usize] {
-                    self.problems.push(format!("block {c} is mapped as data but is also metadata"));
+                    self.problem_at(
+                        IssueKind::DataIsMetadata,
+                        path,
+                        Some(base + off),
+                        c,
+                        format!("data block {c} is also metadata"),
+                    );
                 }
+                self.is_data[c as usize] = true;
                 count += 1;
-                end = base + 1;
-            } else {
-                let (n, e) = self.visit(ctx, c, level - 1, fanout)?;
+                end = off + 1;
+            } else if let Some((n, e)) = self.visit(ctx, c, level - 1, base + off, path) {
                 count += n;
                 if n > 0 {
-                    end = base + e;
+                    end = off + e;
                 }
             }
+            path.pop();
         }
-        self.memo.insert(node, (count, end));
-        Ok((count, end))
+        self.memo.insert(node, Some((count, end)));
+        Some((count, end))
     }
 }

@@ -23,6 +23,7 @@ pub mod io;
 pub mod layer;
 pub mod map;
 pub mod pool;
+pub mod repair;
 pub mod size;
 pub mod space;
 

@@ -142,7 +142,7 @@ fn uuid_string(u: &[u8; 16]) -> String {
 }
 
 /// Take the pool's owner lock: one process writes a pool at a time.
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     // SAFETY: flock on an fd we own.
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r == 0 {
@@ -280,6 +280,11 @@ impl Pool {
     /// Open a pool on any storage, at its newest valid commit.
     pub fn open_with(storage: Box<dyn Storage>, path: &Path) -> Result<Pool> {
         let sb = Pool::read_superblock(&*storage, path)?;
+        Pool::open_at(storage, path, sb)
+    }
+
+    /// Open at a given commit's superblock (repair tries the older slot).
+    pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
         let bs = sb.block_size;
         let total = sb.total_blocks;
         let per_rc = refcounts_per_page(bs);
@@ -853,6 +858,13 @@ impl Pool {
     pub fn commit(&mut self) -> Result<()> {
         self.check_ok()?;
         self.commit_inner(false)
+    }
+
+    /// Commit even with nothing changed: writes a new superblock into the
+    /// other slot (repair uses it to replace a damaged slot).
+    pub(crate) fn commit_forced(&mut self) -> Result<()> {
+        self.check_ok()?;
+        self.commit_inner(true)
     }
 
     fn commit_inner(&mut self, force: bool) -> Result<()> {

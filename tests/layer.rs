@@ -336,3 +336,218 @@ fn damaged_streams_are_refused_and_leave_nothing_behind() {
     assert_eq!(volume_sha(&mut a, "layer2"), volume_sha(&mut b, "layer2"));
     assert_clean(&mut b);
 }
+
+/// A layer tar from entries: (path, kind, content or link target).
+fn layer_tar(entries: &[(&str, char, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(path, kind, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        match kind {
+            'd' => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+            'f' => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, path, content.as_bytes()).unwrap();
+            }
+            'l' | 'h' => {
+                h.set_entry_type(if kind == 'l' {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, path, content).unwrap();
+            }
+            _ => unreachable!(),
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn layer_application_follows_oci_rules_and_stays_inside_the_root() {
+    use thinpool::layer::image::apply_layer;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    let lower = layer_tar(&[
+        ("dir/", 'd', ""),
+        ("dir/a", 'f', "a"),
+        ("dir/sub/", 'd', ""),
+        ("dir/sub/b", 'f', "b"),
+        ("keep", 'f', "keep"),
+        ("gone", 'f', "gone"),
+        ("esc", 'l', "/../../outside"),
+        ("up", 'l', "../.."),
+    ]);
+    let d = apply_layer(&root, &mut &lower[..]).unwrap();
+    assert_eq!(d, layer::sha256(&lower), "diff_id is the sha256 of the tar");
+    // gzip is detected by magic.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(
+        &mut gz,
+        &layer_tar(&[
+            ("dir/new", 'f', "new"), // this layer's own entry before the marker stays
+            ("dir/.wh..wh..opq", 'f', ""),
+            (".wh.gone", 'f', ""),
+            ("hard", 'h', "keep"),
+            ("esc/x", 'f', "through an absolute symlink"),
+            ("up/y", 'f', "through a relative one"),
+        ]),
+    )
+    .unwrap();
+    let gz = gz.finish().unwrap();
+    apply_layer(&root, &mut &gz[..]).unwrap();
+    let names = |p: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(&root.join("dir")),
+        ["new"],
+        "opaque dir keeps only this layer's entries"
+    );
+    assert!(!root.join("gone").exists() && !root.join(".wh.gone").exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(root.join("hard")).unwrap().ino(),
+        std::fs::metadata(root.join("keep")).unwrap().ino()
+    );
+    // Symlinks are resolved inside the root: nothing lands outside it.
+    assert!(names(&outside).is_empty(), "{:?}", names(&outside));
+    assert_eq!(
+        std::fs::read_to_string(root.join("outside/x")).unwrap(),
+        "through an absolute symlink"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("y")).unwrap(),
+        "through a relative one"
+    );
+    // `..` and absolute entry names are refused.
+    for bad in ["../evil", "/abs"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(1);
+        h.set_mode(0o644);
+        // Write the raw name: the builder itself refuses such paths.
+        h.as_old_mut().name[..bad.len()].copy_from_slice(bad.as_bytes());
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend_from_slice(&[b'x'; 512][..]);
+        raw[512..].fill(0);
+        raw[512] = b'x';
+        raw.extend_from_slice(&[0u8; 1024]);
+        let e = apply_layer(&root, &mut &raw[..]).unwrap_err();
+        assert!(e.to_string().contains("leaves the root"), "{bad}: {e}");
+    }
+    assert!(!t.path().join("evil").exists());
+}
+
+#[test]
+fn cli_commit_diff_send_receive() {
+    let bin = env!("CARGO_BIN_EXE_thinpool");
+    let t = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], stdin: Option<&[u8]>| {
+        use std::io::Write;
+        let mut c = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(t.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut si = c.stdin.take().unwrap();
+        si.write_all(stdin.unwrap_or(b"")).unwrap();
+        drop(si);
+        c.wait_with_output().unwrap()
+    };
+    let ok = |args: &[&str], stdin: Option<&[u8]>| {
+        let o = run(args, stdin);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    ok(&["create", "a.tp", "--size", "256M"], None);
+    ok(&["volume", "create", "a.tp", "v", "--size", "8M"], None);
+    ok(
+        &["write", "a.tp", "v", "--offset", "100K"],
+        Some(&pattern(200_000, 9)),
+    );
+    ok(&["commit", "a.tp", "v", "--as", "base"], None);
+    ok(&["clone", "a.tp", "base", "w"], None);
+    ok(
+        &["write", "a.tp", "w", "--offset", "4M"],
+        Some(b"layer two"),
+    );
+    let c: serde_json::Value =
+        serde_json::from_slice(&ok(&["commit", "a.tp", "w", "--as", "top", "--json"], None))
+            .unwrap();
+    assert_eq!(c["parent"], "base");
+    let d: serde_json::Value =
+        serde_json::from_slice(&ok(&["diff", "a.tp", "base", "top", "--json"], None)).unwrap();
+    assert_eq!(d["ranges"].as_array().unwrap().len(), 1);
+    assert_eq!(d["ranges"][0]["kind"], "added");
+    ok(&["send", "a.tp", "base", "-o", "base.s"], None);
+    let incr = ok(&["send", "a.tp", "top", "--from", "base"], None);
+    ok(&["create", "b.tp", "--size", "256M"], None);
+    // Missing base: refused, nothing stored.
+    let o = run(&["receive", "b.tp"], Some(&incr));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("base layer"));
+    ok(&["receive", "b.tp", "-i", "base.s"], None);
+    let mut bad = incr.clone();
+    let n = bad.len();
+    bad[n / 2] ^= 1;
+    let o = run(&["receive", "b.tp"], Some(&bad));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("corrupt"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ok(&["receive", "b.tp"], Some(&incr));
+    let list = |p: &str| -> serde_json::Value {
+        serde_json::from_slice(&ok(&["list", p, "--json"], None)).unwrap()
+    };
+    let (la, lb) = (list("a.tp"), list("b.tp"));
+    let names: Vec<&str> = lb
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "top"]);
+    for i in 0..2 {
+        assert_eq!(la[i]["chain_digest"], lb[i]["chain_digest"]);
+    }
+    assert_eq!(
+        ok(&["read", "a.tp", "top"], None),
+        ok(&["read", "b.tp", "top"], None)
+    );
+    let chk = run(&["check", "b.tp"], None);
+    assert!(
+        chk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&chk.stdout)
+    );
+}

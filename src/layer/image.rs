@@ -515,7 +515,12 @@ fn set_meta(
     let uid = h.uid().unwrap_or(0) as libc::uid_t;
     let gid = h.gid().unwrap_or(0) as libc::gid_t;
     // SAFETY: c is a valid NUL-terminated path.
-    check(unsafe { libc::lchown(c.as_ptr(), uid, gid) }, "chown", path)?;
+    let r = unsafe { libc::lchown(c.as_ptr(), uid, gid) };
+    // Without root (applying into a plain directory), ownership is best effort.
+    // SAFETY: geteuid has no preconditions.
+    if !(r != 0 && unsafe { libc::geteuid() } != 0) {
+        check(r, "chown", path)?;
+    }
     for (k, v) in xattrs {
         let name = CString::new(k.as_bytes()).map_err(|_| err("xattr name contains NUL"))?;
         // SAFETY: valid C strings and a buffer of v.len() bytes.

@@ -116,7 +116,9 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
     }
     let mut out = String::new();
     let head = HEAD.map(String::from);
-    for r in std::iter::once(&head).chain(&rows) {
+    // Committed layers: a short chain digest (full ones in `list --json`).
+    let chain_col = vols.iter().any(|v| v.chain_digest.is_some());
+    for (n, r) in std::iter::once(&head).chain(&rows).enumerate() {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
             let w = width[i];
@@ -124,6 +126,13 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
                 true => write!(line, "{cell:>w$}  "),
                 false => write!(line, "{cell:<w$}  "),
             };
+        }
+        if chain_col {
+            let chain = match n {
+                0 => Some("CHAIN"),
+                _ => vols[n - 1].chain_digest.as_deref().map(|d| &d[..d.len().min(12)]),
+            };
+            line.push_str(chain.unwrap_or("-"));
         }
         out.push_str(line.trim_end());
         out.push('\n');

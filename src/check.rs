@@ -10,14 +10,14 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::format::{Superblock, SUPERBLOCK_SLOT_SIZE};
 use crate::map::Ctx;
 use crate::pool::Pool;
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     pub generation: u64,
     pub volumes: usize,
@@ -27,9 +27,11 @@ pub struct CheckReport {
     /// One line per problem, naming the volume / block concerned.
     pub problems: Vec<String>,
     /// The same problems, structured (for `--json` consumers and `repair`).
+    #[serde(default)]
     pub issues: Vec<Issue>,
     /// Things worth knowing that are not damage (e.g. a superblock slot torn
     /// by a crash, which the next commit rewrites).
+    #[serde(default)]
     pub notes: Vec<String>,
 }
 
@@ -40,7 +42,7 @@ impl CheckReport {
 }
 
 /// What kind of damage a problem is, and whether `repair` can fix it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IssueKind {
     /// Allocated but referenced by nothing (repair frees it).
@@ -75,21 +77,21 @@ impl IssueKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Issue {
     pub kind: IssueKind,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
     /// Slots from the volume's root down to the problem (root first).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path: Vec<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtual_block: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub found: Option<u64>,
     pub message: String,
 }

@@ -36,6 +36,8 @@ pub enum Request {
         size: u64,
     },
     Flush,
+    /// Run the checker (metadata only) and return its report.
+    Check,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +47,7 @@ pub enum Response {
     Info(PoolInfo),
     List(Vec<VolumeInfo>),
     Volume(VolumeInfo),
+    Check(crate::check::CheckReport),
 }
 
 /// Run a request against an open pool. Mutating requests commit before returning.
@@ -76,6 +79,7 @@ pub fn execute(pool: &mut Pool, req: Request) -> Result<Response> {
             pool.resize_volume(&name, size)?;
             Response::Ok
         }
+        Request::Check => Response::Check(pool.check()?),
         Request::Flush => {
             pool.commit()?;
             Response::Ok

@@ -59,8 +59,16 @@ enum Command {
     Info(InfoArgs),
     /// Verify every invariant of the pool (refcounts, maps), reading metadata only
     ///
-    /// Exits with 1 and lists the problems when any is found.
+    /// Exits 0 when clean, 1 listing the problems when any is found, 2 when
+    /// the pool cannot be read. A served pool is checked by its server.
     Check(CheckArgs),
+    /// Fix what can be fixed without guessing data: rebuild refcounts from the
+    /// maps (frees leaked blocks), replace a torn newest superblock
+    ///
+    /// Writes a backup of the metadata it changes first (POOL.repair-backup-GEN).
+    /// Exits 0 when the pool is clean afterwards, 1 when problems remain, 2 when
+    /// the pool cannot be read.
+    Repair(check::RepairArgs),
     /// Manage volumes (see `thinpool volume create --help`)
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -322,6 +330,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Create(a) => manage::create(a),
         Command::Info(a) => manage::info(a),
         Command::Check(a) => check::check(a),
+        Command::Repair(a) => check::repair(a),
         Command::Volume(VolumeCommand::Create(a)) => manage::volume_create(a),
         Command::Snapshot(a) => manage::snapshot(a, false),
         Command::Clone(a) => manage::snapshot(a, true),

@@ -1002,6 +1002,59 @@ fn error_import_into_a_full_pool_leaves_nothing_behind() {
     e.assert_intact("keep", 0, &keep);
 }
 
+#[test]
+fn error_pool_in_use_by_another_process() {
+    let e = Env::new("1G");
+    e.volume("v", "1M");
+    // A `write` waiting for its stdin holds the pool open.
+    let mut writer = Command::new(env!("CARGO_BIN_EXE_thinpool"))
+        .args([s("write"), e.p(), s("v")])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has the pool open (and so locked), without touching the
+    // pool ourselves: a probe that opens it could make the writer fail instead.
+    let fds = format!("/proc/{}/fd", writer.id());
+    let pool = fs::canonicalize(&e.pool).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !fs::read_dir(&fds)
+        .unwrap()
+        .any(|fd| fs::read_link(fd.unwrap().path()).is_ok_and(|t| t == pool))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never opened the pool: {:?}",
+            writer.try_wait()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The lock is taken right after the open; give it a moment.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let refused = thinpool([s("list"), e.p()]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8(refused.stderr).unwrap();
+    assert!(
+        err.starts_with("thinpool: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(err.contains("in use by another process"), "{err}");
+
+    writer
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"written meanwhile")
+        .unwrap();
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    e.assert_intact("v", 0, b"written meanwhile");
+}
+
 //------------------------------------------------------------------------------
 // A pool owned by a server
 

@@ -271,32 +271,54 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
     Ok(())
 }
 
-/// Commits on a timer and turns stop requests into an unmount of DIR.
+/// Commits on a timer and turns stop requests into an unmount of DIR once no
+/// volume is open: a stop while loop devices are attached waits for them to
+/// be detached (new opens are refused meanwhile), so `detach` still works.
 fn ticker(sh: Arc<Shared>) {
     let mut last_commit = Instant::now();
     let mut handled_signals = 0;
+    let mut waiting_logged = false;
     let mut unmounted = false;
     loop {
         thread::sleep(TICK);
         let signals = SIGNALS.load(Ordering::SeqCst);
         if signals > handled_signals {
-            handled_signals = signals;
-            if unmounted {
+            if handled_signals > 0 && !unmounted {
                 // Second signal while volumes are still attached: commit and go.
                 // Closing /dev/fuse aborts the connection; loop devices see EIO.
                 eprintln!("thinpool: second signal, exiting with volumes still attached");
                 let _ = sh.commit();
                 let _ = std::fs::remove_file(socket_path(&sh.pool_path));
+                let _ = sys::umount(&sh.dir, true);
                 std::process::exit(1);
             }
+            handled_signals = signals;
             sh.stopping.store(true, Ordering::SeqCst);
         }
         if sh.stopping.load(Ordering::SeqCst) && !unmounted {
-            unmounted = true;
-            if let Err(e) = sh.commit() {
-                eprintln!("thinpool: commit failed: {e}");
+            if sh.lock_opens().is_empty() {
+                unmounted = true;
+                if let Err(e) = sh.commit() {
+                    eprintln!("thinpool: commit failed: {e}");
+                }
+                stop_mount(&sh.dir);
+            } else if !waiting_logged {
+                waiting_logged = true;
+                let attached: Vec<String> = sys::loop_devices()
+                    .into_iter()
+                    .filter(|d| d.backing_file.starts_with(&sh.dir))
+                    .map(|d| d.path().display().to_string())
+                    .collect();
+                eprintln!(
+                    "thinpool: stopping once every volume is released (in use: {}); \
+                     signal again to exit now",
+                    if attached.is_empty() {
+                        "open files".to_string()
+                    } else {
+                        attached.join(", ")
+                    }
+                );
             }
-            stop_mount(&sh.dir);
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             last_commit = Instant::now();
@@ -313,21 +335,8 @@ fn stop_mount(dir: &Path) {
     match sys::umount(dir, false) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            let attached: Vec<String> = sys::loop_devices()
-                .into_iter()
-                .filter(|d| d.backing_file.starts_with(dir))
-                .map(|d| d.name)
-                .collect();
-            eprintln!(
-                "thinpool: {} is busy (attached: {}); detached it lazily, serving until released \
-                 (signal again to force an exit)",
-                dir.display(),
-                if attached.is_empty() {
-                    "open files".to_string()
-                } else {
-                    attached.join(", ")
-                }
-            );
+            // Something raced us to open a file, or a process sits in DIR.
+            eprintln!("thinpool: {} is busy; detaching it lazily", dir.display());
             let _ = sys::umount(dir, true);
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // already unmounted

@@ -150,12 +150,28 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let who = lock_holder(file).map_or_else(|| "another process".to_string(), |pid| format!("PID {pid}"));
         return Err(Error::InUse(format!(
-            "pool {} is in use by another process (is it being served?)",
+            "pool {} is in use by {who} (is it being served?)",
             path.display()
         )));
     }
     Err(Error::Io(e))
+}
+
+/// The process holding a flock on `file`, from /proc/locks (what lslocks reads):
+/// lines like `1: FLOCK ADVISORY WRITE 4242 fd:01:123456 0 EOF`.
+fn lock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().ok()?;
+    let dev = md.dev();
+    let want = format!("{:02x}:{:02x}:{}", libc::major(dev), libc::minor(dev), md.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // A blocked waiter's line starts with "->"; skip those.
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
+    })
 }
 
 fn refcounts_per_page(block_size: u32) -> usize {

@@ -132,3 +132,37 @@ fn threads_writing_own_and_shared_volumes_lose_nothing() {
         }
     }
 }
+
+#[test]
+fn second_opener_is_told_who_owns_the_pool_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.pool");
+    let mut p = Pool::create(
+        &path,
+        &CreateOptions {
+            size: 64 << 20,
+            block_size: BS as u32,
+        },
+    )
+    .unwrap();
+    let v = p.create_volume("v", 1 << 20).unwrap();
+    p.write(v, 0, b"owner").unwrap();
+    p.commit().unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let e = Pool::open(&path)
+        .err()
+        .expect("second opener refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("in use by PID {}", std::process::id())),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the refused opener wrote nothing"
+    );
+    drop(p);
+    let mut p = Pool::open(&path).unwrap();
+    assert!(p.check().unwrap().is_clean());
+}

@@ -130,7 +130,10 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
         if chain_col {
             let chain = match n {
                 0 => Some("CHAIN"),
-                _ => vols[n - 1].chain_digest.as_deref().map(|d| &d[..d.len().min(12)]),
+                _ => vols[n - 1]
+                    .chain_digest
+                    .as_deref()
+                    .map(|d| &d[..d.len().min(12)]),
             };
             line.push_str(chain.unwrap_or("-"));
         }

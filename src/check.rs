@@ -238,8 +238,8 @@ impl Pool {
         }
         progress(n_vols, n_vols);
         let rc = self.space.refcounts();
-        for b in reserved..total {
-            let (found, stored) = (w.expected[b], rc[b]);
+        for (b, &stored) in rc.iter().enumerate().skip(reserved) {
+            let found = w.expected[b];
             if found != stored {
                 let (kind, what) = match (stored, found) {
                     (_, 0) => (

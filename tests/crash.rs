@@ -561,13 +561,13 @@ fn crash_everywhere(t: &Trace, seed: u64, between: usize) -> (usize, usize) {
         CrashMode::Sectors,
         CrashMode::TornPrefix,
     ];
-    let mut cut_at = |v: &mut Verifier,
-                      durable: &[u8],
-                      durable_gen: u64,
-                      epoch: usize,
-                      cut: usize,
-                      modes: &[CrashMode],
-                      rng: &mut Rng| {
+    let cut_at = |v: &mut Verifier,
+                  durable: &[u8],
+                  durable_gen: u64,
+                  epoch: usize,
+                  cut: usize,
+                  modes: &[CrashMode],
+                  rng: &mut Rng| {
         let pending = &t.log[epoch..cut];
         let mut all = durable.to_vec();
         for op in pending {

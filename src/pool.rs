@@ -150,7 +150,8 @@ pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        let who = lock_holder(file).map_or_else(|| "another process".to_string(), |pid| format!("PID {pid}"));
+        let who = lock_holder(file)
+            .map_or_else(|| "another process".to_string(), |pid| format!("PID {pid}"));
         return Err(Error::InUse(format!(
             "pool {} is in use by {who} (is it being served?)",
             path.display()
@@ -165,12 +166,19 @@ fn lock_holder(file: &File) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let md = file.metadata().ok()?;
     let dev = md.dev();
-    let want = format!("{:02x}:{:02x}:{}", libc::major(dev), libc::minor(dev), md.ino());
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        md.ino()
+    );
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     locks.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         // A blocked waiter's line starts with "->"; skip those.
-        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse().ok())
+            .flatten()
     })
 }
 
@@ -518,6 +526,15 @@ impl Pool {
         self.check_ok()?;
         let r = self.catalog.get_by_name(name)?.clone();
         self.record_info(&r)
+    }
+
+    /// (id, name) of every volume in creation order: the catalog alone, no
+    /// usage walk (what a directory listing needs).
+    pub fn volume_names(&self) -> Vec<(VolumeId, String)> {
+        self.catalog
+            .iter()
+            .map(|r| (r.id, r.name.clone()))
+            .collect()
     }
 
     /// Name -> id (errors with `NoSuchVolume`).

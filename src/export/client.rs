@@ -323,7 +323,13 @@ pub fn mount(
     let dev = attach(pool, name, opts.read_only)?;
     let mut guard = AttachGuard(Some(dev.clone()));
     match opts.mkfs {
-        Some(Mkfs::Ext4) => sys::run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev))?,
+        Some(Mkfs::Ext4) => sys::run(
+            // Initialise inode tables and journal now: ext4's lazy init would
+            // otherwise write them after mount, into every later clone too.
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                .arg(&dev),
+        )?,
         Some(Mkfs::Xfs) => sys::run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&dev))?,
         None => String::new(),
     };

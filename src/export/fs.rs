@@ -388,10 +388,7 @@ impl Filesystem for ThinFs {
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let vols = match self.sh.lock_pool().list() {
-            Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
-        };
+        let vols = self.sh.lock_pool().volume_names();
         let entries = [
             (ROOT, FileType::Directory, ".".to_string()),
             (ROOT, FileType::Directory, "..".to_string()),
@@ -399,7 +396,7 @@ impl Filesystem for ThinFs {
         .into_iter()
         .chain(
             vols.into_iter()
-                .map(|v| (v.id + 2, FileType::RegularFile, v.name)),
+                .map(|(id, name)| (id + 2, FileType::RegularFile, name)),
         );
         for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {

@@ -404,10 +404,7 @@ fn handle_line(sh: &Shared, line: &str) -> Reply {
 
 fn status(sh: &Shared) -> ServerStatus {
     let opens: Vec<(VolumeId, u32)> = sh.lock_opens().iter().map(|(k, v)| (*k, *v)).collect();
-    let names: HashMap<VolumeId, String> = match sh.lock_pool().list() {
-        Ok(v) => v.into_iter().map(|v| (v.id, v.name)).collect(),
-        Err(_) => HashMap::new(),
-    };
+    let names: HashMap<VolumeId, String> = sh.lock_pool().volume_names().into_iter().collect();
     let mut open: Vec<(String, u32)> = opens
         .into_iter()
         .map(|(id, n)| {

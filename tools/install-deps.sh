@@ -1,6 +1,7 @@
 #!/bin/sh
-# Host tools the export tests and tools/fio-export.sh use: losetup/mount
-# (util-linux), mkfs.ext4/e2fsck (e2fsprogs), mkfs.xfs (xfsprogs), fio.
+# Host tools the test suite uses: losetup/mount (util-linux), mkfs.ext4/e2fsck
+# (e2fsprogs), mkfs.xfs (xfsprogs), fio; umoci and skopeo for the image tests
+# (tools/install-image-tools.sh).
 # Idempotent and quiet: installs only what is missing (Debian/Ubuntu, as root).
 set -eu
 
@@ -15,7 +16,10 @@ have mkfs.xfs || need="$need xfsprogs"
 have fio || need="$need fio"
 have sha256sum || need="$need coreutils"
 
-[ -z "$need" ] && exit 0
+here=$(dirname "$0")
+if [ -z "$need" ]; then
+    exec "$here/install-image-tools.sh"
+fi
 # shellcheck disable=SC2086 # word splitting wanted
 need=$(printf '%s\n' $need | sort -u | tr '\n' ' ')
 if [ "$(id -u)" != 0 ]; then
@@ -26,3 +30,4 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $need >/dev/null
+exec "$here/install-image-tools.sh"

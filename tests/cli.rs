@@ -1038,7 +1038,7 @@ fn error_pool_in_use_by_another_process() {
         err.starts_with("thinpool: ") && err.lines().count() == 1,
         "{err}"
     );
-    assert!(err.contains("in use by another process"), "{err}");
+    assert!(err.contains("is in use by"), "{err}");
 
     writer
         .stdin

@@ -741,13 +741,54 @@ impl Pool {
         self.check_writable(id)?;
         self.check_range(id, offset, data.len() as u64)?;
         let bs = self.block_size as u64;
+        // Bytes that go straight from `data` to the file, merged into runs
+        // that are contiguous in both: (file offset, data start, length).
+        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
         let mut pos = 0usize;
-        while pos < data.len() {
-            let at = offset + pos as u64;
-            let (vb, within) = (at / bs, (at % bs) as usize);
-            let n = (bs as usize - within).min(data.len() - pos);
-            self.retry_on_full(|p| p.write_block(id, vb, within, &data[pos..pos + n]))?;
-            pos += n;
+        let result = (|| {
+            while pos < data.len() {
+                let at = offset + pos as u64;
+                let (vb, within) = (at / bs, (at % bs) as usize);
+                let n = (bs as usize - within).min(data.len() - pos);
+                let chunk = &data[pos..pos + n];
+                let placed = match self.place_block(id, vb, within, chunk) {
+                    // Frees may be waiting for a commit: write what is placed,
+                    // commit, and try once more before reporting ENOSPC.
+                    Err(Error::NoSpace) if self.space.has_pending() => {
+                        self.write_runs(data, &mut runs)?;
+                        self.commit()?;
+                        self.place_block(id, vb, within, chunk)?
+                    }
+                    r => r?,
+                };
+                if let Some(phys) = placed {
+                    match runs.last_mut() {
+                        Some((o, start, len))
+                            if *o + *len as u64 == phys && *start + *len == pos =>
+                        {
+                            *len += n
+                        }
+                        _ => runs.push((phys, pos, n)),
+                    }
+                }
+                pos += n;
+            }
+            Ok(())
+        })();
+        // Blocks already mapped must get their data whatever happened after.
+        self.write_runs(data, &mut runs)?;
+        result
+    }
+
+    /// Write the planned runs. The maps already point at these blocks, so an
+    /// I/O error here leaves the open transaction unusable: fail the pool
+    /// back to its last commit rather than expose stale block contents.
+    fn write_runs(&mut self, data: &[u8], runs: &mut Vec<(u64, usize, usize)>) -> Result<()> {
+        for (o, start, len) in runs.drain(..) {
+            if let Err(e) = self.storage.write_at(&data[start..start + len], o) {
+                self.failed = Some(format!("data write failed: {e}"));
+                return Err(e.into());
+            }
         }
         Ok(())
     }
@@ -764,7 +805,17 @@ impl Pool {
         }
     }
 
-    fn write_block(&mut self, id: VolumeId, vb: u64, within: usize, chunk: &[u8]) -> Result<()> {
+    /// Map `chunk` of virtual block `vb` to a block this volume may write.
+    /// Returns the file offset where `chunk` goes when it can be written
+    /// as is (in place, or a whole new block); a partial write to a block
+    /// that must be copied is merged and written here, returning None.
+    fn place_block(
+        &mut self,
+        id: VolumeId,
+        vb: u64,
+        within: usize,
+        chunk: &[u8],
+    ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
         let fanout = self.nodes.fanout();
         let rec = self.catalog.get(id)?;
@@ -778,33 +829,34 @@ impl Pool {
         let old = self.nodes.get_mut(leaf)?[s];
         self.data_dirty = true;
         if old != 0 && self.space.can_overwrite(old) {
-            self.storage
-                .write_at(chunk, old * bs as u64 + within as u64)?;
-            return Ok(());
+            return Ok(Some(old * bs as u64 + within as u64));
         }
         let new = self.space.alloc(Kind::Data, Budget::Write)?;
-        let written = if chunk.len() == bs {
+        let placed = if chunk.len() == bs {
             // A whole block needs no read of the old one.
-            self.storage.write_at(chunk, new * bs as u64)
+            Some(new * bs as u64)
         } else {
             let mut buf = vec![0u8; bs];
-            if old != 0 {
-                self.storage.read_at(&mut buf, old * bs as u64)?;
+            let merged = (|| {
+                if old != 0 {
+                    self.storage.read_at(&mut buf, old * bs as u64)?;
+                }
+                buf[within..within + chunk.len()].copy_from_slice(chunk);
+                self.storage.write_at(&buf, new * bs as u64)
+            })();
+            if let Err(e) = merged {
+                self.space.dec(new, Kind::Data)?;
+                return Err(e.into());
             }
-            buf[within..within + chunk.len()].copy_from_slice(chunk);
-            self.storage.write_at(&buf, new * bs as u64)
+            None
         };
-        if let Err(e) = written {
-            self.space.dec(new, Kind::Data)?;
-            return Err(e.into());
-        }
         self.nodes.get_mut(leaf)?[s] = new;
         if old != 0 {
             self.space.dec(old, Kind::Data)?;
         } else {
             self.catalog.get_mut(id)?.mapped_blocks += 1;
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// Unmap whole blocks in the range (dropping references); zero the partial rest.

@@ -48,6 +48,10 @@ pub struct SpaceMap {
     was_shared: HashSet<u64>,
     /// Count reached zero in this transaction; free after the commit.
     pending: Vec<u64>,
+    /// The data blocks among `pending`: their space goes back to the host.
+    /// Metadata pages are freed by every commit's shadowing and taken again
+    /// soon after, so punching them would only make the host reallocate.
+    pending_data: Vec<u64>,
     /// Refcount pages (index into the persistent array) changed in this transaction.
     dirty_pages: BTreeSet<usize>,
     per_page: usize,
@@ -80,6 +84,7 @@ impl SpaceMap {
             txn_new: bitvec![u64, Lsb0; 0; n],
             was_shared: HashSet::new(),
             pending: Vec::new(),
+            pending_data: Vec::new(),
             dirty_pages: BTreeSet::new(),
             per_page,
             reserved,
@@ -223,6 +228,9 @@ impl SpaceMap {
             self.release(b);
         } else {
             self.pending.push(b);
+            if kind == Kind::Data {
+                self.pending_data.push(b);
+            }
         }
         Ok(true)
     }
@@ -234,16 +242,15 @@ impl SpaceMap {
     }
 
     /// After a successful commit: the deferred frees become free. Returns
-    /// them so the caller can give their space back to the host.
+    /// the data blocks among them, whose space the caller gives back to the host.
     pub fn end_transaction(&mut self) -> Vec<u64> {
-        let pending = std::mem::take(&mut self.pending);
-        for &b in &pending {
+        for b in std::mem::take(&mut self.pending) {
             self.release(b);
         }
         self.txn_new.fill(false);
         self.was_shared.clear();
         self.dirty_pages.clear();
-        pending
+        std::mem::take(&mut self.pending_data)
     }
 
     /// Grow the pool to `total` blocks.

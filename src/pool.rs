@@ -817,15 +817,10 @@ impl Pool {
         chunk: &[u8],
     ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
-        let fanout = self.nodes.fanout();
-        let rec = self.catalog.get(id)?;
-        let (mut root, depth) = (rec.root, rec.depth);
-        let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, true);
-        if root != self.catalog.get(id)?.root {
-            self.catalog.get_mut(id)?.root = root;
-        }
-        let leaf = leaf?.expect("create=true always yields a leaf");
-        let s = map::slot(vb, 0, fanout);
+        let leaf = self
+            .leaf_for_update(id, vb, true)?
+            .expect("create=true always yields a leaf");
+        let s = map::slot(vb, 0, self.nodes.fanout());
         let old = self.nodes.get_mut(leaf)?[s];
         self.data_dirty = true;
         if old != 0 && self.space.can_overwrite(old) {
@@ -903,16 +898,23 @@ impl Pool {
         self.write(id, offset, &zeros)
     }
 
-    fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
-        let fanout = self.nodes.fanout();
+    /// Shadow the path to `vb` in volume `id` (see `Ctx::leaf_for_update`),
+    /// recording a new root even if shadowing failed half way.
+    fn leaf_for_update(&mut self, id: VolumeId, vb: u64, create: bool) -> Result<Option<u64>> {
         let rec = self.catalog.get(id)?;
         let (mut root, depth) = (rec.root, rec.depth);
-        let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, false);
+        let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, create);
         if root != self.catalog.get(id)?.root {
             self.catalog.get_mut(id)?.root = root;
         }
-        let Some(leaf) = leaf? else { return Ok(()) };
-        let s = map::slot(vb, 0, fanout);
+        leaf
+    }
+
+    fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+        let Some(leaf) = self.leaf_for_update(id, vb, false)? else {
+            return Ok(());
+        };
+        let s = map::slot(vb, 0, self.nodes.fanout());
         let old = std::mem::take(&mut self.nodes.get_mut(leaf)?[s]);
         if old != 0 {
             self.space.dec(old, Kind::Data)?;

@@ -140,29 +140,13 @@ impl PagedArray {
     pub fn shadow(&mut self, dirty: &BTreeSet<usize>, space: &mut SpaceMap) -> Result<bool> {
         let mut changed = false;
         for &p in dirty {
-            let loc = self.pages[p];
-            if loc != 0 && space.is_txn_new(loc) {
-                continue;
+            if relocate(&mut self.pages[p], space)? {
+                self.dirty_index.insert(p / self.per_index);
+                changed = true;
             }
-            let new = space.alloc(Kind::Meta, Budget::Commit)?;
-            if loc != 0 {
-                space.dec(loc, Kind::Meta)?;
-            }
-            self.pages[p] = new;
-            self.dirty_index.insert(p / self.per_index);
-            changed = true;
         }
         for &i in &self.dirty_index {
-            let loc = self.index[i];
-            if loc != 0 && space.is_txn_new(loc) {
-                continue;
-            }
-            let new = space.alloc(Kind::Meta, Budget::Commit)?;
-            if loc != 0 {
-                space.dec(loc, Kind::Meta)?;
-            }
-            self.index[i] = new;
-            changed = true;
+            changed |= relocate(&mut self.index[i], space)?;
         }
         Ok(changed)
     }
@@ -221,6 +205,19 @@ impl PagedArray {
         storage.write_at(buf, loc * self.block_size as u64)?;
         Ok(())
     }
+}
+
+/// Move a page the last commit may use to a fresh block (true if moved).
+fn relocate(loc: &mut u64, space: &mut SpaceMap) -> Result<bool> {
+    if *loc != 0 && space.is_txn_new(*loc) {
+        return Ok(false);
+    }
+    let new = space.alloc(Kind::Meta, Budget::Commit)?;
+    if *loc != 0 {
+        space.dec(*loc, Kind::Meta)?;
+    }
+    *loc = new;
+    Ok(true)
 }
 
 /// Read and validate one metadata page.

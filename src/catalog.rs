@@ -64,6 +64,7 @@ impl Catalog {
         index: &[u64],
         storage: &dyn Storage,
         total_blocks: u64,
+        generation: u64,
     ) -> Result<Catalog> {
         let per_page = (block_size as usize - crate::format::PAGE_HEADER_SIZE) / RECORD_SIZE;
         let n_slots = usize::try_from(n_slots).map_err(|_| Error::corrupt("catalog size"))?;
@@ -80,6 +81,7 @@ impl Catalog {
             index,
             storage,
             total_blocks,
+            generation,
             |page, bytes| {
                 for j in 0..per_page {
                     let slot = page * per_page + j;

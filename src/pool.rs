@@ -279,7 +279,7 @@ impl Pool {
             space: SpaceMap::new(total, reserved, per_rc),
             rc_layout,
             catalog: Catalog::new(bs)?,
-            nodes: Nodes::new(bs, total, reserved),
+            nodes: Nodes::new(bs, total, reserved, 0),
             block_size: bs,
             data_dirty: false,
             failed: None,
@@ -331,6 +331,7 @@ impl Pool {
             &sb.rc_index,
             &*storage,
             total,
+            sb.generation,
             |page, bytes| {
                 let first = page * per_rc;
                 let n = per_rc.min(rc.len() - first);
@@ -354,7 +355,14 @@ impl Pool {
             )));
         }
         let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
-        let catalog = Catalog::load(bs, sb.catalog_slots, &sb.cat_index, &*storage, total)?;
+        let catalog = Catalog::load(
+            bs,
+            sb.catalog_slots,
+            &sb.cat_index,
+            &*storage,
+            total,
+            sb.generation,
+        )?;
         let fanout = format::pointers_per_page(bs);
         for r in catalog.iter() {
             let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
@@ -375,6 +383,7 @@ impl Pool {
                 )));
             }
         }
+        let committed = sb.generation;
         let mut pool = Pool {
             path: path.to_path_buf(),
             storage,
@@ -382,7 +391,7 @@ impl Pool {
             space,
             rc_layout,
             catalog,
-            nodes: Nodes::new(bs, total, reserved),
+            nodes: Nodes::new(bs, total, reserved, committed),
             block_size: bs,
             data_dirty: false,
             failed: None,
@@ -1018,6 +1027,7 @@ impl Pool {
         self.storage.write_at(&sb.encode(), slot)?;
         self.storage.sync()?;
         self.sb = sb;
+        self.nodes.set_generation(generation);
         Ok(())
     }
 

@@ -20,13 +20,15 @@ pub struct Nodes {
     fanout: usize,
     total_blocks: u64,
     first_block: u64,
+    /// Generation of the last commit: a page written later is not part of it.
+    generation: u64,
     cache: HashMap<u64, Node>,
     dirty: HashSet<u64>,
     max_cached: usize,
 }
 
 impl Nodes {
-    pub fn new(block_size: u32, total_blocks: u64, first_block: u64) -> Nodes {
+    pub fn new(block_size: u32, total_blocks: u64, first_block: u64, generation: u64) -> Nodes {
         let fanout = crate::format::pointers_per_page(block_size);
         // Keep roughly 256 MiB of clean nodes.
         let max_cached = ((256usize << 20) / block_size as usize).max(64);
@@ -35,6 +37,7 @@ impl Nodes {
             fanout,
             total_blocks,
             first_block,
+            generation,
             cache: HashMap::new(),
             dirty: HashSet::new(),
             max_cached,
@@ -43,6 +46,11 @@ impl Nodes {
 
     pub fn fanout(&self) -> usize {
         self.fanout
+    }
+
+    /// The last commit's generation (after each commit).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
     }
 
     pub fn set_total_blocks(&mut self, total: u64) {
@@ -116,6 +124,7 @@ impl Nodes {
             node,
             PageType::MapNode,
             self.total_blocks,
+            self.generation,
         )?;
         if h.level != level {
             return Err(Error::corrupt(format!(

@@ -95,6 +95,7 @@ impl PagedArray {
         index_ptrs: &[u64],
         storage: &dyn Storage,
         total_blocks: u64,
+        generation: u64,
         mut load: impl FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<PagedArray> {
         let a = &mut self;
@@ -108,7 +109,14 @@ impl PagedArray {
         }
         let mut buf = vec![0u8; a.block_size];
         for (i, &ip) in index_ptrs.iter().enumerate() {
-            read_page(storage, &mut buf, ip, PageType::Index, total_blocks)?;
+            read_page(
+                storage,
+                &mut buf,
+                ip,
+                PageType::Index,
+                total_blocks,
+                generation,
+            )?;
             let first = i * a.per_index;
             let n = a.per_index.min(n_pages - first);
             for j in 0..n {
@@ -128,7 +136,7 @@ impl PagedArray {
             if p == 0 {
                 continue;
             }
-            read_page(storage, &mut buf, p, kind, total_blocks)?;
+            read_page(storage, &mut buf, p, kind, total_blocks, generation)?;
             load(i, &buf[PAGE_HEADER_SIZE..])?;
         }
         Ok(self)
@@ -227,6 +235,7 @@ pub fn read_page(
     loc: u64,
     kind: PageType,
     total: u64,
+    max_generation: u64,
 ) -> Result<PageHeader> {
     if loc == 0 || loc >= total {
         return Err(Error::corrupt(format!(
@@ -244,5 +253,15 @@ pub fn read_page(
             Error::Io(e)
         }
     })?;
-    decode_page(buf, kind, loc).map_err(Error::Corrupt)
+    let h = decode_page(buf, kind, loc).map_err(Error::Corrupt)?;
+    // A valid page from a later, unfinished commit can sit where an older
+    // commit's page was (freed pages are reused): it is not this commit's.
+    if h.generation > max_generation {
+        return Err(Error::corrupt(format!(
+            "{} at block {loc} was written by generation {}, after the commit being read ({max_generation})",
+            kind.name(),
+            h.generation
+        )));
+    }
+    Ok(h)
 }

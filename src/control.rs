@@ -35,6 +35,14 @@ pub enum Request {
         name: String,
         size: u64,
     },
+    /// Grow the pool's maximum size.
+    GrowPool {
+        size: u64,
+    },
+    /// Set the low-water mark (percent of the pool that must stay free).
+    SetLowWater {
+        pct: u32,
+    },
     Flush,
     /// Run the checker (metadata only) and return its report.
     Check,
@@ -80,6 +88,14 @@ pub fn execute(pool: &mut Pool, req: Request) -> Result<Response> {
             Response::Ok
         }
         Request::Check => Response::Check(pool.check()?),
+        Request::GrowPool { size } => {
+            pool.grow(size)?;
+            Response::Info(pool.info()?)
+        }
+        Request::SetLowWater { pct } => {
+            pool.set_low_water(pct)?;
+            Response::Info(pool.info()?)
+        }
         Request::Flush => {
             pool.commit()?;
             Response::Ok

@@ -82,7 +82,15 @@ pub struct PoolInfo {
     pub data_free_bytes: u64,
     pub metadata_used_bytes: u64,
     pub volumes: usize,
+    /// Warn when free space falls below this percentage of the pool
+    /// (dm-thin's low-water mark).
+    pub low_water_pct: u32,
+    /// Free space is below the low-water mark.
+    pub low_space: bool,
 }
+
+/// Low-water mark of a pool created without one.
+pub const DEFAULT_LOW_WATER_PCT: u32 = 10;
 
 /// Largest virtual size of a volume.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
@@ -102,6 +110,8 @@ pub struct Pool {
     /// Set when a commit failed half way: memory no longer matches the file,
     /// so nothing more is done until the pool is reopened (at its last commit).
     failed: Option<String>,
+    /// Opened for inspection (shared lock): nothing may change.
+    read_only: bool,
 }
 
 fn now() -> u64 {
@@ -143,8 +153,13 @@ fn uuid_string(u: &[u8; 16]) -> String {
 
 /// Take the pool's owner lock: one process writes a pool at a time.
 pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    lock(file, path, libc::LOCK_EX)
+}
+
+/// Take the pool's owner lock: exclusive to write, shared to inspect.
+fn lock(file: &File, path: &Path, how: libc::c_int) -> Result<()> {
     // SAFETY: flock on an fd we own.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
     if r == 0 {
         return Ok(());
     }
@@ -283,9 +298,25 @@ impl Pool {
             block_size: bs,
             data_dirty: false,
             failed: None,
+            read_only: false,
         };
         pool.update_reserve();
         pool.commit_inner(true)?;
+        Ok(pool)
+    }
+
+    /// Open for inspection only (info, list, check): a shared lock, so
+    /// several readers may look at an unserved pool at once; nothing changes.
+    pub fn open_read_only(path: &Path) -> Result<Pool> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
+        }
+        lock(&file, path, libc::LOCK_SH)?;
+        let mut pool = Pool::open_with(Box::new(FileStorage::new(file)), path)?;
+        pool.read_only = true;
         Ok(pool)
     }
 
@@ -395,6 +426,7 @@ impl Pool {
             block_size: bs,
             data_dirty: false,
             failed: None,
+            read_only: false,
         };
         pool.update_reserve();
         Ok(pool)
@@ -500,7 +532,75 @@ impl Pool {
             data_free_bytes: (usable - used) * bs,
             metadata_used_bytes: (meta + self.space.reserved()) * bs,
             volumes: self.catalog.len(),
+            low_water_pct: self.low_water_pct(),
+            low_space: (usable - used) * 100 < usable * self.low_water_pct() as u64,
         })
+    }
+
+    fn low_water_pct(&self) -> u32 {
+        match self.sb.low_water_pct {
+            0 => DEFAULT_LOW_WATER_PCT,
+            p => p,
+        }
+    }
+
+    /// Set the low-water mark: `info` warns when free space falls below
+    /// `pct` percent of the pool (commits).
+    pub fn set_low_water(&mut self, pct: u32) -> Result<()> {
+        self.check_mutable()?;
+        if !(1..=99).contains(&pct) {
+            return Err(Error::InvalidArgument(format!(
+                "low-water mark must be from 1% to 99%, not {pct}%"
+            )));
+        }
+        self.sb.low_water_pct = pct;
+        self.commit_inner(true)
+    }
+
+    /// Grow the pool's maximum size to `size` bytes (commits). The file is
+    /// sparse, so this costs only the larger refcount table.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        self.check_mutable()?;
+        let bs = self.block_size as u64;
+        let total = size / bs;
+        let old = self.space.total();
+        if total < old {
+            return Err(Error::InvalidArgument(format!(
+                "the pool is {}; shrinking a pool is not supported",
+                crate::size::format_size(old * bs)
+            )));
+        }
+        if total == old {
+            return Ok(());
+        }
+        if usize::try_from(total).is_err() {
+            return Err(Error::InvalidArgument("pool size too large".into()));
+        }
+        let pages = (total as usize).div_ceil(refcounts_per_page(self.block_size));
+        self.rc_layout.resize(pages).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{} is too large for a pool of {} blocks",
+                crate::size::format_size(size),
+                crate::size::format_size(bs)
+            ))
+        })?;
+        self.space.grow(total);
+        self.sb.total_blocks = total;
+        self.nodes.set_total_blocks(total);
+        self.update_reserve();
+        self.commit_inner(true)
+    }
+
+    /// Refuse to change a pool opened for inspection only.
+    fn check_mutable(&self) -> Result<()> {
+        self.check_ok()?;
+        if self.read_only {
+            return Err(Error::InvalidArgument(format!(
+                "pool {} is open read-only",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     fn record_info(&mut self, r: &VolumeRecord) -> Result<VolumeInfo> {
@@ -566,7 +666,7 @@ impl Pool {
 
     /// Create an empty thin volume of `size` bytes (commits).
     pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeId> {
-        self.check_ok()?;
+        self.check_mutable()?;
         validate_name(name)?;
         if size == 0 || size > MAX_VOLUME_SIZE {
             return Err(Error::InvalidArgument(format!(
@@ -595,7 +695,7 @@ impl Pool {
 
     /// O(1) snapshot (`writable == false`) or clone (`true`) of `source` (commits).
     pub fn snapshot(&mut self, source: &str, name: &str, writable: bool) -> Result<VolumeId> {
-        self.check_ok()?;
+        self.check_mutable()?;
         validate_name(name)?;
         if self.catalog.id_of(name).is_ok() {
             return Err(Error::VolumeExists(name.to_string()));
@@ -625,7 +725,7 @@ impl Pool {
 
     /// Remove a volume, freeing blocks only it held (commits).
     pub fn remove_volume(&mut self, name: &str) -> Result<()> {
-        self.check_ok()?;
+        self.check_mutable()?;
         let id = self.catalog.id_of(name)?;
         let rec = self.catalog.remove(id)?;
         if rec.root != 0 {
@@ -635,14 +735,14 @@ impl Pool {
     }
 
     pub fn rename_volume(&mut self, old: &str, new: &str) -> Result<()> {
-        self.check_ok()?;
+        self.check_mutable()?;
         self.catalog.rename(old, new)?;
         self.commit()
     }
 
     /// Grow a volume's virtual size (commits).
     pub fn resize_volume(&mut self, name: &str, size: u64) -> Result<()> {
-        self.check_ok()?;
+        self.check_mutable()?;
         let id = self.catalog.id_of(name)?;
         let rec = self.catalog.get(id)?.clone();
         if rec.read_only {
@@ -746,7 +846,7 @@ impl Pool {
 
     /// Write at `offset`, copying shared blocks on first write.
     pub fn write(&mut self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_ok()?;
+        self.check_mutable()?;
         self.check_writable(id)?;
         self.check_range(id, offset, data.len() as u64)?;
         let bs = self.block_size as u64;
@@ -865,7 +965,7 @@ impl Pool {
 
     /// Unmap whole blocks in the range (dropping references); zero the partial rest.
     pub fn discard(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
-        self.check_ok()?;
+        self.check_mutable()?;
         self.check_writable(id)?;
         self.check_range(id, offset, len)?;
         if len == 0 {
@@ -967,6 +1067,12 @@ impl Pool {
         let meta_dirty = self.nodes.has_dirty()
             || !self.space.dirty_pages().is_empty()
             || !self.catalog.dirty_pages().is_empty();
+        if self.read_only {
+            if meta_dirty || force || self.data_dirty {
+                return Err(Error::InvalidArgument("pool is open read-only".into()));
+            }
+            return Ok(());
+        }
         if !meta_dirty && !force {
             if self.data_dirty {
                 self.storage.sync()?;

@@ -578,6 +578,70 @@ fn resize_grows_a_volume() {
 }
 
 #[test]
+fn resize_without_a_name_grows_the_pool_and_set_changes_the_low_water_mark() {
+    let e = Env::new("1G");
+    ok(&[s("resize"), e.p(), s("--size"), s("4G")]);
+    let info = ok_json(&[s("info"), e.p(), s("--json")]);
+    assert_eq!(u(&info, "size"), 4 << 30);
+    assert_eq!(u(&info, "low_water_pct"), 10);
+    fails(
+        &[s("resize"), e.p(), s("--size"), s("1G")],
+        1,
+        &["shrinking a pool is not supported"],
+    );
+    ok(&[s("set"), e.p(), s("--low-water"), s("25%")]);
+    assert_eq!(
+        u(&ok_json(&[s("info"), e.p(), s("--json")]), "low_water_pct"),
+        25
+    );
+    fails(
+        &[s("set"), e.p(), s("--low-water"), s("0")],
+        2,
+        &["percentage"],
+    );
+    ok(&[s("check"), e.p()]);
+}
+
+#[test]
+fn create_sets_the_low_water_mark_and_info_warns_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("p.pool");
+    let p = pool.to_str().unwrap().to_string();
+    ok(&[
+        s("create"),
+        p.clone(),
+        s("--size"),
+        s("8M"),
+        s("--block-size"),
+        s("4K"),
+        s("--low-water"),
+        s("50"),
+    ]);
+    ok(&[
+        s("volume"),
+        s("create"),
+        p.clone(),
+        s("v"),
+        s("--size"),
+        s("8M"),
+    ]);
+    let data = dir.path().join("d");
+    std::fs::write(&data, vec![7u8; 5 << 20]).unwrap();
+    ok(&[
+        s("write"),
+        p.clone(),
+        s("v"),
+        s("--offset"),
+        s("0"),
+        data.to_str().unwrap().to_string(),
+    ]);
+    let text = ok_text(&[s("info"), p.clone()]);
+    assert!(text.contains("low-water mark 50%"), "{text}");
+    let info = ok_json(&[s("info"), p, s("--json")]);
+    assert_eq!(info["low_space"], Value::Bool(true));
+}
+
+#[test]
 fn write_and_read_at_offsets() {
     let e = Env::new("1G");
     e.volume("v", "8M");

@@ -140,6 +140,56 @@ fn full_pool_is_enospc_and_recovers_after_free() {
 }
 
 #[test]
+fn low_water_grow_and_read_only_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.pool");
+    let mut p = Pool::create(
+        &path,
+        &CreateOptions {
+            size: 8 * MIB,
+            block_size: 4096,
+        },
+    )
+    .unwrap();
+    let v = p.create_volume("v", 64 * MIB).unwrap();
+    let i = p.info().unwrap();
+    assert_eq!((i.low_water_pct, i.low_space), (10, false));
+    p.write(v, 0, &vec![1; (7 * MIB + MIB / 2) as usize]).unwrap();
+    assert!(
+        p.info().unwrap().low_space,
+        "7.5 of 8 MiB used is below a 10% low-water mark"
+    );
+    p.set_low_water(5).unwrap();
+    assert!(p.set_low_water(0).is_err());
+    assert!(!p.info().unwrap().low_space, "about 6% free is above 5%");
+    // Grow the pool: writes that did not fit now do.
+    assert!(matches!(
+        p.write(v, 8 * MIB, &vec![2; 4 * MIB as usize]),
+        Err(Error::NoSpace)
+    ));
+    p.grow(64 * MIB).unwrap();
+    assert!(matches!(p.grow(MIB), Err(Error::InvalidArgument(_))));
+    p.write(v, 8 * MIB, &vec![2; 4 * MIB as usize]).unwrap();
+    let i = p.info().unwrap();
+    assert_eq!((i.size, i.low_water_pct, i.low_space), (64 * MIB, 5, false));
+    assert_clean(&mut p);
+    drop(p);
+    // Inspection shares the lock; writers are refused while it is held.
+    let mut r1 = Pool::open_read_only(&path).unwrap();
+    let r2 = Pool::open_read_only(&path).unwrap();
+    assert!(matches!(Pool::open(&path), Err(Error::InUse(_))));
+    assert_eq!(r1.info().unwrap().size, 64 * MIB);
+    let mut b = vec![0u8; 4096];
+    r1.read(v, 10 * MIB, &mut b).unwrap();
+    assert_eq!(b, vec![2; 4096]);
+    assert!(r1.write(v, 0, b"x").is_err());
+    assert!(r1.create_volume("w", MIB).is_err());
+    assert!(r1.check().unwrap().is_clean());
+    drop((r1, r2));
+    Pool::open(&path).unwrap();
+}
+
+#[test]
 fn errors_are_typed() {
     let (_m, mut p) = mem_pool(16 * MIB, 4096);
     let v = p.create_volume("v", MIB).unwrap();

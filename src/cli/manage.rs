@@ -9,7 +9,7 @@ use thinpool::{CreateOptions, Pool};
 
 use super::{
     print, request, show, CreateArgs, InfoArgs, ListArgs, RemoveArgs, RenameArgs, ResizeArgs,
-    SnapshotArgs, VolumeCreateArgs,
+    SetArgs, SnapshotArgs, VolumeCreateArgs,
 };
 
 pub(crate) fn create(a: CreateArgs) -> Result<()> {
@@ -17,7 +17,7 @@ pub(crate) fn create(a: CreateArgs) -> Result<()> {
         size: a.size,
         block_size: a.block_size,
     };
-    Pool::create(&a.pool, &opts).map_err(|e| match e {
+    let mut pool = Pool::create(&a.pool, &opts).map_err(|e| match e {
         thinpool::Error::Io(io) if io.kind() == ErrorKind::AlreadyExists => anyhow!(
             "{}: file already exists; refusing to overwrite it (remove it or pick another path)",
             a.pool.display()
@@ -25,6 +25,14 @@ pub(crate) fn create(a: CreateArgs) -> Result<()> {
         thinpool::Error::Io(io) => anyhow!("{}: cannot create pool: {io}", a.pool.display()),
         other => other.into(),
     })?;
+    if a.low_water != thinpool::pool::DEFAULT_LOW_WATER_PCT {
+        pool.set_low_water(a.low_water)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn set(a: SetArgs) -> Result<()> {
+    request(&a.pool, Request::SetLowWater { pct: a.low_water })?;
     Ok(())
 }
 
@@ -93,12 +101,10 @@ pub(crate) fn rename(a: RenameArgs) -> Result<()> {
 }
 
 pub(crate) fn resize(a: ResizeArgs) -> Result<()> {
-    request(
-        &a.pool,
-        Request::Resize {
-            name: a.name,
-            size: a.size,
-        },
-    )?;
+    let req = match a.name {
+        Some(name) => Request::Resize { name, size: a.size },
+        None => Request::GrowPool { size: a.size },
+    };
+    request(&a.pool, req)?;
     Ok(())
 }

@@ -99,8 +99,13 @@ enum Command {
     Remove(RemoveArgs),
     /// Rename a volume
     Rename(RenameArgs),
-    /// Grow a volume's virtual size (no space is used until written)
+    /// Grow a volume's virtual size, or without NAME the pool's maximum size
+    ///
+    /// Neither uses space until blocks are written: volumes and the pool file
+    /// are sparse. Nothing shrinks.
     Resize(ResizeArgs),
+    /// Change pool settings: the low-water mark
+    Set(SetArgs),
     /// Write bytes from FILE (or stdin) into a volume at an offset
     Write(WriteArgs),
     /// Copy bytes of a volume to stdout
@@ -143,6 +148,25 @@ enum VolumeCommand {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct SetArgs {
+    /// Pool file
+    pub pool: PathBuf,
+    /// Warn (in `info`) when less than this share of the pool is free,
+    /// e.g. 10 or 10% (dm-thin's low-water mark)
+    #[arg(long, value_parser = percent_arg)]
+    pub low_water: u32,
+}
+
+fn percent_arg(s: &str) -> Result<u32, String> {
+    s.trim()
+        .trim_end_matches('%')
+        .parse::<u32>()
+        .ok()
+        .filter(|p| (1..=99).contains(p))
+        .ok_or_else(|| format!("'{s}' is not a percentage from 1 to 99"))
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct CreateArgs {
     /// Path of the new pool file (must not exist)
     pub pool: PathBuf,
@@ -155,6 +179,9 @@ pub(crate) struct CreateArgs {
     /// make the map smaller and sequential I/O faster. Fixed at creation
     #[arg(long, value_parser = block_size_arg, default_value = "64K")]
     pub block_size: u32,
+    /// Warn (in `info`) when less than this share of the pool is free
+    #[arg(long, value_parser = percent_arg, default_value = "10%")]
+    pub low_water: u32,
 }
 
 #[derive(Args, Debug)]
@@ -230,9 +257,9 @@ pub(crate) struct RenameArgs {
 pub(crate) struct ResizeArgs {
     /// Pool file
     pub pool: PathBuf,
-    /// Volume to grow
-    pub name: String,
-    /// New virtual size, e.g. 20G; volumes only grow
+    /// Volume to grow; without it, the pool itself grows
+    pub name: Option<String>,
+    /// New size, e.g. 20G; volumes and pools only grow
     #[arg(long, value_parser = size_arg)]
     pub size: u64,
 }
@@ -338,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Remove(a) => manage::remove(a),
         Command::Rename(a) => manage::rename(a),
         Command::Resize(a) => manage::resize(a),
+        Command::Set(a) => manage::set(a),
         Command::Write(a) => data::write(a),
         Command::Read(a) => data::read(a),
         Command::Import(a) => image::import(a),
@@ -402,7 +430,11 @@ pub(crate) fn print(text: &str) -> Result<()> {
 /// Open a pool file, turning "file missing" and friends into a message that
 /// names the file. Library errors already name it, so they pass through.
 pub(crate) fn open_pool(path: &Path) -> Result<Pool> {
-    Pool::open(path).map_err(|e| match e {
+    open_pool_with(path, Pool::open)
+}
+
+fn open_pool_with(path: &Path, open: fn(&Path) -> thinpool::Result<Pool>) -> Result<Pool> {
+    open(path).map_err(|e| match e {
         thinpool::Error::Io(io) if io.kind() == ErrorKind::NotFound => {
             anyhow!("{}: no such pool file", path.display())
         }
@@ -417,7 +449,13 @@ pub(crate) fn request(pool: &Path, req: Request) -> Result<Response> {
     if let Some(answer) = thinpool::export::control::request(pool, &req) {
         return Ok(answer?);
     }
-    let mut p = open_pool(pool)?;
+    // Inspection shares the lock with other readers; changes take it alone.
+    let mut p = match req {
+        Request::Info | Request::List | Request::Check => {
+            open_pool_with(pool, Pool::open_read_only)?
+        }
+        _ => open_pool(pool)?,
+    };
     Ok(control::execute(&mut p, req)?)
 }
 

@@ -7,10 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use thinpool::size::format_size;
 use thinpool::{PoolInfo, VolumeInfo};
 
-/// Warn when free data space drops below this share of the pool: dm-thin's
-/// low-water mark, and the pool's default one.
-const LOW_WATER_PCT: f64 = 10.0;
-
 pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -71,11 +67,13 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
     for (k, v) in rows {
         let _ = writeln!(out, "{:<11} {v}", format!("{k}:"));
     }
-    if free_pct < LOW_WATER_PCT {
+    if i.low_space {
         let _ = writeln!(
             out,
-            "warning: only {free_pct:.1}% of the pool is free; remove volumes or discard data \
-             before writes fail"
+            "warning: only {free_pct:.1}% of the pool is free (low-water mark {}%); remove \
+             volumes, discard data or grow the pool (`thinpool resize POOL --size`) before \
+             writes fail",
+            i.low_water_pct
         );
     }
     out
@@ -233,12 +231,17 @@ mod tests {
             data_free_bytes: 900 << 20,
             metadata_used_bytes: 1 << 20,
             volumes: 2,
+            low_water_pct: 10,
+            low_space: false,
         };
         let s = pool_info(&i);
         assert!(s.contains("data used:  100M (10.0%)"), "{s}");
         assert!(!s.contains("warning"), "{s}");
         i.data_used_bytes = 950 << 20;
         i.data_free_bytes = 50 << 20;
-        assert!(pool_info(&i).contains("warning: only 5.0% of the pool is free"));
+        i.low_space = true;
+        assert!(
+            pool_info(&i).contains("warning: only 5.0% of the pool is free (low-water mark 10%)")
+        );
     }
 }

@@ -461,6 +461,112 @@ fn snapshots_under_a_busy_writer_are_consistent() {
     assert_no_leftovers(&env);
 }
 
+/// A full pool fails the write with an error the kernel passes up (ENOSPC
+/// through FUSE and the loop device), stays consistent, and takes writes
+/// again once space is freed.
+#[test]
+fn full_pool_fails_writes_cleanly_and_recovers() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("64M");
+    env.volume("big", "256M");
+    env.volume("other", "32M");
+    let other = env.attach("other", &[]);
+    sh(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={other}"),
+            "bs=1M",
+            "count=24",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    tp(&["detach", &other]);
+
+    let dev = env.attach("big", &[]);
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={dev}"),
+            "bs=1M",
+            "count=200",
+            "oflag=direct",
+            "status=none",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a 200 MiB write into a 64 MiB pool succeeded"
+    );
+    assert!(
+        err.contains("No space left") || err.contains("Input/output error"),
+        "dd failed with: {err}"
+    );
+    let check = run_tp(&["check", env.p()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        describe("check", &["check"], &check)
+    );
+
+    // Free space by removing the other volume: writes past the old end of
+    // what was written need new blocks, and now get them.
+    tp(&["remove", env.p(), "other"]);
+    let probe = env.dir("probe");
+    let data = probe.join("data");
+    sh(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", data.display()),
+            "bs=1M",
+            "count=8",
+            "status=none",
+        ],
+    );
+    sh(
+        "dd",
+        &[
+            &format!("if={}", data.display()),
+            &format!("of={dev}"),
+            "bs=1M",
+            "seek=240",
+            "oflag=direct",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    let back = Command::new("dd")
+        .args([
+            &format!("if={dev}"),
+            "bs=1M",
+            "skip=240",
+            "count=8",
+            "iflag=direct",
+            "status=none",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        back.stdout == fs::read(&data).unwrap(),
+        "data written after freeing space reads back wrong"
+    );
+    tp(&["detach", &dev]);
+    assert!(env.wait_no_server(Duration::from_secs(10)));
+    let check = run_tp(&["check", env.p()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        describe("check", &["check"], &check)
+    );
+    assert_no_leftovers(&env);
+}
+
 /// Deleting files and running fstrim gives the space back to the pool.
 #[test]
 fn fstrim_returns_space_to_the_pool() {

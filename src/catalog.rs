@@ -70,9 +70,12 @@ impl Catalog {
         let n_slots = usize::try_from(n_slots).map_err(|_| Error::corrupt("catalog size"))?;
         let n_pages = n_slots.div_ceil(per_page);
         let mut slots: Vec<Option<VolumeRecord>> = Vec::new();
-        if n_pages > per_page * crate::format::pointers_per_page(block_size) * CAT_INDEX_MAX {
+        // Check the table's shape before allocating for it.
+        let per_index = crate::format::pointers_per_page(block_size);
+        if n_pages > per_index * CAT_INDEX_MAX || index.len() != n_pages.div_ceil(per_index) {
             return Err(Error::corrupt(format!(
-                "catalog of {n_slots} slots is too large"
+                "catalog of {n_slots} slots does not match its {} index pages",
+                index.len()
             )));
         }
         slots.resize(n_slots, None);

@@ -197,6 +197,32 @@ fn lock_holder(file: &File) -> Option<u32> {
     })
 }
 
+/// The refcount table and two bitmaps live in memory (a little over 4 bytes a
+/// block): refuse a pool that could not fit instead of aborting on allocation
+/// (and a crafted superblock that claims such a pool).
+fn check_memory(total_blocks: u64, block_size: u32) -> Result<()> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let ram = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    let need = total_blocks.saturating_mul(4) + total_blocks / 4;
+    if ram > 0 && need > ram / 2 {
+        return Err(Error::InvalidArgument(format!(
+            "a pool of {} blocks of {} needs {} of memory for its refcounts; this machine has {} \
+             (use a larger block size)",
+            total_blocks,
+            crate::size::format_size(block_size as u64),
+            crate::size::format_size(need),
+            crate::size::format_size(ram)
+        )));
+    }
+    Ok(())
+}
+
 fn refcounts_per_page(block_size: u32) -> usize {
     (block_size as usize - PAGE_HEADER_SIZE) / 4
 }
@@ -259,6 +285,7 @@ impl Pool {
         if usize::try_from(total).is_err() {
             return Err(Error::InvalidArgument("pool size too large".into()));
         }
+        check_memory(total, bs)?;
         let per_rc = refcounts_per_page(bs);
         let rc_layout = PagedArray::new(
             PageType::Refcount,
@@ -356,6 +383,7 @@ impl Pool {
                 n_rc_pages.div_ceil(format::pointers_per_page(bs))
             )));
         }
+        check_memory(total, bs)?;
         rc.resize(total as usize, 0);
         let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
             n_rc_pages,
@@ -576,6 +604,7 @@ impl Pool {
         if usize::try_from(total).is_err() {
             return Err(Error::InvalidArgument("pool size too large".into()));
         }
+        check_memory(total, self.block_size)?;
         let pages = (total as usize).div_ceil(refcounts_per_page(self.block_size));
         self.rc_layout.resize(pages).map_err(|_| {
             Error::InvalidArgument(format!(
@@ -589,6 +618,15 @@ impl Pool {
         self.nodes.set_total_blocks(total);
         self.update_reserve();
         self.commit_inner(true)
+    }
+
+    /// Stop using this pool: memory may no longer match a consistent state
+    /// (a panic half way through a change). Nothing more is committed; the
+    /// pool reopens at its last commit.
+    pub fn fail(&mut self, why: &str) {
+        if self.failed.is_none() {
+            self.failed = Some(why.to_string());
+        }
     }
 
     /// Refuse to change a pool opened for inspection only.

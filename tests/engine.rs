@@ -154,7 +154,8 @@ fn low_water_grow_and_read_only_open() {
     let v = p.create_volume("v", 64 * MIB).unwrap();
     let i = p.info().unwrap();
     assert_eq!((i.low_water_pct, i.low_space), (10, false));
-    p.write(v, 0, &vec![1; (7 * MIB + MIB / 2) as usize]).unwrap();
+    p.write(v, 0, &vec![1; (7 * MIB + MIB / 2) as usize])
+        .unwrap();
     assert!(
         p.info().unwrap().low_space,
         "7.5 of 8 MiB used is below a 10% low-water mark"
@@ -187,6 +188,32 @@ fn low_water_grow_and_read_only_open() {
     assert!(r1.check().unwrap().is_clean());
     drop((r1, r2));
     Pool::open(&path).unwrap();
+}
+
+/// Growing a volume by several map levels on a full pool fails with ENOSPC
+/// and leaves nothing behind (no half-built levels, no leaked node).
+#[test]
+fn failed_multi_level_grow_leaks_nothing() {
+    let (_m, mut p) = mem_pool(2 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    let filler = p.create_volume("filler", 64 * MIB).unwrap();
+    p.write(v, 0, &[1; 4096]).unwrap();
+    let mut at = 0;
+    while p.write(filler, at, &[2; 4096]).is_ok() {
+        at += 4096;
+    }
+    p.commit().unwrap();
+    // Free exactly one block: room for one new level, not two.
+    p.discard(filler, 0, 4096).unwrap();
+    p.commit().unwrap();
+    let r = p.resize_volume("v", 3 << 30);
+    assert!(matches!(r, Err(Error::NoSpace)), "{r:?}");
+    p.commit().unwrap();
+    assert_clean(&mut p);
+    assert_eq!(p.volume_info("v").unwrap().virtual_size, MIB);
+    let mut b = [0u8; 4096];
+    p.read(v, 0, &mut b).unwrap();
+    assert_eq!(b, [1; 4096]);
 }
 
 #[test]

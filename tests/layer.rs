@@ -268,6 +268,29 @@ fn send_full_and_incremental_receive_bit_identical() {
     assert_clean(&mut b);
 }
 
+/// A receive that died (killed mid-stream) left its committed temporary
+/// volume behind; the next receive removes it. A live receiver's is kept.
+#[test]
+fn receive_removes_what_a_dead_receive_left_behind() {
+    let mut a = mem_pool(4096);
+    build_chain(&mut a);
+    let (full, _) = send(&mut a, "base", None);
+    let mut b = mem_pool(4096);
+    // PID 4194304 is above Linux's pid_max: no such process.
+    b.create_volume("receiving.4194304.1", MIB).unwrap();
+    write(&mut b, "receiving.4194304.1", 0, &pattern(MIB as usize, 9));
+    let live = format!("receiving.{}.1", std::process::id());
+    b.create_volume(&live, MIB).unwrap();
+    receive(&mut b, None, &full).unwrap();
+    let names: Vec<String> = b.list().unwrap().into_iter().map(|v| v.name).collect();
+    assert!(
+        !names.iter().any(|n| n == "receiving.4194304.1"),
+        "{names:?}"
+    );
+    assert!(names.contains(&live), "{names:?}");
+    assert_clean(&mut b);
+}
+
 #[test]
 fn damaged_streams_are_refused_and_leave_nothing_behind() {
     let mut a = mem_pool(4096);

@@ -55,9 +55,15 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn lock_pool(&self) -> MutexGuard<'_, Pool> {
-        // A panic in one request must not wedge the export: the pool's own
-        // state is transactional, so keep serving.
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+        // A panic in one request must not wedge the export, but it may have
+        // stopped half way through a change: fail the pool so that nothing
+        // half-done is committed; it reopens at its last commit.
+        self.pool.lock().unwrap_or_else(|p| {
+            let mut pool = p.into_inner();
+            pool.fail("a request panicked while holding the pool");
+            self.pool.clear_poison();
+            pool
+        })
     }
 
     fn lock_opens(&self) -> MutexGuard<'_, HashMap<VolumeId, u32>> {

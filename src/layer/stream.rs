@@ -423,6 +423,35 @@ fn read_records(
     }
 }
 
+/// Remove what a receive that died (killed, power cut) left behind: its
+/// temporary volume was committed, but its process is gone.
+fn remove_stale_receives(pool: &mut Pool) -> Result<()> {
+    let stale: Vec<String> = pool
+        .volume_names()
+        .into_iter()
+        .map(|(_, n)| n)
+        .filter(|n| {
+            let Some(pid) = n
+                .strip_prefix("receiving.")
+                .and_then(|r| r.split('.').next())
+            else {
+                return false;
+            };
+            let Ok(pid) = pid.parse::<i32>() else {
+                return false;
+            };
+            // SAFETY: signal 0 only checks that the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            pid != std::process::id() as i32 && !alive
+        })
+        .collect();
+    for n in stale {
+        pool.remove_volume(&n)?;
+    }
+    Ok(())
+}
+
 fn temp_name() -> String {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -445,6 +474,7 @@ pub fn receive(
     input: &mut dyn Read,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ReceiveReport> {
+    remove_stale_receives(pool)?;
     let mut r = HashReader {
         inp: input,
         h: Sha256::new(),

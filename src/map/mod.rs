@@ -163,10 +163,26 @@ impl Ctx<'_> {
     }
 
     /// Add levels on top until the tree has `new_depth` levels.
+    /// On failure (no space) the tree is left as it was.
     pub fn grow(&mut self, root: &mut u64, depth: &mut u8, new_depth: u8) -> Result<()> {
+        let (old_root, old_depth) = (*root, *depth);
         while *depth < new_depth {
             if *root != 0 {
-                let top = self.new_node(*depth)?;
+                let top = match self.new_node(*depth) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        // Undo the levels added so far: they are new in this
+                        // transaction, so dropping them frees them at once.
+                        while *root != old_root {
+                            let below = self.nodes.get_mut(*root)?[0];
+                            self.space.dec(*root, Kind::Meta)?;
+                            self.nodes.forget(*root);
+                            *root = below;
+                        }
+                        *depth = old_depth;
+                        return Err(e);
+                    }
+                };
                 // The old root moves under the new one: its one reference moves too.
                 self.nodes.get_mut(top)?[0] = *root;
                 *root = top;

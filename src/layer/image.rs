@@ -236,13 +236,7 @@ fn oci_layers(root: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>> {
     verify_file(&cpath, &parse_digest(cdigest)?)?;
     let ids = diff_ids(&read_json(&cpath)?, &cpath)?;
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
-    if layers.len() != ids.len() {
-        return Err(err(format!(
-            "manifest lists {} layers but the config {} diff_ids",
-            layers.len(),
-            ids.len()
-        )));
-    }
+    same_count("manifest", layers.len(), ids.len())?;
     layers
         .iter()
         .zip(ids)
@@ -265,6 +259,16 @@ fn oci_layers(root: &Path, tag: Option<&str>) -> Result<Vec<LayerBlob>> {
         .collect()
 }
 
+/// A manifest and its config must list the same number of layers.
+fn same_count(manifest: &str, layers: usize, diff_ids: usize) -> Result<()> {
+    if layers != diff_ids {
+        return Err(err(format!(
+            "{manifest} lists {layers} layers but the config {diff_ids} diff_ids"
+        )));
+    }
+    Ok(())
+}
+
 /// Layers of an unpacked `docker save` archive at `root`.
 fn docker_layers(root: &Path) -> Result<Vec<LayerBlob>> {
     let mpath = root.join("manifest.json");
@@ -279,13 +283,7 @@ fn docker_layers(root: &Path) -> Result<Vec<LayerBlob>> {
     let cpath = safe_join(root, Path::new(config))?;
     let ids = diff_ids(&read_json(&cpath)?, &cpath)?;
     let layers = entry["Layers"].as_array().cloned().unwrap_or_default();
-    if layers.len() != ids.len() {
-        return Err(err(format!(
-            "manifest.json lists {} layers but the config {} diff_ids",
-            layers.len(),
-            ids.len()
-        )));
-    }
+    same_count("manifest.json", layers.len(), ids.len())?;
     layers
         .iter()
         .zip(ids)

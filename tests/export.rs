@@ -567,6 +567,77 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
     assert_no_leftovers(&env);
 }
 
+/// Filling a pool through a mounted ext4: the writer gets an error (fsync
+/// fails with ENOSPC), the pool stays consistent, and once another volume is
+/// removed new writes succeed and the filesystem checks clean.
+#[test]
+fn full_pool_through_mounted_ext4() {
+    if !can_run() {
+        return;
+    }
+    let env = Env::new("64M");
+    env.volume("big", "256M");
+    env.volume("other", "32M");
+    let other = env.attach("other", &[]);
+    sh(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={other}"),
+            "bs=1M",
+            "count=24",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    tp(&["detach", &other]);
+
+    let m = env.dir("m");
+    env.mount("big", &m, &["--mkfs", "ext4"]);
+    let fill = m.join("fill");
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", fill.display()),
+            "bs=1M",
+            "count=200",
+            "conv=fsync",
+            "status=none",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "200 MiB fitted into a 64 MiB pool");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("No space left") || err.contains("Input/output error"),
+        "dd failed with: {err}"
+    );
+    let check = run_tp(&["check", env.p()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        describe("check", &["check"], &check)
+    );
+
+    tp(&["remove", env.p(), "other"]);
+    fs::remove_file(&fill).unwrap();
+    let sum = write_file(&m.join("after"), 3, 16 * MIB, true);
+    env.umount(&m);
+    let check = run_tp(&["check", env.p()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        describe("check", &["check"], &check)
+    );
+    let dev = env.attach("big", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    env.mount("big", &m, &["--read-only"]);
+    assert_eq!(sha256_file(&m.join("after")), sum);
+    env.umount(&m);
+    assert_no_leftovers(&env);
+}
+
 /// Deleting files and running fstrim gives the space back to the pool.
 #[test]
 fn fstrim_returns_space_to_the_pool() {

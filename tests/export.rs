@@ -638,6 +638,29 @@ fn full_pool_through_mounted_ext4() {
     assert_no_leftovers(&env);
 }
 
+/// A snapshot of a mounted xfs (taken frozen) mounts read-only beside its
+/// origin, whose UUID it shares, and holds what was written before it.
+#[test]
+fn live_xfs_snapshot_mounts_read_only_beside_its_origin() {
+    if !can_run() || Command::new("mkfs.xfs").arg("-V").output().is_err() {
+        return;
+    }
+    let env = Env::new("2G");
+    env.volume("x", "1G");
+    let m = env.dir("m");
+    env.mount("x", &m, &["--mkfs", "xfs"]);
+    let sum = write_file(&m.join("before"), 11, 8 * MIB, true);
+    tp(&["snapshot", env.p(), "x", "xs"]);
+    write_file(&m.join("after"), 12, MIB, true);
+    let m2 = env.dir("m2");
+    env.mount("xs", &m2, &["--read-only"]);
+    assert_eq!(sha256_file(&m2.join("before")), sum);
+    assert!(!m2.join("after").exists());
+    env.umount(&m2);
+    env.umount(&m);
+    assert_no_leftovers(&env);
+}
+
 /// Deleting files and running fstrim gives the space back to the pool.
 #[test]
 fn fstrim_returns_space_to_the_pool() {

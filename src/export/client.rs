@@ -333,16 +333,46 @@ pub fn mount(
         Some(Mkfs::Xfs) => sys::run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&dev))?,
         None => String::new(),
     };
-    let mut cmd = Command::new("mount");
-    if opts.read_only {
-        cmd.arg("-r");
+    let mount = |options: Option<&str>| {
+        let mut cmd = Command::new("mount");
+        if opts.read_only {
+            cmd.arg("-r");
+        }
+        if let Some(o) = options {
+            cmd.arg("-o").arg(o);
+        }
+        sys::run(cmd.arg(&dev).arg(&dir))
+    };
+    if let Err(e) = mount(opts.options.as_deref()) {
+        // A snapshot of a live filesystem is taken frozen: its metadata is
+        // in place, but its log/journal still asks for recovery, which a
+        // read-only device cannot do. Mount it without log recovery (and,
+        // for xfs, beside its origin's identical UUID).
+        let fallback = match (opts.read_only, &opts.options) {
+            (true, None) => no_recovery_options(&dev),
+            _ => None,
+        };
+        match fallback {
+            Some(o) if mount(Some(o)).is_ok() => {}
+            _ => return Err(e.into()),
+        }
     }
-    if let Some(o) = &opts.options {
-        cmd.arg("-o").arg(o);
-    }
-    sys::run(cmd.arg(&dev).arg(&dir))?;
     guard.0 = None;
     Ok(dev)
+}
+
+/// Mount options that skip log recovery for the filesystem on `dev`.
+fn no_recovery_options(dev: &Path) -> Option<&'static str> {
+    let out = Command::new("blkid")
+        .args(["-o", "value", "-s", "TYPE"])
+        .arg(dev)
+        .output()
+        .ok()?;
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "xfs" => Some("norecovery,nouuid"),
+        "ext4" | "ext3" => Some("noload"),
+        _ => None,
+    }
 }
 
 /// Unmount `dir` (mounted by `mount`), detach its loop device, and stop the

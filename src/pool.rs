@@ -964,6 +964,12 @@ impl Pool {
         chunk: &[u8],
     ) -> Result<Option<u64>> {
         let bs = self.block_size as usize;
+        let rec = self.catalog.get(id)?;
+        let (root, depth) = (rec.root, rec.depth);
+        if let Some(b) = self.ctx().lookup_private(root, depth, vb)? {
+            self.data_dirty = true;
+            return Ok(Some(b * bs as u64 + within as u64));
+        }
         let leaf = self
             .leaf_for_update(id, vb, true)?
             .expect("create=true always yields a leaf");

@@ -53,6 +53,24 @@ impl Ctx<'_> {
         Ok((node != 0).then_some(node))
     }
 
+    /// The data block at `vblock` if this volume alone reaches it, now and
+    /// in the last commit: every node on the path and the block itself has
+    /// one owner and was not shared when last committed. Such a block can be
+    /// overwritten in place without touching the map (and so without making
+    /// the next commit rewrite map nodes).
+    pub fn lookup_private(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+        let f = self.nodes.fanout();
+        let private = |s: &SpaceMap, b: u64| s.rc(b) == 1 && !s.was_shared(b);
+        let mut node = root;
+        for level in (0..depth).rev() {
+            if node == 0 || !private(self.space, node) {
+                return Ok(None);
+            }
+            node = self.nodes.get(self.storage, node, level)?[slot(vblock, level, f)];
+        }
+        Ok((node != 0 && self.space.can_overwrite(node)).then_some(node))
+    }
+
     /// Make `node` private to this transaction and this tree: returns the
     /// block to write to (itself if it already is).
     fn shadow(&mut self, node: u64, level: u8, budget: Budget) -> Result<u64> {

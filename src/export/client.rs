@@ -354,7 +354,7 @@ pub fn mount(
         };
         match fallback {
             Some(o) if mount(Some(o)).is_ok() => {}
-            _ => return Err(e.into()),
+            _ => return Err(e),
         }
     }
     guard.0 = None;

@@ -272,10 +272,19 @@ fn after_detach(a: &Attachment) -> Result<(), ExportError> {
     {
         let _ = fs::remove_file(&sock);
     }
-    let others = sys::loop_devices()
-        .into_iter()
-        .any(|d| d.backing_file.starts_with(&a.dir));
-    if !others && sys::is_dead_fuse_mount(&a.dir) {
+    // A detached loop device lets go of its file, and a killed server of its
+    // FUSE connection, asynchronously: give the kernel a moment to finish
+    // both before deciding whether the dead mount can go.
+    let others = || {
+        sys::loop_devices()
+            .into_iter()
+            .any(|d| d.backing_file.starts_with(&a.dir))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while (others() || !sys::is_dead_fuse_mount(&a.dir)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if !others() && sys::is_dead_fuse_mount(&a.dir) {
         let _ = sys::umount(&a.dir, true);
         if a.dir.starts_with(RUN_DIR) {
             let _ = fs::remove_dir(&a.dir);

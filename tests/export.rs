@@ -461,14 +461,9 @@ fn snapshots_under_a_busy_writer_are_consistent() {
     assert_no_leftovers(&env);
 }
 
-/// A full pool fails the write with an error the kernel passes up (ENOSPC
-/// through FUSE and the loop device), stays consistent, and takes writes
-/// again once space is freed.
-#[test]
-fn full_pool_fails_writes_cleanly_and_recovers() {
-    if !can_run() {
-        return;
-    }
+/// A 64 MiB pool with a 256 MiB volume "big" and a volume "other" holding
+/// 24 MiB (removing it is how the full-pool tests free space).
+fn nearly_full_pool() -> Env {
     let env = Env::new("64M");
     env.volume("big", "256M");
     env.volume("other", "32M");
@@ -485,6 +480,18 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
         ],
     );
     tp(&["detach", &other]);
+    env
+}
+
+/// A full pool fails the write with an error the kernel passes up (ENOSPC
+/// through FUSE and the loop device), stays consistent, and takes writes
+/// again once space is freed.
+#[test]
+fn full_pool_fails_writes_cleanly_and_recovers() {
+    if !can_run() {
+        return;
+    }
+    let env = nearly_full_pool();
 
     let dev = env.attach("big", &[]);
     let out = Command::new("dd")
@@ -575,22 +582,7 @@ fn full_pool_through_mounted_ext4() {
     if !can_run() {
         return;
     }
-    let env = Env::new("64M");
-    env.volume("big", "256M");
-    env.volume("other", "32M");
-    let other = env.attach("other", &[]);
-    sh(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={other}"),
-            "bs=1M",
-            "count=24",
-            "oflag=direct",
-            "status=none",
-        ],
-    );
-    tp(&["detach", &other]);
+    let env = nearly_full_pool();
 
     let m = env.dir("m");
     env.mount("big", &m, &["--mkfs", "ext4"]);

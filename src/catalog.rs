@@ -71,13 +71,13 @@ impl Catalog {
         let n_pages = n_slots.div_ceil(per_page);
         let mut slots: Vec<Option<VolumeRecord>> = Vec::new();
         // Check the table's shape before allocating for it.
-        let per_index = crate::format::pointers_per_page(block_size);
-        if n_pages > per_index * CAT_INDEX_MAX || index.len() != n_pages.div_ceil(per_index) {
-            return Err(Error::corrupt(format!(
-                "catalog of {n_slots} slots does not match its {} index pages",
-                index.len()
-            )));
-        }
+        PagedArray::check_shape(
+            PageType::Catalog,
+            block_size,
+            n_pages,
+            index.len(),
+            CAT_INDEX_MAX,
+        )?;
         slots.resize(n_slots, None);
         let layout = PagedArray::new(PageType::Catalog, block_size, 0, CAT_INDEX_MAX)?.load(
             n_pages,

@@ -104,7 +104,6 @@ pub struct Pool {
     pub(crate) rc_layout: PagedArray,
     pub(crate) catalog: Catalog,
     pub(crate) nodes: Nodes,
-    block_size: u32,
     /// Data was written in place since the last sync.
     data_dirty: bool,
     /// Set when a commit failed half way: memory no longer matches the file,
@@ -151,9 +150,21 @@ fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
-/// Take the pool's owner lock: one process writes a pool at a time.
-pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    lock(file, path, libc::LOCK_EX)
+/// Open an existing pool file and take its owner lock: exclusive to change
+/// it (one process writes a pool at a time), shared to inspect it.
+pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
+    let file = OpenOptions::new().read(true).write(write).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::NotAPool {
+            path: path.to_path_buf(),
+        });
+    }
+    lock(
+        &file,
+        path,
+        if write { libc::LOCK_EX } else { libc::LOCK_SH },
+    )?;
+    Ok(FileStorage::new(file))
 }
 
 /// Take the pool's owner lock: exclusive to write, shared to inspect.
@@ -246,7 +257,7 @@ impl Pool {
                     Error::Io(e)
                 }
             })?;
-        let result = lock_exclusive(&file, path)
+        let result = lock(&file, path, libc::LOCK_EX)
             .and_then(|_| Pool::create_with(Box::new(FileStorage::new(file)), path, opts));
         if result.is_err() {
             let _ = std::fs::remove_file(path);
@@ -304,7 +315,7 @@ impl Pool {
         let sb = Superblock {
             generation: 0,
             block_size: bs,
-            low_water_pct: 10,
+            low_water_pct: DEFAULT_LOW_WATER_PCT,
             total_blocks: total,
             uuid: new_uuid(),
             created: now(),
@@ -322,12 +333,10 @@ impl Pool {
             rc_layout,
             catalog: Catalog::new(bs)?,
             nodes: Nodes::new(bs, total, reserved, 0),
-            block_size: bs,
             data_dirty: false,
             failed: None,
             read_only: false,
         };
-        pool.update_reserve();
         pool.commit_inner(true)?;
         Ok(pool)
     }
@@ -335,28 +344,14 @@ impl Pool {
     /// Open for inspection only (info, list, check): a shared lock, so
     /// several readers may look at an unserved pool at once; nothing changes.
     pub fn open_read_only(path: &Path) -> Result<Pool> {
-        let file = OpenOptions::new().read(true).open(path)?;
-        if !file.metadata()?.is_file() {
-            return Err(Error::NotAPool {
-                path: path.to_path_buf(),
-            });
-        }
-        lock(&file, path, libc::LOCK_SH)?;
-        let mut pool = Pool::open_with(Box::new(FileStorage::new(file)), path)?;
+        let mut pool = Pool::open_with(Box::new(open_file(path, false)?), path)?;
         pool.read_only = true;
         Ok(pool)
     }
 
     /// Open an existing pool for reading and writing (exclusive lock).
     pub fn open(path: &Path) -> Result<Pool> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if !file.metadata()?.is_file() {
-            return Err(Error::NotAPool {
-                path: path.to_path_buf(),
-            });
-        }
-        lock_exclusive(&file, path)?;
-        Pool::open_with(Box::new(FileStorage::new(file)), path)
+        Pool::open_with(Box::new(open_file(path, true)?), path)
     }
 
     /// Open a pool on any storage, at its newest valid commit.
@@ -373,18 +368,16 @@ impl Pool {
         let n_rc_pages = usize::try_from(total)
             .map_err(|_| Error::corrupt("pool too large for this machine"))?
             .div_ceil(per_rc);
-        let mut rc = vec![0u32; 0];
         // Allocate only once the table's shape is known to be sane.
-        if n_rc_pages.div_ceil(format::pointers_per_page(bs)) != sb.rc_index.len() {
-            return Err(Error::corrupt(format!(
-                "superblock lists {} refcount index pages, {} blocks need {}",
-                sb.rc_index.len(),
-                total,
-                n_rc_pages.div_ceil(format::pointers_per_page(bs))
-            )));
-        }
+        PagedArray::check_shape(
+            PageType::Refcount,
+            bs,
+            n_rc_pages,
+            sb.rc_index.len(),
+            RC_INDEX_MAX,
+        )?;
         check_memory(total, bs)?;
-        rc.resize(total as usize, 0);
+        let mut rc = vec![0u32; total as usize];
         let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
             n_rc_pages,
             &sb.rc_index,
@@ -402,18 +395,14 @@ impl Pool {
         if rc[..reserved as usize].iter().any(|&c| c != 1) {
             return Err(Error::corrupt("refcounts of the superblock area are not 1"));
         }
-        let used = rc
-            .iter()
-            .skip(reserved as usize)
-            .filter(|&&c| c != 0)
-            .count() as u64;
-        if sb.metadata_blocks > used {
+        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
+        if sb.metadata_blocks > space.used() {
             return Err(Error::corrupt(format!(
-                "superblock counts {} metadata blocks but only {used} blocks are in use",
-                sb.metadata_blocks
+                "superblock counts {} metadata blocks but only {} blocks are in use",
+                sb.metadata_blocks,
+                space.used()
             )));
         }
-        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
         let catalog = Catalog::load(
             bs,
             sb.catalog_slots,
@@ -451,7 +440,6 @@ impl Pool {
             rc_layout,
             catalog,
             nodes: Nodes::new(bs, total, reserved, committed),
-            block_size: bs,
             data_dirty: false,
             failed: None,
             read_only: false,
@@ -531,7 +519,7 @@ impl Pool {
     }
 
     pub fn block_size(&self) -> u32 {
-        self.block_size
+        self.sb.block_size
     }
 
     pub fn uuid(&self) -> String {
@@ -544,7 +532,7 @@ impl Pool {
     }
 
     pub fn info(&mut self) -> Result<PoolInfo> {
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         let meta = self.space.meta();
         let used = self.space.used();
         let usable = self.space.total() - self.space.reserved();
@@ -553,7 +541,7 @@ impl Pool {
             uuid: self.uuid(),
             format_version: FORMAT_VERSION,
             generation: self.sb.generation,
-            block_size: self.block_size,
+            block_size: self.block_size(),
             size: self.space.total() * bs,
             total_blocks: self.space.total(),
             data_used_bytes: (used - meta) * bs,
@@ -589,7 +577,7 @@ impl Pool {
     /// sparse, so this costs only the larger refcount table.
     pub fn grow(&mut self, size: u64) -> Result<()> {
         self.check_mutable()?;
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         let total = size / bs;
         let old = self.space.total();
         if total < old {
@@ -604,8 +592,8 @@ impl Pool {
         if usize::try_from(total).is_err() {
             return Err(Error::InvalidArgument("pool size too large".into()));
         }
-        check_memory(total, self.block_size)?;
-        let pages = (total as usize).div_ceil(refcounts_per_page(self.block_size));
+        check_memory(total, self.block_size())?;
+        let pages = (total as usize).div_ceil(refcounts_per_page(self.block_size()));
         self.rc_layout.resize(pages).map_err(|_| {
             Error::InvalidArgument(format!(
                 "{} is too large for a pool of {} blocks",
@@ -616,7 +604,6 @@ impl Pool {
         self.space.grow(total);
         self.sb.total_blocks = total;
         self.nodes.set_total_blocks(total);
-        self.update_reserve();
         self.commit_inner(true)
     }
 
@@ -646,7 +633,7 @@ impl Pool {
         let parent = (r.parent_id != 0)
             .then(|| self.catalog.get(r.parent_id).ok().map(|p| p.name.clone()))
             .flatten();
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         Ok(VolumeInfo {
             id: r.id,
             name: r.name.clone(),
@@ -711,7 +698,7 @@ impl Pool {
                 "volume size must be from 1 byte to 8E, not {size}"
             )));
         }
-        let fanout = format::pointers_per_page(self.block_size);
+        let fanout = format::pointers_per_page(self.block_size());
         let id = self.sb.next_volume_id;
         self.catalog.insert(VolumeRecord {
             id,
@@ -720,13 +707,12 @@ impl Pool {
             size,
             mapped_blocks: 0,
             created: now(),
-            depth: map::depth_for(size.div_ceil(self.block_size as u64), fanout),
+            depth: map::depth_for(size.div_ceil(self.block_size() as u64), fanout),
             read_only: false,
             name: name.to_string(),
             ..Default::default()
         })?;
         self.sb.next_volume_id += 1;
-        self.update_reserve();
         self.commit()?;
         Ok(id)
     }
@@ -756,7 +742,6 @@ impl Pool {
             self.space.inc(src.root)?;
         }
         self.sb.next_volume_id += 1;
-        self.update_reserve();
         self.commit()?;
         Ok(id)
     }
@@ -798,8 +783,8 @@ impl Pool {
             ));
         }
         let need = map::depth_for(
-            size.div_ceil(self.block_size as u64),
-            format::pointers_per_page(self.block_size),
+            size.div_ceil(self.block_size() as u64),
+            format::pointers_per_page(self.block_size()),
         );
         let (mut root, mut depth) = (rec.root, rec.depth);
         self.ctx().grow(&mut root, &mut depth, need)?;
@@ -836,7 +821,7 @@ impl Pool {
         self.check_ok()?;
         let r = self.check_range(id, offset, buf.len() as u64)?;
         let (root, depth) = (r.root, r.depth);
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         // Coalesce physically contiguous blocks into one read.
         let mut run: Option<(u64, usize, usize)> = None; // (file offset, buf start, len)
         let mut pos = 0usize;
@@ -867,17 +852,9 @@ impl Pool {
 
     fn flush_run(&self, run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]) -> Result<()> {
         if let Some((o, start, len)) = run.take() {
-            self.storage
-                .read_at(&mut buf[start..start + len], o)
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::corrupt(format!(
-                            "data at byte {o} is past the end of the pool file (truncated?)"
-                        ))
-                    } else {
-                        Error::Io(e)
-                    }
-                })?;
+            crate::io::read_pointed(&*self.storage, &mut buf[start..start + len], o, || {
+                format!("data at byte {o}")
+            })?;
         }
         Ok(())
     }
@@ -887,7 +864,7 @@ impl Pool {
         self.check_mutable()?;
         self.check_writable(id)?;
         self.check_range(id, offset, data.len() as u64)?;
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         // Bytes that go straight from `data` to the file, merged into runs
         // that are contiguous in both: (file offset, data start, length).
         let mut runs: Vec<(u64, usize, usize)> = Vec::new();
@@ -963,7 +940,7 @@ impl Pool {
         within: usize,
         chunk: &[u8],
     ) -> Result<Option<u64>> {
-        let bs = self.block_size as usize;
+        let bs = self.block_size() as usize;
         let rec = self.catalog.get(id)?;
         let (root, depth) = (rec.root, rec.depth);
         if let Some(b) = self.ctx().lookup_private(root, depth, vb)? {
@@ -1015,7 +992,7 @@ impl Pool {
         if len == 0 {
             return Ok(());
         }
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         let end = offset + len;
         let first_full = offset.div_ceil(bs);
         let end_full = end / bs;
@@ -1026,7 +1003,7 @@ impl Pool {
         if offset < first_full * bs {
             self.zero_partial(id, offset, first_full * bs - offset)?;
         }
-        if end_full * bs < end && end_full >= first_full {
+        if end_full * bs < end {
             self.zero_partial(id, end_full * bs, end - end_full * bs)?;
         }
         let rec = self.catalog.get(id)?;
@@ -1041,7 +1018,7 @@ impl Pool {
     }
 
     fn zero_partial(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         let rec = self.catalog.get(id)?;
         let (root, depth) = (rec.root, rec.depth);
         if self.ctx().lookup(root, depth, offset / bs)?.is_none() {
@@ -1085,7 +1062,7 @@ impl Pool {
     pub fn mapped_blocks(&mut self, id: VolumeId) -> Result<Vec<u64>> {
         self.check_ok()?;
         let r = self.catalog.get(id)?;
-        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size as u64));
+        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size() as u64));
         Ok(self
             .ctx()
             .mapped_in_range(root, depth, 0, n)?
@@ -1130,6 +1107,8 @@ impl Pool {
                 let freed = self.space.end_transaction();
                 self.catalog.clear_dirty();
                 self.punch(freed);
+                // The catalog or the pool may have grown: so may the reserve.
+                self.update_reserve();
                 Ok(())
             }
             Err(e) => {
@@ -1154,7 +1133,7 @@ impl Pool {
             }
         }
         self.catalog.write_dirty(&*self.storage, generation)?;
-        let per_rc = refcounts_per_page(self.block_size);
+        let per_rc = refcounts_per_page(self.block_size());
         let rc = self.space.refcounts();
         self.rc_layout.write(
             self.space.dirty_pages(),
@@ -1184,7 +1163,7 @@ impl Pool {
     /// Give freed blocks' space back to the host file system (best effort).
     fn punch(&self, mut freed: Vec<u64>) {
         freed.sort_unstable();
-        let bs = self.block_size as u64;
+        let bs = self.block_size() as u64;
         let mut i = 0;
         while i < freed.len() {
             let start = freed[i];

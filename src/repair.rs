@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::check::{CheckReport, IssueKind};
 use crate::error::{Error, Result};
 use crate::format::{Superblock, SUPERBLOCK_AREA, SUPERBLOCK_SLOT_SIZE};
-use crate::io::{FileStorage, Storage};
+use crate::io::Storage;
 use crate::pool::Pool;
 
 pub const BACKUP_HEADER: &[u8] = b"THINPOOL-REPAIR-BACKUP v1\n";
@@ -57,11 +57,7 @@ impl RepairReport {
 
 /// Repair the pool file at `path` (takes the owner lock).
 pub fn repair(path: &Path) -> Result<RepairReport> {
-    let open = || -> Result<Box<dyn Storage>> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        crate::pool::lock_exclusive(&file, path)?;
-        Ok(Box::new(FileStorage::new(file)))
-    };
+    let open = || -> Result<Box<dyn Storage>> { Ok(Box::new(crate::pool::open_file(path, true)?)) };
     let mut backup = path.as_os_str().to_owned();
     backup.push(".repair-backup-");
     repair_with(&open, path, &PathBuf::from(backup))

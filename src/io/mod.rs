@@ -9,6 +9,8 @@ pub use crash::CrashStorage;
 pub use file::FileStorage;
 pub use mem::MemStorage;
 
+use crate::error::{Error, Result};
+
 use std::io;
 
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection
@@ -23,4 +25,24 @@ pub trait Storage: Send {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Give the range's space back to the host; it reads as zeros afterwards.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+/// `read_at` for metadata and data the pool points to: a read past the end of
+/// the file means the pool file was truncated, which is corruption, not I/O.
+pub(crate) fn read_pointed(
+    storage: &dyn Storage,
+    buf: &mut [u8],
+    offset: u64,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    storage.read_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::corrupt(format!(
+                "{} is past the end of the pool file (truncated?)",
+                what()
+            ))
+        } else {
+            Error::Io(e)
+        }
+    })
 }

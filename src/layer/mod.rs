@@ -173,17 +173,12 @@ fn read_block(pool: &Pool, pblock: u64, buf: &mut [u8]) -> Result<()> {
         buf.fill(0);
         return Ok(());
     }
-    pool.storage
-        .read_at(buf, pblock * pool.block_size() as u64)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::Corrupt(format!(
-                    "data block {pblock} is past the end of the pool file"
-                ))
-            } else {
-                Error::Io(e)
-            }
-        })
+    crate::io::read_pointed(
+        &*pool.storage,
+        buf,
+        pblock * pool.block_size() as u64,
+        || format!("data block {pblock}"),
+    )
 }
 
 /// Walk the canonical changes of `layer` against `parent` (None: against

@@ -87,6 +87,26 @@ impl PagedArray {
         Ok(())
     }
 
+    /// A table of `n_pages` data pages must have exactly the index pages that
+    /// address them, within `max_index`. Callers check this before they
+    /// allocate memory for what the table holds.
+    pub fn check_shape(
+        kind: PageType,
+        block_size: u32,
+        n_pages: usize,
+        n_index: usize,
+        max_index: usize,
+    ) -> Result<()> {
+        let per_index = crate::format::pointers_per_page(block_size);
+        if n_pages > per_index * max_index || n_index != n_pages.div_ceil(per_index) {
+            return Err(Error::corrupt(format!(
+                "{} table: {n_index} index pages for {n_pages} pages",
+                kind.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Read the table of an empty array made by `new` and hand each data
     /// page's payload to `load(page, bytes)`.
     pub fn load(
@@ -100,13 +120,13 @@ impl PagedArray {
     ) -> Result<PagedArray> {
         let a = &mut self;
         let kind = a.kind;
-        if n_pages > a.capacity() || index_ptrs.len() != n_pages.div_ceil(a.per_index) {
-            return Err(Error::corrupt(format!(
-                "{} table: {} index pages for {n_pages} pages",
-                kind.name(),
-                index_ptrs.len()
-            )));
-        }
+        PagedArray::check_shape(
+            kind,
+            a.block_size as u32,
+            n_pages,
+            index_ptrs.len(),
+            a.max_index,
+        )?;
         let mut buf = vec![0u8; a.block_size];
         for (i, &ip) in index_ptrs.iter().enumerate() {
             read_page(
@@ -243,15 +263,8 @@ pub fn read_page(
             kind.name()
         )));
     }
-    storage.read_at(buf, loc * buf.len() as u64).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::corrupt(format!(
-                "{} at block {loc} is past the end of the file (truncated pool?)",
-                kind.name()
-            ))
-        } else {
-            Error::Io(e)
-        }
+    crate::io::read_pointed(storage, buf, loc * buf.len() as u64, || {
+        format!("{} at block {loc}", kind.name())
     })?;
     let h = decode_page(buf, kind, loc).map_err(Error::Corrupt)?;
     // A valid page from a later, unfinished commit can sit where an older

@@ -81,15 +81,7 @@ fn sh<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
 }
 
 fn e2fsck_clean(dev: &str) {
-    let out = Command::new("e2fsck")
-        .args(["-fn", dev])
-        .output()
-        .expect("e2fsck");
-    assert!(
-        out.status.success(),
-        "{}",
-        describe("e2fsck", &["-fn", dev], &out)
-    );
+    sh("e2fsck", &["-fn", dev]);
 }
 
 /// One pool in a temporary directory, and everything a test sets up on it.
@@ -514,12 +506,7 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
         err.contains("No space left") || err.contains("Input/output error"),
         "dd failed with: {err}"
     );
-    let check = run_tp(&["check", env.p()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        describe("check", &["check"], &check)
-    );
+    tp(&["check", env.p()]);
 
     // Free space by removing the other volume: writes past the old end of
     // what was written need new blocks, and now get them.
@@ -565,12 +552,7 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
     );
     tp(&["detach", &dev]);
     assert!(env.wait_no_server(Duration::from_secs(10)));
-    let check = run_tp(&["check", env.p()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        describe("check", &["check"], &check)
-    );
+    tp(&["check", env.p()]);
     assert_no_leftovers(&env);
 }
 
@@ -604,23 +586,13 @@ fn full_pool_through_mounted_ext4() {
         err.contains("No space left") || err.contains("Input/output error"),
         "dd failed with: {err}"
     );
-    let check = run_tp(&["check", env.p()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        describe("check", &["check"], &check)
-    );
+    tp(&["check", env.p()]);
 
     tp(&["remove", env.p(), "other"]);
     fs::remove_file(&fill).unwrap();
     let sum = write_file(&m.join("after"), 3, 16 * MIB, true);
     env.umount(&m);
-    let check = run_tp(&["check", env.p()]);
-    assert!(
-        check.status.success(),
-        "{}",
-        describe("check", &["check"], &check)
-    );
+    tp(&["check", env.p()]);
     let dev = env.attach("big", &[]);
     e2fsck_clean(&dev);
     tp(&["detach", &dev]);

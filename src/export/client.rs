@@ -272,19 +272,23 @@ fn after_detach(a: &Attachment) -> Result<(), ExportError> {
     {
         let _ = fs::remove_file(&sock);
     }
-    // A detached loop device lets go of its file, and a killed server of its
-    // FUSE connection, asynchronously: give the kernel a moment to finish
-    // both before deciding whether the dead mount can go.
-    let others = || {
-        sys::loop_devices()
-            .into_iter()
-            .any(|d| d.backing_file.starts_with(&a.dir))
+    // The detached device lets go of its file, and a killed server of its
+    // FUSE connection, asynchronously: wait for the kernel to finish both,
+    // then look once whether another device still uses the dead mount.
+    let released = || {
+        !sys::loop_devices()
+            .iter()
+            .any(|d| d.name == a.dev.name && d.backing_file.starts_with(&a.dir))
+            && sys::is_dead_fuse_mount(&a.dir)
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while (others() || !sys::is_dead_fuse_mount(&a.dir)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !released() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
     }
-    if !others() && sys::is_dead_fuse_mount(&a.dir) {
+    let others = sys::loop_devices()
+        .into_iter()
+        .any(|d| d.backing_file.starts_with(&a.dir));
+    if !others && sys::is_dead_fuse_mount(&a.dir) {
         let _ = sys::umount(&a.dir, true);
         if a.dir.starts_with(RUN_DIR) {
             let _ = fs::remove_dir(&a.dir);

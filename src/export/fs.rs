@@ -85,7 +85,7 @@ impl ThinFs {
         let pool = self.sh.lock_pool();
         let size = pool.volume_size(id).map_err(|e| errno(&e))?;
         let ro = pool.is_read_only(id).map_err(|e| errno(&e))?;
-        Ok(self.attr(id + 2, size, false, ro))
+        Ok(self.attr(ino_of(id).0, size, false, ro))
     }
 
     fn commit(&self) -> Result<(), Errno> {
@@ -103,12 +103,6 @@ impl Filesystem for ThinFs {
         let _ = config.set_max_background(128);
         let _ = config.set_congestion_threshold(96);
         Ok(())
-    }
-
-    fn destroy(&mut self) {
-        if let Err(e) = self.sh.commit() {
-            eprintln!("thinpool: final commit failed: {e}");
-        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -393,13 +393,10 @@ fn handle_line(sh: &Shared, line: &str) -> Reply {
         };
     }
     match serde_json::from_str::<Request>(line) {
-        Ok(req) if sh.stopping.load(Ordering::SeqCst) => {
-            let _ = req;
-            Reply::err(&Error::InUse(format!(
-                "the server of {} is shutting down; retry",
-                sh.pool_path.display()
-            )))
-        }
+        Ok(_) if sh.stopping.load(Ordering::SeqCst) => Reply::err(&Error::InUse(format!(
+            "the server of {} is shutting down; retry",
+            sh.pool_path.display()
+        ))),
         Ok(req) => match handle_request(sh, req) {
             Ok(resp) => Reply::ok(resp),
             Err(e) => Reply::err(&e),
@@ -410,16 +407,12 @@ fn handle_line(sh: &Shared, line: &str) -> Reply {
 
 fn status(sh: &Shared) -> ServerStatus {
     let opens: Vec<(VolumeId, u32)> = sh.lock_opens().iter().map(|(k, v)| (*k, *v)).collect();
-    let names: HashMap<VolumeId, String> = sh.lock_pool().volume_names().into_iter().collect();
+    let pool = sh.lock_pool();
     let mut open: Vec<(String, u32)> = opens
         .into_iter()
-        .map(|(id, n)| {
-            (
-                names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
-                n,
-            )
-        })
+        .map(|(id, n)| (pool.volume_name(id).unwrap_or_else(|_| format!("#{id}")), n))
         .collect();
+    drop(pool);
     open.sort();
     ServerStatus {
         pid: std::process::id(),

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use thinpool::check::CheckReport;
 use thinpool::control::{Request, Response};
 
-use super::{open_pool, open_unserved, print, CheckArgs};
+use super::{open_unserved, print, CheckArgs};
 
 #[derive(Args, Debug)]
 pub(crate) struct RepairArgs {
@@ -80,7 +80,8 @@ pub(crate) fn check(a: CheckArgs) -> Result<()> {
 }
 
 fn check_local(a: &CheckArgs) -> Result<CheckReport> {
-    let mut pool = open_pool(&a.pool)?;
+    // Inspection only: share the lock with `info` and `list`.
+    let mut pool = super::open_pool_with(&a.pool, thinpool::Pool::open_read_only)?;
     // A bar on a terminal, for pools with many volumes (hidden otherwise).
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(

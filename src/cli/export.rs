@@ -79,7 +79,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 pub fn attach(a: AttachArgs) -> Result<()> {
     let dev = export::attach(&a.pool, &a.name, a.read_only)
         .with_context(|| format!("attach '{}' of {}", a.name, a.pool.display()))?;
-    println!("{}", dev.display());
+    super::print(&format!("{}\n", dev.display()))?;
     Ok(())
 }
 

@@ -111,13 +111,14 @@ pub(crate) struct ImageListArgs {
 
 /// Layer verbs move data, so they open the pool file themselves.
 fn open(pool: &Path) -> Result<Pool> {
-    if thinpool::export::control::status(pool).is_some() {
-        bail!(
-            "pool {} is being served; stop the server (unmount/detach its volumes) first",
-            pool.display()
-        );
-    }
-    super::open_pool(pool)
+    super::open_unserved(pool, None)
+}
+
+/// `println!` that ends quietly on a closed pipe (see `super::print`).
+macro_rules! out {
+    ($($t:tt)*) => {
+        super::print(&format!("{}\n", format_args!($($t)*)))?
+    };
 }
 
 fn progress_bar(len: Option<u64>, what: &str) -> Option<ProgressBar> {
@@ -139,18 +140,14 @@ fn progress_bar(len: Option<u64>, what: &str) -> Option<ProgressBar> {
     Some(pb)
 }
 
-fn short(d: &str) -> &str {
-    &d[..d.len().min(12)]
-}
-
 pub(crate) fn commit(a: CommitArgs) -> Result<()> {
     let mut p = open(&a.pool)?;
     let info = layer::commit(&mut p, &a.name, a.as_name.as_deref())?;
     p.close()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        out!("{}", serde_json::to_string_pretty(&info)?);
     } else {
-        println!(
+        out!(
             "committed {}{}: diff sha256:{} chain sha256:{} ({} changed)",
             info.name,
             info.parent
@@ -171,8 +168,8 @@ pub(crate) fn diff(a: DiffArgs) -> Result<()> {
     let bs = p.block_size() as u64;
     let sum = DiffSummary::of(&ranges);
     match (a.json, a.stat) {
-        (true, true) => println!("{}", serde_json::to_string_pretty(&sum)?),
-        (true, false) => println!(
+        (true, true) => out!("{}", serde_json::to_string_pretty(&sum)?),
+        (true, false) => out!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({ "block_size": bs, "ranges": ranges })
@@ -252,7 +249,7 @@ pub(crate) fn send(a: SendArgs) -> Result<()> {
         format_size(rep.data_bytes),
         format_size(rep.zero_bytes),
         format_size(rep.stream_bytes),
-        short(&rep.stream_digest)
+        super::show::short(&rep.stream_digest)
     );
     Ok(())
 }
@@ -315,7 +312,7 @@ fn image_import(a: ImageImportArgs) -> Result<()> {
     })
     .with_context(|| format!("import {}", a.source.display()))?;
     let new = rep.layers.iter().filter(|l| l.imported).count();
-    println!(
+    out!(
         "imported {} as {}: {} layers ({} new, {} reused)",
         a.source.display(),
         rep.name,
@@ -330,20 +327,23 @@ fn image_list(a: ImageListArgs) -> Result<()> {
     let mut p = open(&a.pool)?;
     let images = image::list_images(&mut p)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&images)?);
+        out!("{}", serde_json::to_string_pretty(&images)?);
         return Ok(());
     }
-    println!("{:<24} {:>8} {:>7}  CHAIN", "IMAGE", "VSIZE", "LAYERS");
+    out!("{:<24} {:>8} {:>7}  CHAIN", "IMAGE", "VSIZE", "LAYERS");
     for i in &images {
-        println!(
+        out!(
             "{:<24} {:>8} {:>7}  {}",
             i.name,
             format_size(i.virtual_size),
             i.layers.len(),
-            i.chain_digest.as_deref().map(short).unwrap_or("-")
+            i.chain_digest
+                .as_deref()
+                .map(super::show::short)
+                .unwrap_or("-")
         );
         for l in &i.layers {
-            println!("  {l}");
+            out!("  {l}");
         }
     }
     Ok(())

@@ -1,8 +1,6 @@
 //! Pool and volume management verbs. Each builds a [`Request`] and hands it to
 //! [`super::request`], which asks the pool's server or opens the pool.
 
-use std::io::ErrorKind;
-
 use anyhow::{anyhow, bail, Result};
 use thinpool::control::{Request, Response};
 use thinpool::{CreateOptions, Pool};
@@ -18,10 +16,6 @@ pub(crate) fn create(a: CreateArgs) -> Result<()> {
         block_size: a.block_size,
     };
     let mut pool = Pool::create(&a.pool, &opts).map_err(|e| match e {
-        thinpool::Error::Io(io) if io.kind() == ErrorKind::AlreadyExists => anyhow!(
-            "{}: file already exists; refusing to overwrite it (remove it or pick another path)",
-            a.pool.display()
-        ),
         thinpool::Error::Io(io) => anyhow!("{}: cannot create pool: {io}", a.pool.display()),
         other => other.into(),
     })?;

@@ -433,7 +433,10 @@ pub(crate) fn open_pool(path: &Path) -> Result<Pool> {
     open_pool_with(path, Pool::open)
 }
 
-fn open_pool_with(path: &Path, open: fn(&Path) -> thinpool::Result<Pool>) -> Result<Pool> {
+pub(crate) fn open_pool_with(
+    path: &Path,
+    open: fn(&Path) -> thinpool::Result<Pool>,
+) -> Result<Pool> {
     open(path).map_err(|e| match e {
         thinpool::Error::Io(io) if io.kind() == ErrorKind::NotFound => {
             anyhow!("{}: no such pool file", path.display())

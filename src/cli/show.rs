@@ -79,6 +79,11 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
     out
 }
 
+/// The short form of a digest, as `docker images` shows an id.
+pub(crate) fn short(d: &str) -> &str {
+    &d[..d.len().min(12)]
+}
+
 /// `docker ps -s` / `zfs list` style: one row per volume, sizes readable.
 pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
     const HEAD: [&str; 7] = [
@@ -128,10 +133,7 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
         if chain_col {
             let chain = match n {
                 0 => Some("CHAIN"),
-                _ => vols[n - 1]
-                    .chain_digest
-                    .as_deref()
-                    .map(|d| &d[..d.len().min(12)]),
+                _ => vols[n - 1].chain_digest.as_deref().map(short),
             };
             line.push_str(chain.unwrap_or("-"));
         }

@@ -171,18 +171,7 @@ impl Pool {
             volume: String::new(),
         };
         w.expected[..reserved].fill(1);
-        let pages = self
-            .rc_layout
-            .page_locations()
-            .iter()
-            .chain(self.rc_layout.index_pointers());
-        let cat = self
-            .catalog
-            .layout
-            .page_locations()
-            .iter()
-            .chain(self.catalog.layout.index_pointers());
-        for &p in pages.chain(cat).filter(|&&p| p != 0) {
+        for p in self.table_pages() {
             w.expected[p as usize] += 1;
             w.is_meta[p as usize] = true;
         }

@@ -506,12 +506,25 @@ impl Pool {
         }
     }
 
-    fn ctx(&mut self) -> Ctx<'_> {
+    pub(crate) fn ctx(&mut self) -> Ctx<'_> {
         Ctx {
             nodes: &mut self.nodes,
             space: &mut self.space,
             storage: &*self.storage,
         }
+    }
+
+    /// Blocks holding the refcount and catalog tables (data and index pages).
+    pub(crate) fn table_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        let rc = &self.rc_layout;
+        let cat = &self.catalog.layout;
+        rc.page_locations()
+            .iter()
+            .chain(rc.index_pointers())
+            .chain(cat.page_locations())
+            .chain(cat.index_pointers())
+            .copied()
+            .filter(|&p| p != 0)
     }
 
     pub fn path(&self) -> &Path {

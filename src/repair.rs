@@ -184,18 +184,7 @@ fn write_backup(pool: &Pool, path: &Path) -> Result<()> {
         Ok(())
     };
     record(0, SUPERBLOCK_AREA)?;
-    let rc = pool
-        .rc_layout
-        .page_locations()
-        .iter()
-        .chain(pool.rc_layout.index_pointers());
-    let cat = pool
-        .catalog
-        .layout
-        .page_locations()
-        .iter()
-        .chain(pool.catalog.layout.index_pointers());
-    for &p in rc.chain(cat).filter(|&&p| p != 0) {
+    for p in pool.table_pages() {
         record(p * bs, bs)?;
     }
     let mut f = OpenOptions::new()

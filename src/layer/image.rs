@@ -779,8 +779,13 @@ fn mount_volume(pool: &Path, volume: &str, dir: &Path, mkfs: bool) -> Result<Mou
     Ok(MountGuard(Some(dir.to_path_buf())))
 }
 
-fn open_pool(pool: &Path) -> Result<Pool> {
-    Pool::open(pool)
+/// A committed layer's digests, from the catalog (no usage walk).
+fn digests_of(p: &Pool, volume: &str) -> Result<(Option<String>, Option<String>)> {
+    let r = p.catalog.get_by_name(volume)?;
+    Ok((
+        super::digest_hex(&r.diff_digest),
+        super::digest_hex(&r.chain_digest),
+    ))
 }
 
 /// Import the image at `source` into the pool file `pool` as `name`.
@@ -794,7 +799,7 @@ pub fn import(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImportReport> {
     {
-        let p = open_pool(pool)?;
+        let p = Pool::open(pool)?;
         crate::catalog::validate_name(name)?;
         if p.lookup(name).is_ok() {
             return Err(Error::VolumeExists(name.to_string()));
@@ -815,9 +820,10 @@ pub fn import(
         let c = chain_digest(chain.as_ref(), &l.diff_id);
         chain = Some(c);
         let volume = format!("{LAYER_PREFIX}{}", hex(&c));
-        let mut p = open_pool(pool)?;
+        let mut p = Pool::open(pool)?;
         let present = p.lookup(&volume).is_ok();
-        let imported = if present {
+        let (imported, (diff_digest, chain_digest)) = if present {
+            let digests = digests_of(&p, &volume)?;
             drop(p);
             progress(&format!(
                 "layer {}/{}: sha256:{} already present",
@@ -825,7 +831,7 @@ pub fn import(
                 layers.len(),
                 &hex(&l.diff_id)[..12]
             ));
-            false
+            (false, digests)
         } else {
             progress(&format!(
                 "layer {}/{}: applying sha256:{}",
@@ -840,7 +846,7 @@ pub fn import(
             };
             drop(p);
             let r = apply_to_volume(pool, &work, l, prev.is_none());
-            let mut p = open_pool(pool)?;
+            let mut p = Pool::open(pool)?;
             let r = r.and_then(|_| super::commit(&mut p, &work, Some(&volume)).map(|_| ()));
             if let Err(e) = r {
                 if p.lookup(&work).is_ok() {
@@ -848,21 +854,20 @@ pub fn import(
                 }
                 return Err(e);
             }
-            true
+            (true, digests_of(&p, &volume)?)
         };
-        let info = open_pool(pool)?.volume_info(&volume)?;
         report.layers.push(ImportedLayer {
             volume: volume.clone(),
             diff_id: hex(&l.diff_id),
             chain_id: hex(&c),
             imported,
-            diff_digest: info.diff_digest,
-            chain_digest: info.chain_digest,
+            diff_digest,
+            chain_digest,
         });
         prev = Some(volume);
     }
     let top = prev.expect("at least one layer");
-    let mut p = open_pool(pool)?;
+    let mut p = Pool::open(pool)?;
     p.snapshot(&top, name, false)?;
     // The image is its top layer: same content, same digests.
     let t = p.catalog.get_by_name(&top)?.clone();

@@ -27,7 +27,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
-use crate::map::Ctx;
 use crate::pool::Pool;
 
 pub use diff::{ChangeKind, DiffRange, DiffSummary};
@@ -160,14 +159,6 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-pub(crate) fn ctx(pool: &mut Pool) -> Ctx<'_> {
-    Ctx {
-        nodes: &mut pool.nodes,
-        space: &mut pool.space,
-        storage: &*pool.storage,
-    }
-}
-
 fn read_block(pool: &Pool, pblock: u64, buf: &mut [u8]) -> Result<()> {
     if pblock == 0 {
         buf.fill(0);
@@ -213,7 +204,7 @@ pub fn for_each_change(
         depth: layer.depth,
     };
     let mut blocks = Vec::new();
-    diff::changed_blocks(&mut ctx(pool), a, b, &mut |c| {
+    diff::changed_blocks(&mut pool.ctx(), a, b, &mut |c| {
         blocks.push(c);
         Ok(())
     })?;
@@ -392,7 +383,7 @@ pub fn diff_volumes(pool: &mut Pool, a: &str, b: &str) -> Result<Vec<DiffRange>>
     let ra = pool.catalog.get_by_name(a)?.clone();
     let rb = pool.catalog.get_by_name(b)?.clone();
     diff::ranges(
-        &mut ctx(pool),
+        &mut pool.ctx(),
         diff::Tree {
             root: ra.root,
             depth: ra.depth,

@@ -216,6 +216,36 @@ fn failed_multi_level_grow_leaks_nothing() {
     assert_eq!(b, [1; 4096]);
 }
 
+/// A valid page written by a later (unfinished) commit, sitting where the
+/// commit being read expects its own page, is refused rather than used.
+#[test]
+fn a_page_newer_than_its_commit_is_refused() {
+    use thinpool::format::{decode_page, encode_page, PageType};
+    let (m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    p.write(v, 0, &[7; 4096]).unwrap();
+    p.commit().unwrap();
+    let g = p.generation();
+    drop(p);
+    // Re-stamp the volume's map node as if a later commit had rewritten it.
+    let forged = m.with_bytes(|b| {
+        for blk in 2..b.len() / 4096 {
+            let page = &mut b[blk * 4096..(blk + 1) * 4096];
+            if let Ok(mut h) = decode_page(page, PageType::MapNode, blk as u64) {
+                h.generation = g + 2;
+                encode_page(page, &h);
+                return true;
+            }
+        }
+        false
+    });
+    assert!(forged, "no map node found in the image");
+    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    let mut b = [0u8; 4096];
+    let e = p.read(v, 0, &mut b).unwrap_err();
+    assert!(e.to_string().contains("written by generation"), "{e}");
+}
+
 #[test]
 fn errors_are_typed() {
     let (_m, mut p) = mem_pool(16 * MIB, 4096);

@@ -140,12 +140,26 @@ fn install_signal_handlers() {
 /// Removes the socket (and the directory of a background server) on exit.
 struct Cleanup {
     socket: PathBuf,
+    /// (device, inode) of the socket this server bound.
+    bound: Option<(u64, u64)>,
     dir: Option<PathBuf>,
+}
+
+/// Identity of the file at `path`, if any.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.socket);
+        // Once this server has let go of the pool lock, a new server may
+        // already have bound its own socket at the same path: leave that one.
+        if self.bound.is_some() && file_id(&self.socket) == self.bound {
+            let _ = std::fs::remove_file(&self.socket);
+        }
         if let Some(d) = &self.dir {
             let _ = std::fs::remove_dir(d);
         }
@@ -194,6 +208,7 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
     let listener = UnixListener::bind(&sock)
         .map_err(|e| ExportError::Msg(format!("cannot bind {}: {e}", sock.display())))?;
     let _cleanup = Cleanup {
+        bound: file_id(&sock),
         socket: sock.clone(),
         dir: opts.background.then(|| dir.clone()),
     };

@@ -30,4 +30,4 @@ pub mod space;
 
 pub use check::CheckReport;
 pub use error::{Error, Result};
-pub use pool::{CreateOptions, Pool, PoolInfo, VolumeId, VolumeInfo};
+pub use pool::{CreateOptions, Pool, PoolInfo, SharedPool, VolumeId, VolumeInfo};

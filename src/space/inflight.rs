@@ -1,0 +1,149 @@
+//! Data I/O in flight outside the engine lock.
+//!
+//! A read or write plans its blocks under the engine lock and does its
+//! pread/pwrite after letting go of it. Until it is done, its blocks are
+//! *pinned*: a pinned block that loses its last reference is not handed out
+//! again (nor punched) until it is unpinned, so no I/O ever lands on a block
+//! that has meanwhile become someone else's. A write that gives a block its
+//! first contents (a block just allocated and mapped) also marks it
+//! *filling*: readers that find it mapped wait for the fill, and a commit
+//! waits for every fill, because it is about to make that mapping durable.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+#[derive(Default)]
+struct State {
+    pins: HashMap<u64, u32>,
+    filling: HashMap<u64, u32>,
+    writes: usize,
+}
+
+/// Blocks with I/O in flight (see the module docs).
+#[derive(Default)]
+pub struct InFlight {
+    state: Mutex<State>,
+    done: Condvar,
+}
+
+/// What one request has in flight: released by [`InFlight::end`].
+#[derive(Debug, Default)]
+pub struct Ticket {
+    pins: Vec<u64>,
+    fills: Vec<u64>,
+    write: bool,
+}
+
+impl Ticket {
+    /// The blocks this request pinned.
+    pub fn pins(&self) -> &[u64] {
+        &self.pins
+    }
+}
+
+impl InFlight {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pin `blocks` for a request (under the engine lock); `fills` are the
+    /// blocks among them that get their first contents; `write` counts the
+    /// request as a write in flight.
+    pub fn begin(&self, blocks: Vec<u64>, fills: Vec<u64>, write: bool) -> Ticket {
+        let mut st = self.lock();
+        for &b in &blocks {
+            *st.pins.entry(b).or_insert(0) += 1;
+        }
+        for &b in &fills {
+            *st.filling.entry(b).or_insert(0) += 1;
+        }
+        st.writes += write as usize;
+        Ticket {
+            pins: blocks,
+            fills,
+            write,
+        }
+    }
+
+    /// The request's I/O is over (done or failed).
+    pub fn end(&self, t: Ticket) {
+        if t.pins.is_empty() && !t.write {
+            return;
+        }
+        let mut st = self.lock();
+        for b in t.pins {
+            if let Some(n) = st.pins.get_mut(&b) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pins.remove(&b);
+                }
+            }
+        }
+        for b in t.fills {
+            if let Some(n) = st.filling.get_mut(&b) {
+                *n -= 1;
+                if *n == 0 {
+                    st.filling.remove(&b);
+                }
+            }
+        }
+        st.writes -= t.write as usize;
+        drop(st);
+        self.done.notify_all();
+    }
+
+    pub fn is_pinned(&self, b: u64) -> bool {
+        self.lock().pins.contains_key(&b)
+    }
+
+    /// Wait until none of `blocks` is being filled.
+    pub fn wait_filled(&self, blocks: &[u64]) {
+        let mut st = self.lock();
+        while blocks.iter().any(|b| st.filling.contains_key(b)) {
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wait until no block is being filled (a commit is about to make their
+    /// mappings durable). New fills start only under the engine lock, which
+    /// the caller holds.
+    pub fn wait_no_fills(&self) {
+        let mut st = self.lock();
+        while !st.filling.is_empty() {
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wait until no write is in flight (a snapshot must not change after
+    /// it is taken). The caller holds the engine lock.
+    pub fn wait_no_writes(&self) {
+        let mut st = self.lock();
+        while st.writes > 0 {
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn pins_and_fills_are_released_by_their_ticket() {
+        let f = Arc::new(InFlight::default());
+        let t = f.begin(vec![5, 6], vec![6], true);
+        assert!(f.is_pinned(5) && f.is_pinned(6));
+        let f2 = f.clone();
+        let waiter = std::thread::spawn(move || {
+            f2.wait_filled(&[6]);
+            f2.wait_no_writes();
+            f2.is_pinned(6)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "waits for the fill");
+        f.end(t);
+        assert!(!waiter.join().unwrap());
+        assert!(!f.is_pinned(5));
+    }
+}

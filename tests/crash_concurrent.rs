@@ -199,8 +199,7 @@ fn verify(t: &Trace, img: Vec<u8>, cut: usize, what: &str) {
             let older = hist
                 .into_iter()
                 .flatten()
-                .filter(|(i, _)| *i <= durable)
-                .last();
+                .rfind(|(i, _)| *i <= durable);
             match older {
                 Some((_, v)) => allowed.push(v),
                 None => allowed.push(&t.base[vb as usize * bs..(vb as usize + 1) * bs]),

@@ -124,6 +124,9 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
 pub struct Server {
     sh: Arc<Shared>,
     session: Option<thread::JoinHandle<std::io::Result<()>>>,
+    /// The acceptor and the ticker: joined on exit, so that the pool (and
+    /// its lock) is let go of by the time `wait` returns.
+    helpers: Vec<thread::JoinHandle<()>>,
     _cleanup: Cleanup,
 }
 
@@ -213,21 +216,27 @@ impl Server {
         let session = thread::Builder::new()
             .name("fuse".into())
             .spawn(move || session.run())?;
+        let mut helpers = Vec::new();
         {
             let sh = sh.clone();
-            thread::Builder::new()
-                .name("control".into())
-                .spawn(move || accept_loop(listener, sh))?;
+            helpers.push(
+                thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || accept_loop(listener, sh))?,
+            );
         }
         {
             let sh = sh.clone();
-            thread::Builder::new()
-                .name("ticker".into())
-                .spawn(move || ticker(sh))?;
+            helpers.push(
+                thread::Builder::new()
+                    .name("ticker".into())
+                    .spawn(move || ticker(sh))?,
+            );
         }
         Ok(Server {
             sh,
             session: Some(session),
+            helpers,
             _cleanup: cleanup,
         })
     }
@@ -259,6 +268,7 @@ impl Server {
         };
         self.end();
         let commit = self.sh.commit();
+        self.join_helpers();
         res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
         commit?;
         Ok(())
@@ -280,6 +290,12 @@ impl Server {
             eprintln!("thinpool: stopped serving {}", sh.pool_path.display());
         }
     }
+
+    fn join_helpers(&mut self) {
+        for h in self.helpers.drain(..) {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Drop for Server {
@@ -291,6 +307,7 @@ impl Drop for Server {
             let _ = t.join();
         }
         self.end();
+        self.join_helpers();
     }
 }
 

@@ -30,15 +30,19 @@ const LANES: u64 = 4; // lane LANES-1 is never written
 const READERS: u64 = 2;
 
 fn pattern(tag: u64, round: u64, len: usize) -> Vec<u8> {
-    let mut x = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut r = Rng::new(tag << 32 ^ round);
+    (0..len).map(|_| r.next_u64() as u8).collect()
+}
+
+/// The last lane of the block at `start` of volume `id` still holds the base's bytes.
+fn untouched_lane_ok(pool: &SharedPool, base: &[u8], id: VolumeId, start: u64, lane: usize) {
+    let off = start as usize + (LANES as usize - 1) * lane;
+    let mut buf = vec![0u8; lane];
+    pool.read(id, off as u64, &mut buf).unwrap();
+    assert!(
+        buf == base[off..off + lane],
+        "volume {id}: the untouched lane at byte {off} changed"
+    );
 }
 
 struct Setup {
@@ -152,13 +156,7 @@ fn run(s: Setup) {
                     "base read at {at}"
                 );
                 let vb = rng.below(blocks);
-                let off = (vb * bs + (LANES - 1) * lane as u64) as usize;
-                let mut buf = vec![0u8; lane];
-                pool.read(shared, off as u64, &mut buf).unwrap();
-                assert!(
-                    buf == base[off..off + lane],
-                    "untouched lane of block {vb} changed"
-                );
+                untouched_lane_ok(&pool, &base, shared, vb * bs, lane);
             }
         }));
     }
@@ -174,13 +172,7 @@ fn run(s: Setup) {
                 pool.with(|p| p.snapshot("shared", &snap, false)).unwrap();
                 let sid = pool.read_engine().lookup(&snap).unwrap();
                 let vb = rng.below(blocks);
-                let off = (vb * bs + (LANES - 1) * lane as u64) as usize;
-                let mut buf = vec![0u8; lane];
-                pool.read(sid, off as u64, &mut buf).unwrap();
-                assert!(
-                    buf == base[off..off + lane],
-                    "{snap}: untouched lane changed"
-                );
+                untouched_lane_ok(&pool, &base, sid, vb * bs, lane);
                 if i > 2 {
                     let old = format!("snap{}", i - 2);
                     pool.with(|p| p.remove_volume(&old)).unwrap();

@@ -53,15 +53,8 @@ impl Storage for SlowSync {
 }
 
 fn pattern(tag: u64, round: u64, len: usize) -> Vec<u8> {
-    let mut x = (tag + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ round;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut r = Rng::new((tag + 1) << 32 ^ round);
+    (0..len).map(|_| r.next_u64() as u8).collect()
 }
 
 /// One thread's record: each block's versions (after which write, contents),
@@ -196,10 +189,7 @@ fn verify(t: &Trace, img: Vec<u8>, cut: usize, what: &str) {
             let got = &all[vb as usize * bs..(vb as usize + 1) * bs];
             let hist = h.versions.get(&vb);
             let mut allowed: Vec<&[u8]> = Vec::new();
-            let older = hist
-                .into_iter()
-                .flatten()
-                .rfind(|(i, _)| *i <= durable);
+            let older = hist.into_iter().flatten().rfind(|(i, _)| *i <= durable);
             match older {
                 Some((_, v)) => allowed.push(v),
                 None => allowed.push(&t.base[vb as usize * bs..(vb as usize + 1) * bs]),

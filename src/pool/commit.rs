@@ -41,7 +41,7 @@ pub(crate) fn write_sealed(storage: &dyn Storage, s: &Sealed) -> Result<()> {
 
 impl Pool {
     pub(super) fn update_reserve(&mut self) {
-        let n = self.rc_layout.worst_case_pages() + self.catalog.layout.worst_case_pages() + 4;
+        let n = self.rc_layout.worst_case_pages() + self.catalog.layout().worst_case_pages() + 4;
         self.space.set_commit_reserve(n);
     }
 
@@ -131,8 +131,7 @@ impl Pool {
         // Shadowing a page allocates, which dirties refcount pages: repeat
         // until every dirty page has a home the last commit does not use.
         loop {
-            let cat_dirty = self.catalog.dirty_pages().clone();
-            let a = self.catalog.layout.shadow(&cat_dirty, &mut self.space)?;
+            let a = self.catalog.shadow(&mut self.space)?;
             let rc_dirty = self.space.dirty_pages().clone();
             let b = self.rc_layout.shadow(&rc_dirty, &mut self.space)?;
             if !a && !b {
@@ -156,7 +155,7 @@ impl Pool {
         self.sb.metadata_blocks = self.space.meta();
         self.sb.catalog_slots = self.catalog.n_slots();
         self.sb.rc_index = self.rc_layout.index_pointers().to_vec();
-        self.sb.cat_index = self.catalog.layout.index_pointers().to_vec();
+        self.sb.cat_index = self.catalog.layout().index_pointers().to_vec();
         // Pages of this generation are ours to read back from now on.
         self.nodes.set_generation(generation);
         self.catalog.clear_dirty();

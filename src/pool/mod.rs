@@ -192,7 +192,7 @@ impl Pool {
     /// Blocks holding the refcount and catalog tables (data and index pages).
     pub(crate) fn table_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let rc = &self.rc_layout;
-        let cat = &self.catalog.layout;
+        let cat = self.catalog.layout();
         rc.page_locations()
             .iter()
             .chain(rc.index_pointers())

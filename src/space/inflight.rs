@@ -10,6 +10,7 @@
 //! waits for every fill, because it is about to make that mapping durable.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 #[derive(Default)]
@@ -17,6 +18,9 @@ struct State {
     pins: HashMap<u64, u32>,
     filling: HashMap<u64, u32>,
     writes: usize,
+    /// Threads waiting on `done`: wake them only if there are any (a
+    /// wake-up is a system call, and most requests have nobody waiting).
+    waiters: usize,
 }
 
 /// Blocks with I/O in flight (see the module docs).
@@ -24,6 +28,8 @@ struct State {
 pub struct InFlight {
     state: Mutex<State>,
     done: Condvar,
+    /// Blocks being filled, readable without the lock: most reads find none.
+    fills: AtomicUsize,
 }
 
 /// What one request has in flight: released by [`InFlight::end`].
@@ -50,6 +56,9 @@ impl InFlight {
     /// blocks among them that get their first contents; `write` counts the
     /// request as a write in flight.
     pub fn begin(&self, blocks: Vec<u64>, fills: Vec<u64>, write: bool) -> Ticket {
+        if blocks.is_empty() && !write {
+            return Ticket::default();
+        }
         let mut st = self.lock();
         for &b in &blocks {
             *st.pins.entry(b).or_insert(0) += 1;
@@ -57,6 +66,7 @@ impl InFlight {
         for &b in &fills {
             *st.filling.entry(b).or_insert(0) += 1;
         }
+        self.fills.fetch_add(fills.len(), Ordering::SeqCst);
         st.writes += write as usize;
         Ticket {
             pins: blocks,
@@ -70,6 +80,7 @@ impl InFlight {
         if t.pins.is_empty() && !t.write {
             return;
         }
+        let n_fills = t.fills.len();
         let mut st = self.lock();
         for b in t.pins {
             if let Some(n) = st.pins.get_mut(&b) {
@@ -88,8 +99,22 @@ impl InFlight {
             }
         }
         st.writes -= t.write as usize;
+        self.fills.fetch_sub(n_fills, Ordering::SeqCst);
+        let wake = st.waiters > 0;
         drop(st);
-        self.done.notify_all();
+        if wake {
+            self.done.notify_all();
+        }
+    }
+
+    /// Wait on `done` until `busy` is false.
+    fn wait_while(&self, mut busy: impl FnMut(&State) -> bool) {
+        let mut st = self.lock();
+        while busy(&st) {
+            st.waiters += 1;
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiters -= 1;
+        }
     }
 
     pub fn is_pinned(&self, b: u64) -> bool {
@@ -98,29 +123,25 @@ impl InFlight {
 
     /// Wait until none of `blocks` is being filled.
     pub fn wait_filled(&self, blocks: &[u64]) {
-        let mut st = self.lock();
-        while blocks.iter().any(|b| st.filling.contains_key(b)) {
-            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        // A fill of one of these was registered before the caller planned
+        // (both under the engine lock), so a zero here means none is left.
+        if self.fills.load(Ordering::SeqCst) == 0 {
+            return;
         }
+        self.wait_while(|st| blocks.iter().any(|b| st.filling.contains_key(b)));
     }
 
     /// Wait until no block is being filled (a commit is about to make their
     /// mappings durable). New fills start only under the engine lock, which
     /// the caller holds.
     pub fn wait_no_fills(&self) {
-        let mut st = self.lock();
-        while !st.filling.is_empty() {
-            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        self.wait_while(|st| !st.filling.is_empty());
     }
 
     /// Wait until no write is in flight (a snapshot must not change after
     /// it is taken). The caller holds the engine lock.
     pub fn wait_no_writes(&self) {
-        let mut st = self.lock();
-        while st.writes > 0 {
-            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        self.wait_while(|st| st.writes > 0);
     }
 }
 

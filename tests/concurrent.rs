@@ -91,7 +91,7 @@ fn run(s: Setup) {
                         pool.discard(id, at, len).unwrap();
                         model[a..a + l].fill(0);
                     }
-                    1 => pool.flush().unwrap(),
+                    1 => pool.flush_volume(id).unwrap(),
                     _ => {
                         let d = pattern(t, round, l);
                         pool.write(id, at, &d).unwrap();

@@ -134,7 +134,8 @@ fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
                             .push((i, model[b].to_vec()));
                     }
                     if rng.below(3) == 0 {
-                        pool.flush().unwrap();
+                        // What an fsync of the volume does.
+                        pool.flush_volume(id).unwrap();
                         h.flushes.push((pos(), i));
                     }
                 }

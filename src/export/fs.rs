@@ -88,8 +88,14 @@ impl ThinFs {
         Ok(self.attr(ino_of(id).0, size, false, ro))
     }
 
-    fn commit(&self) -> Result<(), Errno> {
-        self.sh.commit().map_err(|e| errno(&e))
+    /// Make what was written to `ino` durable: a commit that covers the
+    /// volume's writes, shared with other flushes (group commit).
+    fn commit(&self, ino: INodeNo) -> Result<(), Errno> {
+        let r = match id_of(ino) {
+            Some(id) => self.sh.pool.flush_volume(id),
+            None => self.sh.commit(),
+        };
+        r.map_err(|e| errno(&e))
     }
 }
 
@@ -272,16 +278,14 @@ impl Filesystem for ThinFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2): commit only if something was written since the last commit.
-        if self.sh.pool.is_dirty() {
-            if let Err(e) = self.commit() {
-                return reply.error(e);
-            }
+        // close(2): commit only if this volume was written since its last commit.
+        if let Err(e) = self.commit(ino) {
+            return reply.error(e);
         }
         reply.ok();
     }
@@ -289,12 +293,12 @@ impl Filesystem for ThinFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.commit() {
+        match self.commit(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

@@ -23,6 +23,7 @@
 //!    flush with nothing written since the last seal waits only for the
 //!    commit in flight, if any.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -76,6 +77,11 @@ pub struct SharedPool {
     dirty: AtomicBool,
     commit_lock: Mutex<()>,
     group: Mutex<Group>,
+    /// `group.started`, readable without the lock.
+    started: AtomicU64,
+    /// Per volume: the first commit that covers everything written to it
+    /// so far (a flush of the volume waits for that one, no later).
+    needs: Mutex<HashMap<VolumeId, u64>>,
     counters: Counters,
 }
 
@@ -88,6 +94,8 @@ impl SharedPool {
             dirty: AtomicBool::new(false),
             commit_lock: Mutex::new(()),
             group: Mutex::new(Group::default()),
+            started: AtomicU64::new(0),
+            needs: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
@@ -142,8 +150,7 @@ impl SharedPool {
                     .plan_write(id, offset + pos as u64, &data[pos..]);
             let planned = plan.planned;
             let ran = plan.run(&*self.storage, &self.inflight, &data[pos..]);
-            // Set after the data is in: a commit that clears it covers it.
-            self.dirty.store(true, Ordering::SeqCst);
+            self.written(id);
             if let Err(e) = ran {
                 self.write_engine().fail(&format!("data write failed: {e}"));
                 return Err(e);
@@ -167,26 +174,52 @@ impl SharedPool {
     /// Unmap the whole blocks of the range, zero the rest.
     pub fn discard(&self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
         let r = self.with(|p| p.discard(id, offset, len));
-        self.dirty.store(true, Ordering::SeqCst);
+        self.written(id);
         r
+    }
+
+    /// Note a write (or discard) of `id` whose data is in the pool file.
+    fn written(&self, id: VolumeId) {
+        // Set after the data is in: a commit that seals after this covers
+        // it, and the next one to start (`started + 1`) does seal after.
+        self.dirty.store(true, Ordering::SeqCst);
+        let need = self.started.load(Ordering::SeqCst) + 1;
+        let mut needs = self.needs.lock().unwrap_or_else(|p| p.into_inner());
+        let n = needs.entry(id).or_insert(0);
+        *n = (*n).max(need);
     }
 
     /// Make every write acknowledged before this call durable, sharing the
     /// commit with every other flush waiting for one (group commit).
     pub fn flush(&self) -> Result<()> {
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         let fresh = self.dirty.load(Ordering::SeqCst);
+        // Nothing new: only a commit already under way may be needed.
+        let target = self.started.load(Ordering::SeqCst) + fresh as u64;
+        self.flush_to(target)
+    }
+
+    /// Make every write to volume `id` acknowledged before this call durable
+    /// (fsync of one volume): a commit that started after the last of them
+    /// covers them, even if it started for another volume's flush.
+    pub fn flush_volume(&self, id: VolumeId) -> Result<()> {
         let target = {
+            let needs = self.needs.lock().unwrap_or_else(|p| p.into_inner());
+            needs.get(&id).copied().unwrap_or(0)
+        };
+        self.flush_to(target)
+    }
+
+    /// Wait for commit number `target` to be done, running it if nobody is.
+    fn flush_to(&self, target: u64) -> Result<()> {
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        {
             let g = self.lock_group();
-            // Nothing new: only a commit already under way may be needed.
-            let target = if fresh { g.started + 1 } else { g.started };
             if g.done >= target {
                 drop(g);
                 self.counters.flushes_free.fetch_add(1, Ordering::Relaxed);
                 return self.read_engine().check_ok();
             }
-            target
-        };
+        }
         let _commits = self.lock_commits();
         let mine = {
             let mut g = self.lock_group();
@@ -196,6 +229,7 @@ impl SharedPool {
                 return self.read_engine().check_ok();
             }
             g.started += 1;
+            self.started.store(g.started, Ordering::SeqCst);
             g.started
         };
         let r = self.commit_now();

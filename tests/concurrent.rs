@@ -251,3 +251,97 @@ fn threads_sharing_a_served_pool_at_64k_blocks() {
         rounds: 600,
     });
 }
+
+/// Memory storage whose write of one marked full block stops until let go,
+/// then fails (a host disk that went away mid-write).
+struct FailMarked {
+    inner: MemStorage,
+    marker: u8,
+    bs: usize,
+    entered: std::sync::mpsc::SyncSender<()>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl thinpool::io::Storage for FailMarked {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if buf.len() == self.bs && buf.iter().all(|&b| b == self.marker) {
+            self.entered.send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch(offset, len)
+    }
+}
+
+/// A write that fails after planning must never have its mapping committed:
+/// a commit waiting for that block's fill must not go on to make it durable
+/// (the block still holds what a removed volume's data left there).
+#[test]
+fn a_failed_fill_is_never_committed() {
+    let bs = 4096usize;
+    let m = MemStorage::new();
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let st = FailMarked {
+        inner: m.clone(),
+        marker: 0xEE,
+        bs,
+        entered: entered_tx,
+        go: std::sync::Mutex::new(go_rx),
+    };
+    let opts = CreateOptions {
+        size: 4 << 20,
+        block_size: bs as u32,
+    };
+    let mut p = Pool::create_with(Box::new(st), Path::new("mem"), &opts).unwrap();
+    let secret_vol = p.create_volume("secret", bs as u64).unwrap();
+    let victim = p.create_volume("victim", 2 * bs as u64).unwrap();
+    let pool = Arc::new(SharedPool::new(p));
+    pool.write(victim, 0, &vec![1; bs]).unwrap(); // its map exists
+                                                  // Written and discarded in one transaction: the block is free again at
+                                                  // once, unpunched, and the next allocation takes it.
+    pool.write(secret_vol, 0, &vec![0x5E; bs]).unwrap();
+    pool.discard(secret_vol, 0, bs as u64).unwrap();
+    let writer = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.write(victim, bs as u64, &vec![0xEE; bs]))
+    };
+    entered.recv().unwrap();
+    let flusher = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.flush())
+    };
+    // Let the flush reach the wait for the fill (it holds the engine).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    go.send(()).unwrap();
+    assert!(writer.join().unwrap().is_err());
+    let flushed = flusher.join().unwrap();
+    assert!(
+        flushed.is_err(),
+        "the flush covering a failed write succeeded"
+    );
+    drop(pool);
+    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    let mut buf = vec![0u8; bs];
+    p.read(victim, bs as u64, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the failed write's block was committed: victim reads {:#x}",
+        buf[0]
+    );
+}

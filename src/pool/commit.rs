@@ -89,6 +89,11 @@ impl Pool {
     ) -> Result<Seal> {
         self.check_ok()?;
         self.space.inflight().wait_no_fills();
+        if self.space.inflight().writes_failed() {
+            // The maps point at blocks whose data never arrived.
+            self.fail("a data write failed");
+            self.check_ok()?;
+        }
         let data_dirty = std::mem::take(&mut self.data_dirty) | data_written();
         let meta_dirty = self.nodes.has_dirty()
             || !self.space.dirty_pages().is_empty()

@@ -337,6 +337,12 @@ impl ReadPlan {
     ) -> Result<()> {
         if !self.runs.is_empty() {
             inflight.wait_filled(self.ticket.pins());
+            if inflight.writes_failed() {
+                inflight.end(self.ticket);
+                return Err(Error::Corrupt(
+                    "a data write failed; reopen the pool to continue from its last commit".into(),
+                ));
+            }
         }
         for &(start, len) in &self.zeros {
             buf[start..start + len].fill(0);
@@ -372,6 +378,7 @@ impl WritePlan {
         let mut result = Ok(());
         for r in &self.runs {
             if let Err(e) = storage.write_at(&data[r.start..r.start + r.len], r.at) {
+                inflight.write_failed();
                 result = Err(e.into());
                 break;
             }

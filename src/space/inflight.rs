@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Block numbers hash to themselves: they are already well spread, and this
@@ -52,6 +52,8 @@ pub struct InFlight {
     done: Condvar,
     /// Blocks being filled, readable without the lock: most reads find none.
     fills: AtomicUsize,
+    /// A write's I/O failed: its blocks (already mapped) hold stale contents.
+    failed: AtomicBool,
 }
 
 /// What one request has in flight: released by [`InFlight::end`].
@@ -127,6 +129,18 @@ impl InFlight {
         if wake {
             self.done.notify_all();
         }
+    }
+
+    /// A request's write failed; called before its ticket ends, so whoever
+    /// waited for its fills learns of it (see [`writes_failed`](Self::writes_failed)).
+    pub fn write_failed(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// A write failed: mapped blocks may hold stale data, so nothing may be
+    /// read from them nor committed (the pool must go back to its last commit).
+    pub fn writes_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// Wait on `done` until `busy` is false.

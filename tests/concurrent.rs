@@ -345,3 +345,27 @@ fn a_failed_fill_is_never_committed() {
         buf[0]
     );
 }
+
+/// A pool handed to the server with changes not yet committed: the first
+/// flush must make them durable, not find "nothing new".
+#[test]
+fn a_flush_covers_what_the_pool_had_before_it_was_shared() {
+    let bs = 4096u64;
+    let st = thinpool::io::CrashStorage::new();
+    let opts = CreateOptions {
+        size: 4 << 20,
+        block_size: bs as u32,
+    };
+    let mut p = Pool::create_with(Box::new(st.clone()), Path::new("c"), &opts).unwrap();
+    let id = p.create_volume("v", bs).unwrap();
+    p.write(id, 0, &vec![0x42; bs as usize]).unwrap();
+    let pool = SharedPool::new(p);
+    pool.flush().unwrap();
+    let durable = st.durable();
+    pool.fail("simulated power cut");
+    drop(pool);
+    let mut p = Pool::open_with(Box::new(MemStorage::from_bytes(durable)), Path::new("c")).unwrap();
+    let mut buf = vec![0u8; bs as usize];
+    p.read(id, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42), "flushed write lost");
+}

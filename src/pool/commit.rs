@@ -68,6 +68,14 @@ impl Pool {
         }
     }
 
+    /// Something changed since the last commit (metadata, or data in place).
+    pub(crate) fn has_changes(&self) -> bool {
+        self.data_dirty
+            || self.nodes.has_dirty()
+            || !self.space.dirty_pages().is_empty()
+            || !self.catalog.dirty_pages().is_empty()
+    }
+
     /// A data-only commit: in-place writes need only reach the disk.
     pub(crate) fn sync_data(&mut self) -> Result<()> {
         self.storage.sync().map_err(|e| {

@@ -87,11 +87,13 @@ pub struct SharedPool {
 
 impl SharedPool {
     pub fn new(pool: Pool) -> SharedPool {
+        let changed = pool.has_changes();
         SharedPool {
             storage: pool.storage_arc(),
             inflight: pool.space().inflight().clone(),
             engine: RwLock::new(pool),
-            dirty: AtomicBool::new(false),
+            // What the pool had not committed yet: the first flush covers it.
+            dirty: AtomicBool::new(changed),
             commit_lock: Mutex::new(()),
             group: Mutex::new(Group::default()),
             started: AtomicU64::new(0),

@@ -16,17 +16,18 @@
 # thinpool binary are clones of one 1 GiB snapshot ("base", filled with fio's
 # data) in a pool served by `thinpool serve` in the foreground (its PID is the
 # process measured), each attached as a loop device (--direct-io=on) over its
-# served file, as `thinpool attach` does. Plain containers are copies of a plain
-# 1 GiB file, each under a loop device with --direct-io=on. Each repetition, per
-# target:
+# served file, as `thinpool attach` does. Plain containers are five copies of a
+# plain 1 GiB file, each under a loop device with --direct-io=on. Each
+# repetition, per target:
 #   read1  random read, one container alone (server CPU measured around it)
+#   intf   random read of the same container while a fifth one writes 4 KiB and
+#          fsyncs after each write (right after read1: its ratio to read1)
 #   read4  random read, four containers at once (aggregate IOPS)
-#   intf   random read of one container while another writes 4 KiB + fsync each
 #   flush4 four containers each in a write+fsync loop; the server's fdatasync and
 #          fsync calls are counted with `perf stat` (syscall tracepoints), and its
 #          commits through `info --json` when the binary reports a "commits" counter
 #   write1 random write, one container alone (server CPU measured around it)
-#   write4 random write, four containers at once
+#   write4 random write, four containers at once (right after write1)
 # A thinpool test gets fresh clones, so each repetition starts alike: reads and
 # fsync writes hit blocks still shared with the image (fsync writes copy them);
 # write1/write4 run on clones first overwritten sequentially (1 MiB), so they
@@ -169,7 +170,7 @@ setup_plain() {
     mkdir -p "$W/plain"
     truncate -s "$SIZE" "$W/plain/image"
     fill "$W/plain/image"
-    for i in 0 1 2 3; do cp "$W/plain/image" "$W/plain/c$i"; done
+    for i in 0 1 2 3 4; do cp "$W/plain/image" "$W/plain/c$i"; done
     sync
     NAMES+=(plain)
 }
@@ -224,19 +225,15 @@ run_target() { # REP NAME
     echo "load_before=$(loadavg)" >"$r/meta"
     local pid=${PID[$n]:-}
 
-    containers "$n" 1
+    # Five fresh containers: 0-3 only read, 4 writes + fsyncs. The runs whose
+    # ratio is taken follow each other: read1, intf, read4.
+    containers "$n" 5
     [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-    fio_timed "$r/read1.json" $(jobs_on randread "" "${DEVS[@]}")
+    fio_timed "$r/read1.json" $(jobs_on randread "" "${DEVS[0]}")
     [ -n "$pid" ] && c1=$(cpu_ticks "$pid") && echo "cpu_read1=$((c1 - c0))" >>"$r/meta"
-    release "$n"
-
-    containers "$n" 4
-    fio_timed "$r/read4.json" $(jobs_on randread "" "${DEVS[@]}")
-    release "$n"
-
-    containers "$n" 2
     fio_timed "$r/intf.json" --name=reader --filename="${DEVS[0]}" --rw=randread \
-        --name=fsyncer --filename="${DEVS[1]}" --rw=randwrite --fsync=1
+        --name=fsyncer --filename="${DEVS[4]}" --rw=randwrite --fsync=1
+    fio_timed "$r/read4.json" $(jobs_on randread "" "${DEVS[@]:0:4}")
     release "$n"
 
     containers "$n" 4
@@ -274,7 +271,7 @@ for t in "${TARGETS[@]}"; do
     log "setting up ${t%%=*} (${t#*=})"
     setup_thinpool "${t%%=*}" "${t#*=}"
 done
-log "setting up plain (4 copies of a $SIZE file)"
+log "setting up plain (5 copies of a $SIZE file)"
 setup_plain
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for rep in $(seq "$RUNS"); do

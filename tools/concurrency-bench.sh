@@ -25,7 +25,8 @@
 #   read4  random read, four containers at once (aggregate IOPS)
 #   flush4 four containers each in a write+fsync loop; the server's fdatasync and
 #          fsync calls are counted with `perf stat` (syscall tracepoints), and its
-#          commits through `info --json` when the binary reports a "commits" counter
+#          flushes and commits through `info --json` when the binary reports
+#          them ("commits": {"flushes", "commits", "data_syncs", ...})
 #   write1 random write, one container alone (server CPU measured around it)
 #   write4 random write, four containers at once (right after write1)
 # A thinpool test gets fresh clones, so each repetition starts alike: reads and
@@ -209,17 +210,14 @@ release() { # NAME: detach DEVS; remove the clones behind them
     DEVS=()
 }
 
-commits_of() { # NAME: the pool's commit counter, if the binary reports one
+counters() { # NAME OUT: the pool's flush/commit counters, if the binary reports them
+    # (`info --json` of a served pool: "commits": {"flushes": N, "commits": N, ...})
     [ "$1" = plain ] && return 0
-    "${BIN[$1]}" info "${POOL[$1]}" --json 2>/dev/null |
-        python3 -c 'import json,sys
-try: v = json.load(sys.stdin).get("commits")
-except Exception: v = None
-print(v if isinstance(v, int) else "")'
+    "${BIN[$1]}" info "${POOL[$1]}" --json 2>/dev/null >"$2" || true
 }
 
 run_target() { # REP NAME
-    local rep=$1 n=$2 r c0 c1 k0 k1
+    local rep=$1 n=$2 r c0 c1
     r="$W/res/$rep/$n"
     mkdir -p "$r"
     echo "load_before=$(loadavg)" >"$r/meta"
@@ -237,7 +235,7 @@ run_target() { # REP NAME
     release "$n"
 
     containers "$n" 4
-    k0=$(commits_of "$n")
+    counters "$n" "$r/info-before.json"
     if [ -n "$pid" ]; then
         perf stat -x, -o "$r/perf.csv" -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync \
             -p "$pid" >/dev/null 2>&1 &
@@ -250,8 +248,7 @@ run_target() { # REP NAME
         wait "$PERF_PID" || true
         PERF_PID=""
     fi
-    k1=$(commits_of "$n")
-    [ -n "$k0" ] && [ -n "$k1" ] && echo "commits_flush4=$((k1 - k0))" >>"$r/meta"
+    counters "$n" "$r/info-after.json"
     release "$n"
 
     containers "$n" 4
@@ -326,6 +323,19 @@ def perf(rep, n):
             total += int(f[0])
     return total
 
+def counters(rep, n):
+    """Deltas of the pool's flush/commit counters over flush4, if it has them."""
+    def load(which):
+        try:
+            c = json.load(open(os.path.join(res, str(rep), n, f"info-{which}.json"))).get("commits")
+        except (OSError, ValueError):
+            return {}
+        if isinstance(c, int):
+            return {"commits": c}
+        return {k: v for k, v in c.items() if isinstance(v, int)} if isinstance(c, dict) else {}
+    a, b = load("before"), load("after")
+    return {k: b[k] - a[k] for k in a if k in b}
+
 per_run = []
 for rep in range(1, runs + 1):
     for n in names:
@@ -357,8 +367,8 @@ for rep in range(1, runs + 1):
         calls = perf(rep, n)
         if calls is not None:
             d["flush4_server_fdatasync_fsync_per_s"] = calls / f4_secs
-        if "commits_flush4" in meta:
-            d["flush4_commits_per_s"] = int(meta["commits_flush4"]) / f4_secs
+        for k, v in counters(rep, n).items():
+            d["flush4_" + k + "_per_s"] = v / f4_secs
         per_run.append(d)
 
 def stat(n, key):
@@ -381,7 +391,12 @@ rows = [
     ("server CPU per 4 KiB random write (µs)", "cpu_us_per_write", "{:.1f}"),
     ("four write+fsync loops: fsyncs/s seen by fio (sum)", "flush4_fsyncs_per_s", "{:,.0f}"),
     ("  fdatasync+fsync calls/s of the server (perf)", "flush4_server_fdatasync_fsync_per_s", "{:,.0f}"),
-    ("  commits/s of the pool (its counter)", "flush4_commits_per_s", "{:,.0f}"),
+    ("  flushes/s the pool received (its counters, where it has them)", "flush4_flushes_per_s", "{:,.0f}"),
+    ("  … of which shared another flush's commit", "flush4_flushes_shared_per_s", "{:,.0f}"),
+    ("  … of which had nothing to wait for", "flush4_flushes_free_per_s", "{:,.0f}"),
+    ("  metadata commits/s of the pool (two fdatasyncs each)", "flush4_commits_per_s", "{:,.0f}"),
+    ("  data-only syncs/s of the pool (one fdatasync each)", "flush4_data_syncs_per_s", "{:,.0f}"),
+    ("  fdatasyncs/s by the pool's count", "flush4_fdatasyncs_per_s", "{:,.0f}"),
 ]
 summary = {n: {k: stat(n, k) for _, k, _ in rows} for n in names}
 

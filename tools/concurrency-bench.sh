@@ -67,7 +67,7 @@ done
 [ ${#TARGETS[@]} -gt 0 ] || die "give at least one NAME=THINPOOL_BIN (see --help)"
 [ "$(id -u)" = 0 ] || die "needs root (FUSE, loop devices)"
 case "$RUNS$RUNTIME" in *[!0-9]*) die "--runs and --runtime take whole numbers" ;; esac
-[ "$RUNS" -ge 1 ] && [ "$RUNTIME" -ge 1 ] || die "--runs and --runtime must be at least 1"
+if [ "$RUNS" -lt 1 ] || [ "$RUNTIME" -lt 1 ]; then die "--runs and --runtime must be at least 1"; fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 "$ROOT/tools/bench-setup.sh"
@@ -138,11 +138,14 @@ fill() { # sequential 1 MiB write over whole targets, concurrently: FILE...
     for f in "$@"; do args+=(--name="fill$i" --filename="$f"); i=$((i + 1)); done
     fio "${FIO_COMMON[@]}" --bs=1M --rw=write --size="$SIZE" --output=/dev/null "${args[@]}" >/dev/null
 }
-jobs_on() { # RW EXTRA DEV...: one job per device
+JOBS=()
+jobs_on() { # RW EXTRA DEV... -> JOBS: fio arguments of one job per device
     local rw=$1 extra=$2 i=0 d
     shift 2
+    JOBS=()
     for d in "$@"; do
-        echo "--name=c$i" "--filename=$d" "--rw=$rw" $extra
+        JOBS+=("--name=c$i" "--filename=$d" "--rw=$rw")
+        [ -z "$extra" ] || JOBS+=("$extra")
         i=$((i + 1))
     done
 }
@@ -220,8 +223,19 @@ counters() { # NAME OUT: the pool's flush/commit counters, if the binary reports
     "${BIN[$1]}" info "${POOL[$1]}" --json 2>/dev/null >"$2" || true
 }
 
+alone() { # RESDIR TEST RW DEV [SERVER_PID]: one container; the server's CPU ticks around it
+    local r=$1 test=$2 rw=$3 dev=$4 pid=${5:-} c0=0 c1
+    jobs_on "$rw" "" "$dev"
+    [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
+    fio_timed "$r/$test.json" "${JOBS[@]}"
+    if [ -n "$pid" ]; then
+        c1=$(cpu_ticks "$pid")
+        echo "cpu_$test=$((c1 - c0))" >>"$r/meta"
+    fi
+}
+
 run_target() { # REP NAME
-    local rep=$1 n=$2 r c0 c1
+    local rep=$1 n=$2 r
     r="$W/res/$rep/$n"
     mkdir -p "$r"
     # Dirty pool-file pages of earlier tests are written back now, not during these.
@@ -232,15 +246,12 @@ run_target() { # REP NAME
     # Five fresh containers: 0-3 only read, 4 writes + fsyncs. The runs whose
     # ratio is taken follow each other: read1, intf, read1b, read4.
     containers "$n" 5
-    [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-    fio_timed "$r/read1.json" $(jobs_on randread "" "${DEVS[0]}")
-    [ -n "$pid" ] && c1=$(cpu_ticks "$pid") && echo "cpu_read1=$((c1 - c0))" >>"$r/meta"
+    alone "$r" read1 randread "${DEVS[0]}" "$pid"
     fio_timed "$r/intf.json" --name=reader --filename="${DEVS[0]}" --rw=randread \
         --name=fsyncer --filename="${DEVS[4]}" --rw=randwrite --fsync=1
-    [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-    fio_timed "$r/read1b.json" $(jobs_on randread "" "${DEVS[0]}")
-    [ -n "$pid" ] && c1=$(cpu_ticks "$pid") && echo "cpu_read1b=$((c1 - c0))" >>"$r/meta"
-    fio_timed "$r/read4.json" $(jobs_on randread "" "${DEVS[@]:0:4}")
+    alone "$r" read1b randread "${DEVS[0]}" "$pid"
+    jobs_on randread "" "${DEVS[@]:0:4}"
+    fio_timed "$r/read4.json" "${JOBS[@]}"
     release "$n"
 
     containers "$n" 4
@@ -251,7 +262,8 @@ run_target() { # REP NAME
         PERF_PID=$!
         sleep 0.5 # let perf attach before the load starts
     fi
-    fio_timed "$r/flush4.json" $(jobs_on randwrite --fsync=1 "${DEVS[@]}")
+    jobs_on randwrite --fsync=1 "${DEVS[@]}"
+    fio_timed "$r/flush4.json" "${JOBS[@]}"
     if [ -n "$PERF_PID" ]; then
         kill -INT "$PERF_PID"
         wait "$PERF_PID" || true
@@ -263,10 +275,9 @@ run_target() { # REP NAME
     containers "$n" 4
     fill "${DEVS[@]}"
     sync
-    [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-    fio_timed "$r/write1.json" $(jobs_on randwrite "" "${DEVS[0]}")
-    [ -n "$pid" ] && c1=$(cpu_ticks "$pid") && echo "cpu_write1=$((c1 - c0))" >>"$r/meta"
-    fio_timed "$r/write4.json" $(jobs_on randwrite "" "${DEVS[@]}")
+    alone "$r" write1 randwrite "${DEVS[0]}" "$pid"
+    jobs_on randwrite "" "${DEVS[@]}"
+    fio_timed "$r/write4.json" "${JOBS[@]}"
     release "$n"
     echo "load_after=$(loadavg)" >>"$r/meta"
 }

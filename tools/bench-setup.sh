@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install what the cowbench harness needs (Debian packages). Idempotent and quiet:
+# Install what the benchmark harnesses need (cowbench; perf for
+# tools/concurrency-bench.sh), as Debian packages. Idempotent and quiet:
 # packages already present are left alone; run as root.
 set -euo pipefail
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have fio || need+=(fio)
+have perf || need+=(linux-perf)
 have mkfs.btrfs || need+=(btrfs-progs)
 { have qemu-img && have qemu-storage-daemon; } || need+=(qemu-utils)
 have mkfs.ext4 || need+=(e2fsprogs)

@@ -16,7 +16,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use crate::error::{Error, Result};
 use crate::format::{PageType, ANNOT_INDEX_MAX, PAGE_HEADER_SIZE};
 use crate::io::Storage;
-use crate::space::PagedArray;
+use crate::pdata::PagedArray;
 
 /// Largest annotation of one volume.
 pub const ANNOTATION_MAX: usize = 1 << 20;

@@ -211,9 +211,11 @@ impl Snapshotter {
             .stderr(log)
             .spawn()
             .unwrap();
+        let ready = |log: &str| log.matches("answering containerd").count();
+        let before = ready(&self.log());
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !self.log().contains("answering containerd") {
+        while ready(&self.log()) == before {
             let exited = self.child.as_mut().unwrap().try_wait().unwrap();
             assert!(
                 exited.is_none() && std::time::Instant::now() < deadline,
@@ -226,6 +228,13 @@ impl Snapshotter {
 
     fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn info(&self) -> serde_json::Value {
@@ -348,11 +357,7 @@ fn thinpool_pull_run_share_and_free() {
         ctrd.log(),
         snap.log()
     );
-    assert_eq!(
-        snap.snapshot_volumes(),
-        2,
-        "the container's snapshot is gone"
-    );
+    ctrd.wait_for("GC of c1's snapshot", || snap.snapshot_volumes() == 2);
     snap.check();
 
     // A second image on the same base unpacks only its own layer.
@@ -418,4 +423,94 @@ fn thinpool_pull_run_share_and_free() {
     assert!(!containerd::alive(snap_pid), "snapshotter still runs");
     assert!(containerd::mounts_under(&export).is_empty());
     assert!(containerd::loops_under(&export).is_empty());
+}
+
+#[test]
+fn thinpool_kill9_during_pull_recovers_from_the_pool() {
+    require(TOOLS);
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::init(work.path());
+    layout.layer(None, "base", busybox_rootfs);
+    // A layer large enough to take a moment to unpack.
+    let mut sums = String::new();
+    layout.layer(Some("base"), "big", |r| {
+        containerd::sh(
+            "mkdir big && for i in 1 2 3 4; do head -c 16M /dev/urandom > big/f$i; done",
+            r,
+        );
+        sums = containerd::sh("cd big && sha256sum f1 f4", r);
+    });
+    let registry = Registry::start();
+    let big = layout.push("big", &registry, "big");
+    let mut snap = Snapshotter::new();
+    let ctrd = Containerd::start(&[snap.proxy()]);
+
+    let mut pull = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["-n", &ctrd.namespace, "image", "pull", "--plain-http"])
+        .args(["--snapshotter", SNAP, &big])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 while a layer is being unpacked into an active snapshot.
+    ctrd.wait_for("an active snapshot", || {
+        snap.volumes().iter().any(|v| {
+            v["name"].as_str().unwrap().starts_with("ctrd-") && !v["read_only"].as_bool().unwrap()
+        })
+    });
+    snap.kill9();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pull.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "ctr pull hangs");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Started again, it finds its state in the pool alone.
+    snap.start();
+    snap.check();
+    // containerd's gRPC connection to the proxy reconnects with a backoff:
+    // the first calls after the restart may fail "unavailable". Retry.
+    let pull_args = ["image", "pull", "--plain-http", "--snapshotter", SNAP, &big];
+    let mut tries = 0;
+    while !ctrd.ctr(&pull_args).unwrap().ok() {
+        tries += 1;
+        assert!(tries < 20, "pull fails after the restart:\n{}", snap.log());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    snap.check();
+    let mut ctrd = ctrd;
+    let out = ctrd.run(
+        SNAP,
+        &big,
+        "reader",
+        &["sh", "-c", "cd /big && sha256sum f1 f4 && ls /bin/busybox"],
+    );
+    assert!(out.ok(), "{out:?}\n{}", snap.log());
+    assert_eq!(
+        out.stdout,
+        format!("{sums}/bin/busybox\n"),
+        "the layer's files"
+    );
+
+    // Once containerd's GC has run (and called Cleanup), the pool holds no
+    // volume containerd does not know: only the template.
+    ctrd.remove_images();
+    ctrd.wait_for("GC of every snapshot", || snap.snapshot_volumes() == 0);
+    let names: Vec<String> = snap
+        .volumes()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["ctrd-template"]);
+    snap.check();
+    eprintln!("{}", snap.log());
+    let (dir, export) = (ctrd.dir().to_path_buf(), snap.export());
+    drop(ctrd);
+    drop(snap);
+    for d in [dir, export] {
+        assert!(containerd::mounts_under(&d).is_empty(), "mounts left");
+        assert!(containerd::loops_under(&d).is_empty(), "loop devices left");
+    }
 }

@@ -67,6 +67,8 @@ fn overlayfs_pull_and_run() {
         ctrd.log()
     );
     assert!(ctrd.snapshots("overlayfs").len() >= 2);
+    // The baseline docs/CONTAINERD.md compares thinpool's figures with.
+    five_containers(&mut ctrd, "overlayfs");
     // A task left running is what a failing test leaves: drop must clear it.
     ctrd.start_task("overlayfs", &app, "left", &["sleep", "600"]);
     let survivors = Survivors::of(&ctrd, &registry);
@@ -306,9 +308,46 @@ fn build_three(work: &Path) -> Layout {
     l
 }
 
+/// The Docker docs' example: five running containers of `app`, three of
+/// which wrote a 5-byte file (w0..w2; w3, w4 wrote nothing). Checks and
+/// prints what `ctr snapshots usage` shows; returns (writers, idle) bytes.
+fn five_containers(ctrd: &mut Containerd, snapshotter: &str) -> (Vec<u64>, Vec<u64>) {
+    let app = ctrd.ctr_ok(&["image", "ls", "-q"]);
+    let app = app
+        .lines()
+        .find(|l| l.ends_with(":app"))
+        .expect("image app pulled")
+        .to_string();
+    for i in 0..5 {
+        let cmd = if i < 3 {
+            "printf hello > /hello && sync && echo ready && sleep 600"
+        } else {
+            "sync && echo ready && sleep 600"
+        };
+        ctrd.start_task(snapshotter, &app, &format!("w{i}"), &["sh", "-c", cmd]);
+    }
+    // The writes are flushed when each task's `sync` has run.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let u = usage(ctrd, snapshotter);
+    eprintln!("ctr snapshots --snapshotter {snapshotter} usage:\n{u:#?}");
+    let w: Vec<u64> = (0..3).map(|i| u[&format!("w{i}")]).collect();
+    let idle: Vec<u64> = (3..5).map(|i| u[&format!("w{i}")]).collect();
+    for (i, x) in w.iter().enumerate() {
+        assert!(*x > 0, "w{i} wrote but uses nothing");
+        assert!(*x <= 1 << 20, "w{i} uses {x} bytes for 5 bytes");
+    }
+    for x in &idle {
+        assert!(
+            w.iter().all(|y| y > x),
+            "an idle container uses as much as a writer: {u:?}"
+        );
+    }
+    (w, idle)
+}
+
 /// `ctr snapshots usage`: snapshot name -> bytes.
-fn usage(c: &Containerd) -> std::collections::BTreeMap<String, u64> {
-    let out = c.ctr_ok(&["snapshots", "--snapshotter", SNAP, "usage"]);
+fn usage(c: &Containerd, snapshotter: &str) -> std::collections::BTreeMap<String, u64> {
+    let out = c.ctr_ok(&["snapshots", "--snapshotter", snapshotter, "usage"]);
     out.lines()
         .skip(1)
         .filter_map(|l| {
@@ -367,33 +406,7 @@ fn thinpool_pull_run_share_and_free() {
 
     // The Docker docs' example: five containers, three write 5 bytes.
     let before = snap.data_used();
-    for i in 0..5 {
-        let cmd = if i < 3 {
-            "printf hello > /hello && sync && sleep 600"
-        } else {
-            "sync && sleep 600"
-        };
-        ctrd.start_task(SNAP, &app, &format!("w{i}"), &["sh", "-c", cmd]);
-    }
-    // The writes are flushed when the task's `sync` has run.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let u = usage(&ctrd);
-    eprintln!("ctr snapshots usage:\n{u:#?}");
-    let (w, idle): (Vec<u64>, Vec<u64>) = {
-        let w = (0..3).map(|i| u[&format!("w{i}")]).collect();
-        let idle = (3..5).map(|i| u[&format!("w{i}")]).collect();
-        (w, idle)
-    };
-    for (i, x) in w.iter().enumerate() {
-        assert!(*x > 0, "w{i} wrote but uses nothing");
-        assert!(*x <= 1 << 20, "w{i} uses {x} bytes for 5 bytes");
-    }
-    for x in &idle {
-        assert!(
-            w.iter().all(|y| y > x),
-            "an idle container uses as much as a writer: {u:?}"
-        );
-    }
+    five_containers(&mut ctrd, SNAP);
     snap.check();
     for i in 0..5 {
         ctrd.remove_container(&format!("w{i}"));

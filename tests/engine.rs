@@ -411,7 +411,10 @@ fn make_version_1(m: &MemStorage) {
         // The salt is whatever makes the stored checksum right.
         let stored = u32::from_le_bytes(b[12..16].try_into().unwrap());
         let salt = stored ^ crc32fast::hash(&b[16..]);
-        assert!(b[2656..2800].iter().all(|&x| x == 0), "annotation fields in use");
+        assert!(
+            b[2656..2800].iter().all(|&x| x == 0),
+            "annotation fields in use"
+        );
         b[8..12].copy_from_slice(&1u32.to_le_bytes());
         let crc = crc32fast::hash(&b[16..]) ^ salt;
         b[12..16].copy_from_slice(&crc.to_le_bytes());
@@ -465,7 +468,8 @@ fn annotations_are_committed_with_their_volume() {
     assert_eq!(p.annotation(b), Some(&big[..]));
     assert_clean(&mut p);
     // Replace + freeze in one commit; removing a volume drops its annotation.
-    p.annotate(a, Some(b"now committed".to_vec()), true).unwrap();
+    p.annotate(a, Some(b"now committed".to_vec()), true)
+        .unwrap();
     p.remove_volume("b").unwrap();
     let mut p = reopen(&m, p);
     assert_eq!(p.annotation(a), Some(&b"now committed"[..]));

@@ -527,3 +527,33 @@ fn thinpool_kill9_during_pull_recovers_from_the_pool() {
         assert!(containerd::loops_under(&d).is_empty(), "loop devices left");
     }
 }
+
+#[test]
+fn setup_script_adds_the_proxy_plugin_once() {
+    require(&["containerd"]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("config.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/setup-containerd.sh");
+    for _ in 0..2 {
+        containerd::run_ok(
+            std::process::Command::new("sh")
+                .arg(&script)
+                .arg("--config-only")
+                .arg(&conf),
+        );
+    }
+    let text = fs::read_to_string(&conf).unwrap();
+    assert_eq!(text.matches("[proxy_plugins.thinpool]").count(), 1, "{text}");
+    // containerd itself reads it: the plugin is in its parsed configuration.
+    let dump = containerd::run_ok(
+        std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(&conf)
+            .args(["config", "dump"]),
+    );
+    assert!(
+        dump.contains("[proxy_plugins.thinpool]")
+            && dump.contains("address = \"/run/thinpool/snapshotter.sock\""),
+        "{dump}"
+    );
+}

@@ -31,7 +31,7 @@ pub struct Annotations {
     stream: Vec<u8>,
     payload: usize,
     dirty: BTreeSet<usize>,
-    pub layout: PagedArray,
+    layout: PagedArray,
 }
 
 impl Annotations {
@@ -90,6 +90,17 @@ impl Annotations {
         a.stream = bytes;
         a.layout = layout;
         Ok(a)
+    }
+
+    /// Where the table's pages live.
+    pub fn layout(&self) -> &PagedArray {
+        &self.layout
+    }
+
+    /// Give every dirty page a block the last commit does not use (see
+    /// `PagedArray::shadow`); true if it allocated anything.
+    pub fn shadow(&mut self, space: &mut crate::space::SpaceMap) -> Result<bool> {
+        self.layout.shadow(&self.dirty, space)
     }
 
     pub fn get(&self, id: u64) -> Option<&[u8]> {

@@ -23,12 +23,24 @@ impl Pool {
         annotation: Option<Vec<u8>>,
         freeze: bool,
     ) -> Result<()> {
+        self.stage_annotation(id, annotation, freeze)?;
+        self.commit()
+    }
+
+    /// `annotate` without the commit: a served pool commits it outside the
+    /// engine lock (`SharedPool::change`).
+    pub fn stage_annotation(
+        &mut self,
+        id: VolumeId,
+        annotation: Option<Vec<u8>>,
+        freeze: bool,
+    ) -> Result<()> {
         self.check_mutable()?;
         self.catalog.get(id)?;
         self.annotations.set(id, annotation)?;
         if freeze {
             self.catalog.get_mut(id)?.read_only = true;
         }
-        self.commit()
+        Ok(())
     }
 }

@@ -183,8 +183,7 @@ impl Store {
         }
         let id = self
             .server
-            .pool()
-            .create_volume(TEMPLATE_NEW, volume_size)?;
+            .change(|p| p.stage_create(TEMPLATE_NEW, volume_size))?;
         let dev = sys::losetup_attach(&self.file(TEMPLATE_NEW), false)?;
         let made = sys::run(
             std::process::Command::new("mkfs.ext4")
@@ -195,7 +194,8 @@ impl Store {
         let _ = sys::losetup_detach(&dev);
         made?;
         self.wait_released(id);
-        self.server.pool().snapshot(TEMPLATE_NEW, TEMPLATE, false)?;
+        self.server
+            .change(|p| p.stage_snapshot(TEMPLATE_NEW, TEMPLATE, false, None))?;
         self.remove_volume(id, TEMPLATE_NEW)?;
         eprintln!(
             "thinpool snapshotter: formatted the ext4 template ({})",
@@ -321,12 +321,9 @@ impl Store {
                 labels,
             };
             let volume = volume_name(key, t);
-            let id = self.server.pool().snapshot_annotated(
-                &source,
-                &volume,
-                kind == Kind::Active,
-                Some(rec.encode()),
-            )?;
+            let id = self.server.change(|p| {
+                p.stage_snapshot(&source, &volume, kind == Kind::Active, Some(rec.encode()))
+            })?;
             Found { id, volume, rec }
         };
         match self.attach(&mut loops, &found) {
@@ -386,8 +383,7 @@ impl Store {
             labels: inherited(labels),
         };
         self.server
-            .pool()
-            .annotate(f.id, Some(rec.encode()), true)?;
+            .change(|p| p.stage_annotation(f.id, Some(rec.encode()), true))?;
         Ok(())
     }
 
@@ -441,8 +437,7 @@ impl Store {
         rec.labels = inherited(rec.labels);
         rec.updated_ns = now_ns();
         self.server
-            .pool()
-            .annotate(f.id, Some(rec.encode()), false)?;
+            .change(|p| p.stage_annotation(f.id, Some(rec.encode()), false))?;
         Ok(rec)
     }
 
@@ -467,7 +462,7 @@ impl Store {
     /// (0): that would mean reading the file system.
     pub fn usage(&self, key: &str) -> Result<(i64, i64)> {
         let _g = self.lock();
-        let mut pool = self.server.pool();
+        let pool = self.server.pool();
         let f = Store::get(&pool, key)?;
         let info = pool.volume_info(&f.volume)?;
         Ok((info.exclusive_bytes as i64, 0))

@@ -3,7 +3,12 @@
 //! the open transaction is still referenced by the last commit, so it is not
 //! handed out again until that transaction commits.
 
+mod inflight;
+
+pub use inflight::{InFlight, Ticket};
+
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use bitvec::prelude::*;
 
@@ -48,6 +53,16 @@ pub struct SpaceMap {
     /// Metadata pages are freed by every commit's shadowing and taken again
     /// soon after, so punching them would only make the host reallocate.
     pending_data: Vec<u64>,
+    /// The last transaction's frees, `pending` and `pending_data` as they were
+    /// when it was sealed: its commit is being written, so they wait for it.
+    sealed: Vec<u64>,
+    sealed_data: Vec<u64>,
+    /// `was_shared` of the sealed transaction: until its commit is durable,
+    /// the commit before it is the one a crash goes back to.
+    sealed_shared: HashSet<u64>,
+    /// Freed while I/O on them was in flight: free once unpinned.
+    held: Vec<u64>,
+    inflight: Arc<InFlight>,
     /// Refcount pages (index into the persistent array) changed in this transaction.
     dirty_pages: BTreeSet<usize>,
     per_page: usize,
@@ -81,6 +96,11 @@ impl SpaceMap {
             was_shared: HashSet::new(),
             pending: Vec::new(),
             pending_data: Vec::new(),
+            sealed: Vec::new(),
+            sealed_data: Vec::new(),
+            sealed_shared: HashSet::new(),
+            held: Vec::new(),
+            inflight: Arc::new(InFlight::default()),
             dirty_pages: BTreeSet::new(),
             per_page,
             reserved,
@@ -129,19 +149,25 @@ impl SpaceMap {
     pub fn dirty_pages(&self) -> &BTreeSet<usize> {
         &self.dirty_pages
     }
+    /// Frees wait for a commit (or for I/O in flight) before they can be used.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.sealed.is_empty() || !self.held.is_empty()
+    }
+
+    /// The registry of blocks with I/O in flight (shared with the data path).
+    pub fn inflight(&self) -> &Arc<InFlight> {
+        &self.inflight
     }
 
     /// A data block may be overwritten in place only if this volume alone
     /// holds it now and the last commit did not share it.
     pub fn can_overwrite(&self, b: u64) -> bool {
-        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared.contains(&b))
+        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared(b))
     }
 
     /// The last commit may reach `b` through a path that is not the caller's.
     pub fn was_shared(&self, b: u64) -> bool {
-        self.was_shared.contains(&b)
+        self.was_shared.contains(&b) || self.sealed_shared.contains(&b)
     }
 
     /// Mark `b` as reachable from the last commit through another path
@@ -231,22 +257,48 @@ impl SpaceMap {
         Ok(true)
     }
 
+    /// Make `b` allocatable, unless I/O on it is still in flight.
     fn release(&mut self, b: u64) {
+        if self.inflight.is_pinned(b) {
+            self.held.push(b);
+            return;
+        }
         self.free.set(b as usize, true);
         self.free_count += 1;
         self.hint = self.hint.min(b);
     }
 
-    /// After a successful commit: the deferred frees become free. Returns
-    /// the data blocks among them, whose space the caller gives back to the host.
-    pub fn end_transaction(&mut self) -> Vec<u64> {
-        for b in std::mem::take(&mut self.pending) {
+    /// The transaction's commit is being written: what changes from now on
+    /// belongs to the next one. Its frees wait for [`finish`](Self::finish).
+    pub fn seal(&mut self) {
+        debug_assert!(self.sealed.is_empty() && self.sealed_shared.is_empty());
+        self.sealed = std::mem::take(&mut self.pending);
+        self.sealed_data = std::mem::take(&mut self.pending_data);
+        self.sealed_shared = std::mem::take(&mut self.was_shared);
+        self.txn_new.fill(false);
+        self.dirty_pages.clear();
+    }
+
+    /// The sealed transaction's commit is durable: its frees become free
+    /// (those with I/O in flight once it is done). Returns the data blocks
+    /// freed, whose space the caller gives back to the host.
+    pub fn finish(&mut self) -> Vec<u64> {
+        for b in std::mem::take(&mut self.held) {
             self.release(b);
         }
-        self.txn_new.fill(false);
-        self.was_shared.clear();
-        self.dirty_pages.clear();
-        std::mem::take(&mut self.pending_data)
+        for b in std::mem::take(&mut self.sealed) {
+            self.release(b);
+        }
+        self.sealed_shared.clear();
+        let mut data = std::mem::take(&mut self.sealed_data);
+        data.retain(|&b| self.free[b as usize]);
+        data
+    }
+
+    /// Seal and finish at once (a commit with nothing running beside it).
+    pub fn end_transaction(&mut self) -> Vec<u64> {
+        self.seal();
+        self.finish()
     }
 
     /// Grow the pool to `total` blocks.

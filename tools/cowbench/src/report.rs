@@ -113,13 +113,13 @@ pub fn write_all(r: &Report, out: &Path, doc: Option<&Path>) -> Result<()> {
     std::fs::write(out.join("results.md"), md_local)?;
     if let Some(doc) = doc {
         let md = markdown(r, &rel, &plots);
-        update_doc(doc, &md)?;
+        update_doc(doc, BEGIN, END, &md)?;
     }
     Ok(())
 }
 
 /// `out` relative to `base` when `out` is below it (good enough for docs/bench vs docs).
-fn pathdiff(out: &Path, base: &Path) -> Option<String> {
+pub(crate) fn pathdiff(out: &Path, base: &Path) -> Option<String> {
     let o = std::path::absolute(out).ok()?;
     let b = std::path::absolute(base).ok()?;
     o.strip_prefix(&b)
@@ -127,11 +127,12 @@ fn pathdiff(out: &Path, base: &Path) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn update_doc(doc: &Path, section: &str) -> Result<()> {
+/// Replace the text between `begin` and `end` in `doc` (append both when missing).
+pub(crate) fn update_doc(doc: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let old = std::fs::read_to_string(doc).unwrap_or_default();
-    let block = format!("{BEGIN}\n{section}\n{END}");
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + END.len()..]),
+    let block = format!("{begin}\n{section}\n{end}");
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
         _ if old.is_empty() => format!("# Benchmarks\n\n{block}\n"),
         _ => format!("{}\n\n{block}\n", old.trim_end()),
     };
@@ -167,7 +168,7 @@ pub fn fmt_bytes(b: f64) -> String {
     }
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
@@ -198,11 +199,12 @@ fn fmt_val(v: f64, unit: &str) -> String {
     match unit {
         "B" => fmt_bytes(v),
         "containers" => format!("{v:.0}"),
+        "" => fmt_num(v),
         u => format!("{} {u}", fmt_num(v)),
     }
 }
 
-fn fmt_stat(s: &Stat) -> String {
+pub(crate) fn fmt_stat(s: &Stat) -> String {
     if s.samples.len() > 1 && (s.max - s.min).abs() > f64::EPSILON {
         let range = match s.unit.as_str() {
             "B" => format!("{}–{}", fmt_bytes(s.min), fmt_bytes(s.max)),
@@ -214,7 +216,7 @@ fn fmt_stat(s: &Stat) -> String {
     }
 }
 
-fn ratio(v: f64, base: f64) -> Option<String> {
+pub(crate) fn ratio(v: f64, base: f64) -> Option<String> {
     if base.abs() < 1e-12 || v.abs() < 1e-12 {
         return None;
     }
@@ -356,6 +358,8 @@ const COLORS: [RGBColor; 5] = [
 ];
 
 fn color_of(name: &str) -> RGBColor {
+    // containerd's native snapshotter is a full copy, like the fullcopy backend.
+    let name = if name == "native" { "fullcopy" } else { name };
     let i = crate::backends::ALL
         .iter()
         .position(|b| *b == name)
@@ -363,7 +367,7 @@ fn color_of(name: &str) -> RGBColor {
     COLORS[i % COLORS.len()]
 }
 
-type Series<'a> = Vec<(&'a str, Vec<Option<f64>>)>;
+pub(crate) type Series<'a> = Vec<(&'a str, Vec<Option<f64>>)>;
 
 fn collect<'a>(r: &'a Report, keys: &[&str]) -> Series<'a> {
     r.backends
@@ -382,7 +386,7 @@ fn collect<'a>(r: &'a Report, keys: &[&str]) -> Series<'a> {
 }
 
 /// Grouped bar chart on one drawing area: one group per metric, one bar per backend.
-fn bars<DB: DrawingBackend>(
+pub(crate) fn bars<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     y_desc: &str,

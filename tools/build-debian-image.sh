@@ -95,7 +95,8 @@ if [ "$rebuild" = 1 ] || [ ! -f "$cache/oci.complete" ]; then
         for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
             umount "${mounted[$i]}" 2>/dev/null || umount -l "${mounted[$i]}" 2>/dev/null || true
         done
-        rm -rf "$work"
+        # Never through a mount that failed to come off (the chroot binds /dev).
+        rm -rf --one-file-system "$work"
     }
     trap cleanup EXIT
     m=$(mirror)
@@ -140,7 +141,7 @@ if [ "$rebuild" = 1 ] || [ ! -f "$cache/oci.complete" ]; then
         "$r/usr/share/doc" "$r/usr/share/man" "$r/usr/share/info"
     mkdir -p "$r/var/lib/apt/lists/partial"
     umoci repack --image img:app b2 >/dev/null
-    rm -rf b2
+    rm -rf --one-file-system b2
     umoci gc --layout img
     cd "$cache"
     rm -rf "$layout"

@@ -119,6 +119,78 @@ pub fn write_all(r: &Report, out: &Path, doc: Option<&Path>) -> Result<()> {
 }
 
 /// `out` relative to `base` when `out` is below it (good enough for docs/bench vs docs).
+/// One row per metric any backend has, one column per backend; each cell is
+/// the median (and range), then the ratio to backend `base` unless the metric
+/// is in `no_ratio`.
+pub(crate) fn metric_table(
+    cols: &[BackendResult],
+    rows: &[(&str, &str)],
+    base: &str,
+    no_ratio: &[&str],
+) -> String {
+    let base = cols
+        .iter()
+        .find(|b| b.name == base && !b.metrics.is_empty());
+    let mut s = String::from("| figure |");
+    for b in cols {
+        let _ = write!(s, " {} |", b.name);
+    }
+    s.push_str("\n|---|");
+    for _ in cols {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (k, label) in rows {
+        if !cols.iter().any(|b| b.metrics.contains_key(*k)) {
+            continue;
+        }
+        let _ = write!(s, "| {label} |");
+        for b in cols {
+            let cell = match (b.status.clone(), b.metrics.get(*k)) {
+                (Status::Skipped, _) => "skipped".to_string(),
+                (_, None) => "—".to_string(),
+                (_, Some(st)) => {
+                    let mut cell = fmt_stat(st);
+                    let other = base.filter(|t| t.name != b.name && !no_ratio.contains(k));
+                    if let Some(t) = other.and_then(|t| t.metrics.get(*k)) {
+                        if let Some(rt) = ratio(st.median, t.median) {
+                            let _ = write!(cell, " · {rt}");
+                        }
+                    }
+                    cell
+                }
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Each backend's status and how its space is measured, then its notes.
+pub(crate) fn status_table(what: &str, backends: &[BackendResult]) -> String {
+    let mut s = format!("| {what} | status | how space is measured |\n|---|---|---|\n");
+    for b in backends {
+        let st = match b.status {
+            Status::Ok => "ok".to_string(),
+            Status::Skipped => format!("skipped: {}", b.reason.clone().unwrap_or_default()),
+            Status::Failed => format!(
+                "**failed**: {}",
+                b.reason.clone().unwrap_or_default().replace('|', "/")
+            ),
+        };
+        let _ = writeln!(s, "| {} | {} | {} |", b.name, st, b.space_method);
+    }
+    s.push('\n');
+    for b in backends {
+        for n in &b.notes {
+            let _ = writeln!(s, "- **{}**: {}", b.name, n);
+        }
+    }
+    s.push('\n');
+    s
+}
+
 pub(crate) fn pathdiff(out: &Path, base: &Path) -> Option<String> {
     let o = std::path::absolute(out).ok()?;
     let b = std::path::absolute(base).ok()?;
@@ -261,32 +333,7 @@ fn markdown(r: &Report, plot_dir: &str, plots: &[(&str, &str)]) -> String {
         c.runs,
         r.total_seconds
     );
-    let _ = writeln!(
-        s,
-        "| backend | status | how space is measured |\n|---|---|---|"
-    );
-    for b in &r.backends {
-        let st = match b.status {
-            Status::Ok => "ok".to_string(),
-            Status::Skipped => format!("skipped: {}", b.reason.clone().unwrap_or_default()),
-            Status::Failed => format!(
-                "**failed**: {}",
-                b.reason.clone().unwrap_or_default().replace('|', "/")
-            ),
-        };
-        let _ = writeln!(s, "| {} | {} | {} |", b.name, st, b.space_method);
-    }
-    s.push('\n');
-    for b in &r.backends {
-        for n in &b.notes {
-            let _ = writeln!(s, "- **{}**: {}", b.name, n);
-        }
-    }
-    s.push('\n');
-    let thin = r
-        .backends
-        .iter()
-        .find(|b| b.name == "thinpool" && !b.metrics.is_empty());
+    s.push_str(&status_table("backend", &r.backends));
     let cols: Vec<&BackendResult> = r.backends.iter().collect();
     for (title, expl, metrics) in TABLES {
         if !metrics
@@ -296,40 +343,7 @@ fn markdown(r: &Report, plot_dir: &str, plots: &[(&str, &str)]) -> String {
             continue;
         }
         let _ = writeln!(s, "### {title}\n\n{expl}\n");
-        let _ = write!(s, "| figure |");
-        for b in &cols {
-            let _ = write!(s, " {} |", b.name);
-        }
-        let _ = write!(s, "\n|---|");
-        for _ in &cols {
-            let _ = write!(s, "---|");
-        }
-        s.push('\n');
-        for (k, label) in metrics.iter() {
-            if !cols.iter().any(|b| b.metrics.contains_key(*k)) {
-                continue;
-            }
-            let _ = write!(s, "| {label} |");
-            for b in &cols {
-                let cell = match (b.status.clone(), b.metrics.get(*k)) {
-                    (Status::Skipped, _) => "skipped".to_string(),
-                    (_, None) => "—".to_string(),
-                    (_, Some(st)) => {
-                        let mut cell = fmt_stat(st);
-                        if b.name != "thinpool" {
-                            if let Some(t) = thin.and_then(|t| t.metrics.get(*k)) {
-                                if let Some(rt) = ratio(st.median, t.median) {
-                                    cell.push_str(&format!(" · {rt}"));
-                                }
-                            }
-                        }
-                        cell
-                    }
-                };
-                let _ = write!(s, " {cell} |");
-            }
-            s.push('\n');
-        }
+        s.push_str(&metric_table(&r.backends, metrics, "thinpool", &[]));
         if *title == "Create 100 containers" {
             if let Some(fc) = r.backends.iter().find(|b| b.name == "fullcopy") {
                 if let Some(n) = fc.metrics.get("many_extrapolated_from") {

@@ -84,6 +84,34 @@ fn usage(env: &Env, snap: &str, keys: &[String]) -> Result<u64> {
     Ok(total)
 }
 
+/// Fetch the image's blobs alone (no unpack; the same work for every
+/// snapshotter), then delete them again. Returns the fetch time in seconds.
+pub fn fetch_only(env: &Env, image: &str) -> Result<f64> {
+    drop_caches();
+    let t = Instant::now();
+    env.ctr(&["content", "fetch", "--plain-http", image])
+        .context("content fetch")?;
+    let d = secs(t.elapsed());
+    let blobs = non_empty_lines(&env.ctr(&["content", "ls", "-q"])?);
+    let mut a: Vec<&str> = vec!["content", "rm"];
+    a.extend(blobs.iter().map(|s| s.as_str()));
+    env.ctr(&a).context("content rm")?;
+    Ok(d)
+}
+
+/// Wall time of a `ctr` call that does nothing (`ctr version`): part of every
+/// `ctr` figure. Median of 10, in ms.
+pub fn ctr_call_ms(env: &Env) -> Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        env.ctr(&["version"])?;
+        v.push(ms(t.elapsed()));
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
 /// One cycle; `more` containers after the first. Samples go into `s` as they are
 /// measured, so a failure keeps what came before it.
 pub fn cycle(

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendResult, Machine, Samples, Status};
+use crate::model::{BackendResult, Machine, Samples, Stat, Status};
 use crate::util::{check_interrupt, interrupted, log, path_str, run};
 use env::Env;
 use snapshotters::Snapshotter;
@@ -59,6 +59,10 @@ pub struct CtrdReport {
     pub runs: usize,
     pub more: usize,
     pub snapshotters: Vec<BackendResult>,
+    /// `ctr content fetch` of the image alone, once per run (no unpack).
+    pub fetch_s: Option<Stat>,
+    /// A `ctr` call that does nothing (`ctr version`), ms: in every `ctr` figure.
+    pub ctr_call_ms: f64,
     pub files: Option<files::FilesCheck>,
     pub total_seconds: f64,
 }
@@ -168,7 +172,11 @@ pub fn main(o: Opts) -> Result<()> {
 
     let mut samples: Vec<Samples> = snaps.iter().map(|_| Samples::default()).collect();
     let mut failed: Vec<Option<String>> = vec![None; snaps.len()];
+    let ctr_call_ms = cycle::ctr_call_ms(&env)?;
+    let mut fetches = Vec::new();
     for r in 0..o.runs {
+        check_interrupt()?;
+        fetches.push(cycle::fetch_only(&env, &image)?);
         // Rotate the order run by run, so that no snapshotter always goes first.
         for k in 0..snaps.len() {
             let i = (k + r) % snaps.len();
@@ -218,7 +226,9 @@ pub fn main(o: Opts) -> Result<()> {
         containerd: version("containerd"),
         runc: version("runc"),
         load_before,
-        load_after: run("uptime", &[])?.trim().to_string(),
+        load_after: run("uptime", &[])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
         image: image_info,
         runs: o.runs,
         more: o.more,
@@ -239,6 +249,8 @@ pub fn main(o: Opts) -> Result<()> {
                 metrics: smp.stats(),
             })
             .collect(),
+        fetch_s: Stat::from_samples(&fetches, "s"),
+        ctr_call_ms,
         files,
         total_seconds: started.elapsed().as_secs_f64(),
     };

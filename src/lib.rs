@@ -25,6 +25,7 @@ pub mod map;
 pub mod pool;
 pub mod repair;
 pub mod size;
+pub mod snapshotter;
 pub mod space;
 
 pub use check::CheckReport;

@@ -525,7 +525,7 @@ impl Verifier<'_> {
             }
         }
         // A sample of images must stay usable: write, commit, check again.
-        if self.points % 8 == 0 {
+        if self.points.is_multiple_of(8) {
             self.reused += 1;
             if let Some(info) = listed.iter().find(|v| !v.read_only) {
                 p.write(info.id, 0, &[0xa5; BS as usize])

@@ -277,12 +277,13 @@ fn fmt_val(v: f64, unit: &str) -> String {
 }
 
 pub(crate) fn fmt_stat(s: &Stat) -> String {
-    if s.samples.len() > 1 && (s.max - s.min).abs() > f64::EPSILON {
-        let range = match s.unit.as_str() {
-            "B" => format!("{}–{}", fmt_bytes(s.min), fmt_bytes(s.max)),
-            _ => format!("{}–{}", fmt_num(s.min), fmt_num(s.max)),
-        };
-        format!("{} ({range})", fmt_val(s.median, &s.unit))
+    let (lo, hi) = match s.unit.as_str() {
+        "B" => (fmt_bytes(s.min), fmt_bytes(s.max)),
+        _ => (fmt_num(s.min), fmt_num(s.max)),
+    };
+    // A range that prints as one number says nothing.
+    if s.samples.len() > 1 && lo != hi {
+        format!("{} ({lo}–{hi})", fmt_val(s.median, &s.unit))
     } else {
         fmt_val(s.median, &s.unit)
     }

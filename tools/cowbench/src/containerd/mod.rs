@@ -158,7 +158,7 @@ pub fn main(o: Opts) -> Result<()> {
             o.thinpool_bin.display()
         );
     }
-    let env = Env::start(&work.path().join("containerd"), &[])?;
+    let env = Env::start(work.path(), &[])?;
     let image = env.push(&oci, TAG, "cowbench/debian")?;
     log(format!(
         "image {image} pushed; {} layers",

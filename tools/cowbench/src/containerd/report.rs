@@ -202,7 +202,7 @@ fn markdown(r: &CtrdReport, plot_dir: &str, plotted: bool) -> String {
                     l.dirs,
                     l.other,
                     &l.digest[..l.digest.len().min(16)],
-                    l.sqlite,
+                    l.sqlite.replace('|', "\\|"),
                     l.diff_count
                 );
             }

@@ -180,5 +180,5 @@ pub fn cycle(
     let s4 = snap.space()? as f64;
     s.add("left_bytes", "B", s4 - s0);
     ensure_clean(env, snap).context("after removing containers and image")?;
-    Ok(())
+    snap.check().context("consistency check after the cycle")
 }

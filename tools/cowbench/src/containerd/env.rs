@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::util::{path_str, run};
 
-pub use harness::Proxy;
+pub use harness::{detach_loops_under, unmount_under, Proxy};
 
 pub struct Env {
     // Dropped in this order: containerd (tasks, shims, mounts) before the registry.

@@ -8,6 +8,7 @@ mod env;
 mod files;
 mod report;
 mod snapshotters;
+mod thinpool;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -152,13 +153,16 @@ pub fn main(o: Opts) -> Result<()> {
     let machine = crate::machine_info(work.path());
     let load_before = run("uptime", &[])?.trim().to_string();
 
-    if o.snapshotters.iter().any(|s| s == "thinpool") {
-        bail!(
-            "the thinpool snapshotter is not wired in yet (binary {})",
-            o.thinpool_bin.display()
-        );
-    }
-    let env = Env::start(work.path(), &[])?;
+    // Declared before containerd, so dropped after it (its mounts come off first).
+    let service = match o.snapshotters.iter().any(|s| s == "thinpool") {
+        true => Some(thinpool::Service::start(
+            &o.thinpool_bin,
+            &work.path().join("thinpool"),
+        )?),
+        false => None,
+    };
+    let proxies: Vec<env::Proxy> = service.iter().map(|s| s.proxy()).collect();
+    let env = Env::start(work.path(), &proxies)?;
     let image = env.push(&oci, TAG, "cowbench/debian")?;
     log(format!(
         "image {image} pushed; {} layers",
@@ -167,7 +171,13 @@ pub fn main(o: Opts) -> Result<()> {
     let snaps: Vec<Snapshotter> = o
         .snapshotters
         .iter()
-        .map(|s| Snapshotter::builtin(s, &env.root()))
+        .map(|s| match (s.as_str(), &service) {
+            ("thinpool", Some(svc)) => Ok(Snapshotter::Thinpool {
+                pool: svc.pool.clone(),
+                bin: svc.bin.clone(),
+            }),
+            _ => Snapshotter::builtin(s, &env.root()),
+        })
         .collect::<Result<_>>()?;
 
     let mut samples: Vec<Samples> = snaps.iter().map(|_| Samples::default()).collect();
@@ -214,6 +224,7 @@ pub fn main(o: Opts) -> Result<()> {
         None
     };
     drop(env);
+    drop(service);
     let report = CtrdReport {
         tool: format!("cowbench {}", env!("CARGO_PKG_VERSION")),
         command: format!(

@@ -54,6 +54,8 @@ const SQLITE: [&str; 3] = [
 pub struct Listing {
     pub snapshotter: String,
     pub files: usize,
+    /// Sum of the regular files' sizes.
+    pub bytes: u64,
     pub symlinks: usize,
     pub dirs: usize,
     pub other: usize,
@@ -159,6 +161,12 @@ pub fn check(env: &Env, image: &str, snaps: &[&str]) -> Result<FilesCheck> {
     let mut listings = Vec::new();
     for (snap, map, digest, sqlite) in raw {
         let count = |t: char| map.values().filter(|l| l.starts_with(t)).count();
+        // "f PATH MODE UID:GID SIZE SHA256": the size is the next-to-last field.
+        let bytes = map
+            .values()
+            .filter(|l| l.starts_with('f'))
+            .filter_map(|l| l.rsplit(' ').nth(1)?.parse::<u64>().ok())
+            .sum();
         let mut diff = Vec::new();
         for (p, l) in &reference {
             if map.get(p) != Some(l) {
@@ -173,6 +181,7 @@ pub fn check(env: &Env, image: &str, snaps: &[&str]) -> Result<FilesCheck> {
         listings.push(Listing {
             snapshotter: snap,
             files: count('f'),
+            bytes,
             symlinks: count('l'),
             dirs: count('d'),
             other: count('o'),

@@ -185,7 +185,10 @@ pub fn main(o: Opts) -> Result<()> {
     let ctr_call_ms = cycle::ctr_call_ms(&env)?;
     let mut fetches = Vec::new();
     for r in 0..o.runs {
-        check_interrupt()?;
+        // Interrupted: stop here, but still write what was measured.
+        if interrupted() {
+            break;
+        }
         fetches.push(cycle::fetch_only(&env, &image)?);
         // Rotate the order run by run, so that no snapshotter always goes first.
         for k in 0..snaps.len() {

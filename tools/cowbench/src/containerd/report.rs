@@ -127,11 +127,7 @@ fn targets(r: &CtrdReport) -> Vec<String> {
 fn markdown(r: &CtrdReport, plot_dir: &str, plotted: bool) -> String {
     let mut s = String::new();
     let m = &r.machine;
-    let _ = writeln!(
-        s,
-        "## containerd: a real image pulled and run ({})\n",
-        m.date
-    );
+    let _ = writeln!(s, "### Results (containerd run, {})\n", m.date);
     let _ = writeln!(
         s,
         "Machine: {} × {}, {:.0} GiB RAM, Linux {}; work dir on {}; {}; {}. Load (`uptime`) before: `{}`; after: `{}`.\n",
@@ -191,13 +187,14 @@ fn markdown(r: &CtrdReport, plot_dir: &str, plotted: bool) -> String {
                 if f.equal { "the listings are equal" } else { "the listings DIFFER" },
                 f.ignored.join("; ")
             );
-            let _ = writeln!(s, "| snapshotter | files | symlinks | dirs | other | sha256 of the listing | `sqlite3` printed | entries differing from overlayfs |\n|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(s, "| snapshotter | files | their bytes | symlinks | dirs | other | sha256 of the listing | `sqlite3` printed | entries differing from overlayfs |\n|---|---|---|---|---|---|---|---|---|");
             for l in &f.listings {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | `{}…` | `{}` | {} |",
+                    "| {} | {} | {} | {} | {} | {} | `{}…` | `{}` | {} |",
                     l.snapshotter,
                     l.files,
+                    fmt_bytes(l.bytes as f64),
                     l.symlinks,
                     l.dirs,
                     l.other,

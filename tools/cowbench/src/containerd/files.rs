@@ -13,6 +13,8 @@ use super::env::Env;
 
 /// Runs inside the container (python3-minimal has os, stat and hashlib). Stays
 /// on the root file system: /proc, /sys, /dev... are the runtime's, not the image's.
+/// One line per entry, tab-separated: type, path, mode, uid:gid, then size and
+/// sha256 (files) or the target (symlinks).
 const LIST_PY: &str = r#"
 import hashlib, os, stat, sys
 dev = os.lstat("/").st_dev
@@ -24,20 +26,20 @@ def walk(d):
         if s.st_dev != dev:
             continue
         m = s.st_mode
-        head = "%s %o %d:%d" % (p, stat.S_IMODE(m), s.st_uid, s.st_gid)
+        head = "%s\t%o\t%d:%d" % (p, stat.S_IMODE(m), s.st_uid, s.st_gid)
         if stat.S_ISREG(m):
             h = hashlib.sha256()
             with open(p, "rb") as f:
                 for b in iter(lambda: f.read(1 << 20), b""):
                     h.update(b)
-            out.append("f %s %d %s" % (head, s.st_size, h.hexdigest()))
+            out.append("f\t%s\t%d\t%s" % (head, s.st_size, h.hexdigest()))
         elif stat.S_ISLNK(m):
-            out.append("l %s -> %s" % (head, os.readlink(p)))
+            out.append("l\t%s\t%s" % (head, os.readlink(p)))
         elif stat.S_ISDIR(m):
-            out.append("d " + head)
+            out.append("d\t" + head)
             walk(p)
         else:
-            out.append("o %s %o" % (head, stat.S_IFMT(m)))
+            out.append("o\t%s\t%o" % (head, stat.S_IFMT(m)))
 walk("/")
 sys.stdout.write("\n".join(out) + "\n")
 "#;
@@ -82,16 +84,55 @@ pub struct FilesCheck {
 /// not the image's (containerd's devmapper snapshotter shows it too).
 const IGNORED: &str = "/lost+found";
 
+/// Path -> line, without what the comparison leaves out.
 fn parse(listing: &str) -> BTreeMap<String, String> {
     listing
         .lines()
-        .filter(|l| l.len() > 2)
         .filter_map(|l| {
-            let path = l[2..].split(' ').next()?;
-            (path != IGNORED && !path.starts_with("/lost+found/"))
-                .then(|| (path.to_string(), l.to_string()))
+            let path = l.split('\t').nth(1)?;
+            let ignored = path == IGNORED || path.starts_with(&format!("{IGNORED}/"));
+            (!ignored).then(|| (path.to_string(), l.to_string()))
         })
         .collect()
+}
+
+/// One snapshotter's listing against the reference's.
+fn summarize(
+    snapshotter: &str,
+    map: &BTreeMap<String, String>,
+    reference: &BTreeMap<String, String>,
+    digest: String,
+    sqlite: String,
+) -> Listing {
+    let count = |t: &str| map.values().filter(|l| l.starts_with(t)).count();
+    let bytes = map
+        .values()
+        .filter(|l| l.starts_with("f\t"))
+        .filter_map(|l| l.split('\t').nth(4)?.parse::<u64>().ok())
+        .sum();
+    let mut diff = Vec::new();
+    for (p, l) in reference {
+        if map.get(p) != Some(l) {
+            diff.push(format!("- {l}"));
+        }
+    }
+    for (p, l) in map {
+        if reference.get(p) != Some(l) {
+            diff.push(format!("+ {l}"));
+        }
+    }
+    Listing {
+        snapshotter: snapshotter.to_string(),
+        files: count("f\t"),
+        bytes,
+        symlinks: count("l\t"),
+        dirs: count("d\t"),
+        other: count("o\t"),
+        digest,
+        sqlite,
+        diff_count: diff.len(),
+        diff: diff.into_iter().take(20).collect(),
+    }
 }
 
 fn sha256_hex(text: &str) -> Result<String> {
@@ -158,39 +199,10 @@ pub fn check(env: &Env, image: &str, snaps: &[&str]) -> Result<FilesCheck> {
         .find(|(n, ..)| n == "overlayfs")
         .map(|(_, m, ..)| m.clone())
         .context("the files check needs overlayfs as the reference")?;
-    let mut listings = Vec::new();
-    for (snap, map, digest, sqlite) in raw {
-        let count = |t: char| map.values().filter(|l| l.starts_with(t)).count();
-        // "f PATH MODE UID:GID SIZE SHA256": the size is the next-to-last field.
-        let bytes = map
-            .values()
-            .filter(|l| l.starts_with('f'))
-            .filter_map(|l| l.rsplit(' ').nth(1)?.parse::<u64>().ok())
-            .sum();
-        let mut diff = Vec::new();
-        for (p, l) in &reference {
-            if map.get(p) != Some(l) {
-                diff.push(format!("- {l}"));
-            }
-        }
-        for (p, l) in &map {
-            if reference.get(p) != Some(l) {
-                diff.push(format!("+ {l}"));
-            }
-        }
-        listings.push(Listing {
-            snapshotter: snap,
-            files: count('f'),
-            bytes,
-            symlinks: count('l'),
-            dirs: count('d'),
-            other: count('o'),
-            digest,
-            sqlite,
-            diff_count: diff.len(),
-            diff: diff.into_iter().take(20).collect(),
-        });
-    }
+    let listings: Vec<Listing> = raw
+        .into_iter()
+        .map(|(snap, map, digest, sqlite)| summarize(&snap, &map, &reference, digest, sqlite))
+        .collect();
     Ok(FilesCheck {
         image: image.to_string(),
         equal: listings.iter().all(|l| l.diff_count == 0),
@@ -199,4 +211,42 @@ pub fn check(env: &Env, image: &str, snaps: &[&str]) -> Result<FilesCheck> {
             "{IGNORED}: ext4's own directory on the thinpool volumes, not part of the image"
         )],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REF: &str = "d\t/etc\t755\t0:0\n\
+        f\t/etc/a\t644\t0:0\t5\tabc\n\
+        l\t/bin\t777\t0:0\tusr/bin\n\
+        f\t/big\t600\t0:0\t1000\tdef\n";
+
+    #[test]
+    fn equal_listings_but_lost_found() {
+        let r = parse(REF);
+        let other = parse(&format!(
+            "d\t/lost+found\t700\t0:0\nf\t/lost+found/x\t600\t0:0\t1\tz\n{REF}"
+        ));
+        let l = summarize("thinpool", &other, &r, "d".into(), "s".into());
+        assert_eq!(l.diff_count, 0, "{:?}", l.diff);
+        assert_eq!(
+            (l.files, l.bytes, l.symlinks, l.dirs, l.other),
+            (2, 1005, 1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_changed_digest_and_a_missing_file_are_differences() {
+        let r = parse(REF);
+        let changed = REF
+            .replace("1000\tdef", "1000\tdee")
+            .replace("l\t/bin\t777\t0:0\tusr/bin\n", "");
+        let l = summarize("x", &parse(&changed), &r, "d".into(), "s".into());
+        assert_eq!(l.diff_count, 3, "{:?}", l.diff);
+        assert!(l.diff.contains(&"- l\t/bin\t777\t0:0\tusr/bin".to_string()));
+        assert!(l
+            .diff
+            .contains(&"+ f\t/big\t600\t0:0\t1000\tdee".to_string()));
+    }
 }

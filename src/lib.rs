@@ -13,6 +13,7 @@
 //! - [`control`]: the request set shared by the CLI and the control socket.
 //! - [`export`]: FUSE export, loop devices, control socket server.
 
+pub mod annotations;
 pub mod catalog;
 pub mod check;
 pub mod control;

@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use byteorder::{ByteOrder, LittleEndian as LE};
 use serde::{Deserialize, Serialize};
 
+use crate::annotations::Annotations;
 use crate::catalog::{validate_name, Catalog};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -103,6 +104,7 @@ pub struct Pool {
     pub(crate) space: SpaceMap,
     pub(crate) rc_layout: PagedArray,
     pub(crate) catalog: Catalog,
+    pub(crate) annotations: Annotations,
     pub(crate) nodes: Nodes,
     /// Data was written in place since the last sync.
     data_dirty: bool,
@@ -324,6 +326,9 @@ impl Pool {
             catalog_slots: 0,
             rc_index: Vec::new(),
             cat_index: Vec::new(),
+            annot_len: 0,
+            annot_pages: 0,
+            annot_index: Vec::new(),
         };
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -332,6 +337,7 @@ impl Pool {
             space: SpaceMap::new(total, reserved, per_rc),
             rc_layout,
             catalog: Catalog::new(bs)?,
+            annotations: Annotations::new(bs)?,
             nodes: Nodes::new(bs, total, reserved, 0),
             data_dirty: false,
             failed: None,
@@ -411,6 +417,20 @@ impl Pool {
             total,
             sb.generation,
         )?;
+        let annotations = Annotations::load(
+            bs,
+            sb.annot_len,
+            sb.annot_pages,
+            &sb.annot_index,
+            &*storage,
+            total,
+            sb.generation,
+        )?;
+        if let Some(id) = annotations.ids().find(|&id| catalog.get(id).is_err()) {
+            return Err(Error::corrupt(format!(
+                "annotation for volume {id}, which does not exist"
+            )));
+        }
         let fanout = format::pointers_per_page(bs);
         for r in catalog.iter() {
             let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
@@ -439,6 +459,7 @@ impl Pool {
             space,
             rc_layout,
             catalog,
+            annotations,
             nodes: Nodes::new(bs, total, reserved, committed),
             data_dirty: false,
             failed: None,
@@ -493,7 +514,10 @@ impl Pool {
 
     /// Keep back enough blocks that a commit can always shadow its pages.
     fn update_reserve(&mut self) {
-        let n = self.rc_layout.worst_case_pages() + self.catalog.layout.worst_case_pages() + 4;
+        let n = self.rc_layout.worst_case_pages()
+            + self.catalog.layout.worst_case_pages()
+            + self.annotations.layout.worst_case_pages()
+            + 4;
         self.space.set_commit_reserve(n);
     }
 
@@ -514,15 +538,18 @@ impl Pool {
         }
     }
 
-    /// Blocks holding the refcount and catalog tables (data and index pages).
+    /// Blocks holding the refcount, catalog and annotation tables (data and index pages).
     pub(crate) fn table_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let rc = &self.rc_layout;
         let cat = &self.catalog.layout;
+        let ann = &self.annotations.layout;
         rc.page_locations()
             .iter()
             .chain(rc.index_pointers())
             .chain(cat.page_locations())
             .chain(cat.index_pointers())
+            .chain(ann.page_locations())
+            .chain(ann.index_pointers())
             .copied()
             .filter(|&p| p != 0)
     }
@@ -732,7 +759,24 @@ impl Pool {
 
     /// O(1) snapshot (`writable == false`) or clone (`true`) of `source` (commits).
     pub fn snapshot(&mut self, source: &str, name: &str, writable: bool) -> Result<VolumeId> {
+        self.snapshot_annotated(source, name, writable, None)
+    }
+
+    /// `snapshot`, with the new volume's annotation in the same commit.
+    pub fn snapshot_annotated(
+        &mut self,
+        source: &str,
+        name: &str,
+        writable: bool,
+        annotation: Option<Vec<u8>>,
+    ) -> Result<VolumeId> {
         self.check_mutable()?;
+        if annotation
+            .as_ref()
+            .is_some_and(|a| a.len() > crate::annotations::ANNOTATION_MAX)
+        {
+            return Err(Error::InvalidArgument("annotation too large".into()));
+        }
         validate_name(name)?;
         if self.catalog.id_of(name).is_ok() {
             return Err(Error::VolumeExists(name.to_string()));
@@ -754,9 +798,39 @@ impl Pool {
             // The whole tree is shared by one more owner: one increment.
             self.space.inc(src.root)?;
         }
+        if annotation.is_some() {
+            self.annotations.set(id, annotation)?;
+        }
         self.sb.next_volume_id += 1;
         self.commit()?;
         Ok(id)
+    }
+
+    /// A volume's annotation (opaque bytes a higher layer keeps with it).
+    pub fn annotation(&self, id: VolumeId) -> Option<&[u8]> {
+        self.annotations.get(id)
+    }
+
+    /// Ids of the volumes that carry an annotation.
+    pub fn annotated(&self) -> Vec<VolumeId> {
+        self.annotations.ids().collect()
+    }
+
+    /// Replace (`None`: drop) a volume's annotation and, with `freeze`, make
+    /// the volume read-only, in one commit.
+    pub fn annotate(
+        &mut self,
+        id: VolumeId,
+        annotation: Option<Vec<u8>>,
+        freeze: bool,
+    ) -> Result<()> {
+        self.check_mutable()?;
+        self.catalog.get(id)?;
+        self.annotations.set(id, annotation)?;
+        if freeze {
+            self.catalog.get_mut(id)?.read_only = true;
+        }
+        self.commit()
     }
 
     /// Remove a volume, freeing blocks only it held (commits).
@@ -764,6 +838,7 @@ impl Pool {
         self.check_mutable()?;
         let id = self.catalog.id_of(name)?;
         let rec = self.catalog.remove(id)?;
+        self.annotations.set(id, None)?;
         if rec.root != 0 {
             self.ctx().release(rec.root, rec.depth - 1)?;
         }
@@ -1100,7 +1175,8 @@ impl Pool {
     fn commit_inner(&mut self, force: bool) -> Result<()> {
         let meta_dirty = self.nodes.has_dirty()
             || !self.space.dirty_pages().is_empty()
-            || !self.catalog.dirty_pages().is_empty();
+            || !self.catalog.dirty_pages().is_empty()
+            || !self.annotations.dirty_pages().is_empty();
         if self.read_only {
             if meta_dirty || force || self.data_dirty {
                 return Err(Error::InvalidArgument("pool is open read-only".into()));
@@ -1119,6 +1195,7 @@ impl Pool {
                 self.data_dirty = false;
                 let freed = self.space.end_transaction();
                 self.catalog.clear_dirty();
+                self.annotations.clear_dirty();
                 self.punch(freed);
                 // The catalog or the pool may have grown: so may the reserve.
                 self.update_reserve();
@@ -1139,13 +1216,19 @@ impl Pool {
         loop {
             let cat_dirty = self.catalog.dirty_pages().clone();
             let a = self.catalog.layout.shadow(&cat_dirty, &mut self.space)?;
+            let ann_dirty = self.annotations.dirty_pages().clone();
+            let c = self
+                .annotations
+                .layout
+                .shadow(&ann_dirty, &mut self.space)?;
             let rc_dirty = self.space.dirty_pages().clone();
             let b = self.rc_layout.shadow(&rc_dirty, &mut self.space)?;
-            if !a && !b {
+            if !a && !b && !c {
                 break;
             }
         }
         self.catalog.write_dirty(&*self.storage, generation)?;
+        self.annotations.write_dirty(&*self.storage, generation)?;
         let per_rc = refcounts_per_page(self.block_size());
         let rc = self.space.refcounts();
         self.rc_layout.write(
@@ -1165,6 +1248,9 @@ impl Pool {
         sb.catalog_slots = self.catalog.n_slots();
         sb.rc_index = self.rc_layout.index_pointers().to_vec();
         sb.cat_index = self.catalog.layout.index_pointers().to_vec();
+        sb.annot_len = self.annotations.stream_len();
+        sb.annot_pages = self.annotations.layout.n_pages() as u32;
+        sb.annot_index = self.annotations.layout.index_pointers().to_vec();
         let slot = (generation % 2) * SUPERBLOCK_SLOT_SIZE as u64;
         self.storage.write_at(&sb.encode(), slot)?;
         self.storage.sync()?;

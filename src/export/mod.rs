@@ -13,10 +13,10 @@ pub mod client;
 pub mod control;
 mod fs;
 pub mod server;
-mod sys;
+pub(crate) mod sys;
 
 pub use client::{attach, default_export_dir, detach, mount, umount, Mkfs, MountOptions};
-pub use server::{serve, ServeOptions};
+pub use server::{serve, serve_with, ServeOptions, ServerHandle};
 
 /// Errors of the export verbs: the pool's own, or the host's (tools, mounts).
 #[derive(Debug, thiserror::Error)]

@@ -166,9 +166,58 @@ impl Drop for Cleanup {
     }
 }
 
+/// A running server, for code that shares its process (the containerd
+/// snapshotter): the pool under the server's lock and the control socket's rules.
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Shared>);
+
+impl ServerHandle {
+    /// The pool, locked as every request locks it.
+    pub fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.0.lock_pool()
+    }
+
+    /// Where the volumes are exported as files.
+    pub fn export_dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Is the volume's exported file open (a loop device holds it)?
+    pub fn in_use(&self, id: VolumeId) -> bool {
+        self.0.in_use(id)
+    }
+
+    /// A control-socket request, under the same rules (in-use checks, cache
+    /// invalidation) as one coming from the CLI.
+    pub fn execute(&self, req: Request) -> Result<Response> {
+        handle_request(&self.0, req)
+    }
+
+    /// Ask the server to stop (as a signal would).
+    pub fn stop(&self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::SeqCst)
+    }
+}
+
 /// Serve every volume of `pool_path` as a file under `dir` until it is
 /// unmounted or the process is signalled.
 pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
+    serve_with(pool_path, dir, opts, |_| Ok(()))
+}
+
+/// `serve`, calling `on_ready` once the export is mounted and the control
+/// socket answers (FUSE requests are served from the moment it returns:
+/// work that opens exported files belongs in a thread it starts).
+pub fn serve_with(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ExportError::Msg(
@@ -272,6 +321,12 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
         thread::Builder::new()
             .name("ticker".into())
             .spawn(move || ticker(sh))?;
+    }
+    if let Err(e) = on_ready(ServerHandle(sh.clone())) {
+        sh.stopping.store(true, Ordering::SeqCst);
+        drop(session);
+        let _ = sh.commit();
+        return Err(e);
     }
 
     let res = session.run();

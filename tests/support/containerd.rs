@@ -421,6 +421,9 @@ pub struct Proxy {
 
 /// A private containerd (config, root, state, sockets and a namespace of its
 /// own under a temp dir). Stopped with everything it started on drop.
+/// Its garbage collector runs after every deletion (`deletion_threshold =
+/// 1`), so a removed container's snapshot reaches the snapshotter promptly
+/// rather than after 100 changes; [`Containerd::wait_for`] waits for it.
 pub struct Containerd {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -452,7 +455,9 @@ impl Containerd {
              [ttrpc]\n  address = \"{ttrpc}\"\n\n\
              [debug]\n  address = \"\"\n  level = \"info\"\n\n\
              [metrics]\n  address = \"\"\n\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n\n\
+             [plugins.\"io.containerd.gc.v1.scheduler\"]\n  deletion_threshold = 1\n  \
+             schedule_delay = \"0s\"\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = d.join("containerd.sock").display(),
@@ -521,6 +526,20 @@ impl Containerd {
                 .arg(&self.address)
                 .arg("-n")
                 .arg(&self.namespace)
+                .args(args),
+            CMD_TIMEOUT,
+        )
+    }
+
+    /// `ctr` in another namespace of the same containerd (the caller removes
+    /// what it makes there; drop cleans only [`Containerd::namespace`]).
+    pub fn ctr_ns(&self, namespace: &str, args: &[&str]) -> io::Result<Output> {
+        run_timeout(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.address)
+                .arg("-n")
+                .arg(namespace)
                 .args(args),
             CMD_TIMEOUT,
         )
@@ -641,6 +660,14 @@ impl Containerd {
             args.extend(&refs);
             self.ctr_ok(&args);
         }
+    }
+
+    /// Poll `done` (every 50 ms, up to 30 s): garbage collection is asynchronous.
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+        assert!(
+            wait_until(Duration::from_secs(30), &mut done),
+            "timed out waiting for {what}"
+        );
     }
 
     /// Snapshot keys/names of `snapshotter`, from `ctr snapshots ls`.
@@ -802,7 +829,8 @@ impl Layout {
 }
 
 /// Fill `rootfs` with a busybox-static system: /bin/busybox and a link per
-/// applet, /etc/passwd and the directories runc expects.
+/// applet, /etc/passwd and the directories runc and ctr's default spec mount
+/// on (/proc, /sys, /dev, /run), as a distribution image has them.
 pub fn busybox_rootfs(rootfs: &Path) {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
@@ -810,7 +838,7 @@ pub fn busybox_rootfs(rootfs: &Path) {
         .expect("busybox-static is not installed (tools/install-deps.sh installs it)");
     sh(
         &format!(
-            "mkdir -p bin etc proc sys dev tmp root var/tmp usr/bin
+            "mkdir -p bin etc proc sys dev run tmp root var/tmp usr/bin
              cp {busybox} bin/busybox
              for a in $(bin/busybox --list); do [ -e bin/$a ] || ln -s busybox bin/$a; done
              echo 'root:x:0:0:root:/root:/bin/sh' > etc/passwd

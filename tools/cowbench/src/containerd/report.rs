@@ -26,7 +26,7 @@ const ROWS: &[(&str, &str)] = &[
     ("image_space_bytes", "space of the unpacked image"),
     ("first_run_ms", "first container: `ctr run` until it exits"),
     ("more_run_s", "{n} more containers, one after the other"),
-    ("per_run_ms", "per container"),
+    ("per_run_ms", "one of them (median of the cycle)"),
     (
         "containers_space_bytes",
         "space of those {n} containers (5 bytes written in each)",

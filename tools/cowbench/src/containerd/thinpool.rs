@@ -50,11 +50,16 @@ impl Service {
             socket,
             bin: bin.to_path_buf(),
         };
+        // Ready once it says so (the first start also formats the ext4 template).
         let t = Instant::now();
-        while !s.socket.exists() {
+        let log = dir.join("snapshotter.log");
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("answering containerd")
+        {
             let exited = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || t.elapsed() > Duration::from_secs(30) {
-                let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap_or_default();
+            if exited.is_some() || t.elapsed() > Duration::from_secs(120) {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
                 bail!("thinpool snapshotter did not come up: {}", log.trim());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -13,6 +13,9 @@ use crate::util::{path_str, run};
 
 pub use harness::{detach_loops_under, unmount_under, Proxy};
 
+/// How long one `ctr` command may take.
+const CTR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
 pub struct Env {
     // Dropped in this order: containerd (tasks, shims, mounts) before the registry.
     ctrd: harness::Containerd,
@@ -59,8 +62,18 @@ impl Env {
         Ok(out.stdout)
     }
 
+    /// Like the harness's `ctr`, with a longer timeout: removing 21 full copies
+    /// (native) on a loaded machine took more than the harness's 120 s.
     fn ctr_raw(&self, args: &[&str]) -> std::io::Result<harness::Output> {
-        self.ctrd.ctr(args)
+        harness::run_timeout(
+            std::process::Command::new("ctr")
+                .arg("--address")
+                .arg(&self.ctrd.address)
+                .arg("-n")
+                .arg(&self.ctrd.namespace)
+                .args(args),
+            CTR_TIMEOUT,
+        )
     }
 
     /// containerd's root directory (the built-in snapshotters keep their data below it).

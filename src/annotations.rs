@@ -16,10 +16,13 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use crate::error::{Error, Result};
 use crate::format::{PageType, ANNOT_INDEX_MAX, PAGE_HEADER_SIZE};
 use crate::io::Storage;
-use crate::space::PagedArray;
+use crate::pdata::PagedArray;
 
 /// Largest annotation of one volume.
 pub const ANNOTATION_MAX: usize = 1 << 20;
+/// Largest stream (all annotations): what a superblock may claim is bounded
+/// before memory is allocated for it.
+pub const STREAM_MAX: u64 = 256 << 20;
 const ENTRY_HEADER: usize = 12;
 
 pub struct Annotations {
@@ -61,13 +64,13 @@ impl Annotations {
             index.len(),
             ANNOT_INDEX_MAX,
         )?;
-        let cap = (n_pages * a.payload) as u64;
-        if len > cap {
+        let cap = (n_pages as u64).saturating_mul(a.payload as u64);
+        if len > cap || len > STREAM_MAX {
             return Err(Error::corrupt(format!(
                 "annotation stream of {len} bytes in {n_pages} pages"
             )));
         }
-        let mut bytes = vec![0u8; n_pages * a.payload];
+        let mut bytes = vec![0u8; len as usize];
         let payload = a.payload;
         let layout = PagedArray::new(PageType::Annotations, block_size, 0, ANNOT_INDEX_MAX)?.load(
             n_pages,
@@ -76,11 +79,13 @@ impl Annotations {
             total_blocks,
             generation,
             |page, data| {
-                bytes[page * payload..][..payload].copy_from_slice(&data[..payload]);
+                // Pages past the stream's end hold zeros: only the stream is kept.
+                let lo = (page * payload).min(bytes.len());
+                let hi = ((page + 1) * payload).min(bytes.len());
+                bytes[lo..hi].copy_from_slice(&data[..hi - lo]);
                 Ok(())
             },
         )?;
-        bytes.truncate(len as usize);
         a.by_id = decode(&bytes).map_err(Error::corrupt)?;
         a.stream = bytes;
         a.layout = layout;
@@ -112,15 +117,23 @@ impl Annotations {
         };
         let new_stream = encode(&self.by_id);
         let pages = new_stream.len().div_ceil(self.payload);
-        if pages > self.layout.n_pages() {
-            if let Err(e) = self.layout.resize(pages) {
-                // Too large for the table: undo.
-                match old {
-                    Some(o) => self.by_id.insert(id, o),
-                    None => self.by_id.remove(&id),
-                };
-                return Err(e);
-            }
+        let grown = if new_stream.len() as u64 > STREAM_MAX {
+            Err(Error::InvalidArgument(format!(
+                "annotations would take {} bytes, more than {STREAM_MAX}",
+                new_stream.len()
+            )))
+        } else if pages > self.layout.n_pages() {
+            self.layout.resize(pages)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = grown {
+            // Too large for the table: undo.
+            match old {
+                Some(o) => self.by_id.insert(id, o),
+                None => self.by_id.remove(&id),
+            };
+            return Err(e);
         }
         let p = self.payload;
         let end = new_stream.len().max(self.stream.len());

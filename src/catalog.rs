@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::error::{Error, Result};
 use crate::format::{PageType, VolumeRecord, CAT_INDEX_MAX, NAME_MAX, RECORD_SIZE};
 use crate::io::Storage;
-use crate::space::PagedArray;
+use crate::pdata::PagedArray;
 
 pub struct Catalog {
     slots: Vec<Option<VolumeRecord>>,

@@ -23,6 +23,7 @@ pub mod format;
 pub mod io;
 pub mod layer;
 pub mod map;
+pub mod pdata;
 pub mod pool;
 pub mod repair;
 pub mod size;

@@ -67,6 +67,8 @@ fn overlayfs_pull_and_run() {
         ctrd.log()
     );
     assert!(ctrd.snapshots("overlayfs").len() >= 2);
+    // The baseline docs/CONTAINERD.md compares thinpool's figures with.
+    five_containers(&mut ctrd, "overlayfs");
     // A task left running is what a failing test leaves: drop must clear it.
     ctrd.start_task("overlayfs", &app, "left", &["sleep", "600"]);
     let survivors = Survivors::of(&ctrd, &registry);
@@ -211,9 +213,11 @@ impl Snapshotter {
             .stderr(log)
             .spawn()
             .unwrap();
+        let ready = |log: &str| log.matches("answering containerd").count();
+        let before = ready(&self.log());
         self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !self.log().contains("answering containerd") {
+        while ready(&self.log()) == before {
             let exited = self.child.as_mut().unwrap().try_wait().unwrap();
             assert!(
                 exited.is_none() && std::time::Instant::now() < deadline,
@@ -226,6 +230,31 @@ impl Snapshotter {
 
     fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; the exit status once it has stopped (within 20 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        containerd::run_ok(std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the snapshotter did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn info(&self) -> serde_json::Value {
@@ -297,9 +326,46 @@ fn build_three(work: &Path) -> Layout {
     l
 }
 
+/// The Docker docs' example: five running containers of `app`, three of
+/// which wrote a 5-byte file (w0..w2; w3, w4 wrote nothing). Checks and
+/// prints what `ctr snapshots usage` shows; returns (writers, idle) bytes.
+fn five_containers(ctrd: &mut Containerd, snapshotter: &str) -> (Vec<u64>, Vec<u64>) {
+    let app = ctrd.ctr_ok(&["image", "ls", "-q"]);
+    let app = app
+        .lines()
+        .find(|l| l.ends_with(":app"))
+        .expect("image app pulled")
+        .to_string();
+    for i in 0..5 {
+        let cmd = if i < 3 {
+            "printf hello > /hello && sync && echo ready && sleep 600"
+        } else {
+            "sync && echo ready && sleep 600"
+        };
+        ctrd.start_task(snapshotter, &app, &format!("w{i}"), &["sh", "-c", cmd]);
+    }
+    // The writes are flushed when each task's `sync` has run.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let u = usage(ctrd, snapshotter);
+    eprintln!("ctr snapshots --snapshotter {snapshotter} usage:\n{u:#?}");
+    let w: Vec<u64> = (0..3).map(|i| u[&format!("w{i}")]).collect();
+    let idle: Vec<u64> = (3..5).map(|i| u[&format!("w{i}")]).collect();
+    for (i, x) in w.iter().enumerate() {
+        assert!(*x > 0, "w{i} wrote but uses nothing");
+        assert!(*x <= 1 << 20, "w{i} uses {x} bytes for 5 bytes");
+    }
+    for x in &idle {
+        assert!(
+            w.iter().all(|y| y > x),
+            "an idle container uses as much as a writer: {u:?}"
+        );
+    }
+    (w, idle)
+}
+
 /// `ctr snapshots usage`: snapshot name -> bytes.
-fn usage(c: &Containerd) -> std::collections::BTreeMap<String, u64> {
-    let out = c.ctr_ok(&["snapshots", "--snapshotter", SNAP, "usage"]);
+fn usage(c: &Containerd, snapshotter: &str) -> std::collections::BTreeMap<String, u64> {
+    let out = c.ctr_ok(&["snapshots", "--snapshotter", snapshotter, "usage"]);
     out.lines()
         .skip(1)
         .filter_map(|l| {
@@ -348,11 +414,7 @@ fn thinpool_pull_run_share_and_free() {
         ctrd.log(),
         snap.log()
     );
-    assert_eq!(
-        snap.snapshot_volumes(),
-        2,
-        "the container's snapshot is gone"
-    );
+    ctrd.wait_for("GC of c1's snapshot", || snap.snapshot_volumes() == 2);
     snap.check();
 
     // A second image on the same base unpacks only its own layer.
@@ -362,33 +424,7 @@ fn thinpool_pull_run_share_and_free() {
 
     // The Docker docs' example: five containers, three write 5 bytes.
     let before = snap.data_used();
-    for i in 0..5 {
-        let cmd = if i < 3 {
-            "printf hello > /hello && sync && sleep 600"
-        } else {
-            "sync && sleep 600"
-        };
-        ctrd.start_task(SNAP, &app, &format!("w{i}"), &["sh", "-c", cmd]);
-    }
-    // The writes are flushed when the task's `sync` has run.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let u = usage(&ctrd);
-    eprintln!("ctr snapshots usage:\n{u:#?}");
-    let (w, idle): (Vec<u64>, Vec<u64>) = {
-        let w = (0..3).map(|i| u[&format!("w{i}")]).collect();
-        let idle = (3..5).map(|i| u[&format!("w{i}")]).collect();
-        (w, idle)
-    };
-    for (i, x) in w.iter().enumerate() {
-        assert!(*x > 0, "w{i} wrote but uses nothing");
-        assert!(*x <= 1 << 20, "w{i} uses {x} bytes for 5 bytes");
-    }
-    for x in &idle {
-        assert!(
-            w.iter().all(|y| y > x),
-            "an idle container uses as much as a writer: {u:?}"
-        );
-    }
+    five_containers(&mut ctrd, SNAP);
     snap.check();
     for i in 0..5 {
         ctrd.remove_container(&format!("w{i}"));
@@ -418,4 +454,412 @@ fn thinpool_pull_run_share_and_free() {
     assert!(!containerd::alive(snap_pid), "snapshotter still runs");
     assert!(containerd::mounts_under(&export).is_empty());
     assert!(containerd::loops_under(&export).is_empty());
+}
+
+#[test]
+fn thinpool_kill9_during_pull_recovers_from_the_pool() {
+    require(TOOLS);
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::init(work.path());
+    layout.layer(None, "base", busybox_rootfs);
+    // A layer large enough to take a moment to unpack.
+    let mut sums = String::new();
+    layout.layer(Some("base"), "big", |r| {
+        containerd::sh(
+            "mkdir big && for i in 1 2 3 4; do head -c 16M /dev/urandom > big/f$i; done",
+            r,
+        );
+        sums = containerd::sh("cd big && sha256sum f1 f4", r);
+    });
+    let registry = Registry::start();
+    let big = layout.push("big", &registry, "big");
+    let mut snap = Snapshotter::new();
+    let ctrd = Containerd::start(&[snap.proxy()]);
+
+    let mut pull = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.address)
+        .args(["-n", &ctrd.namespace, "image", "pull", "--plain-http"])
+        .args(["--snapshotter", SNAP, &big])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill -9 while a layer is being unpacked into an active snapshot.
+    ctrd.wait_for("an active snapshot", || {
+        snap.volumes().iter().any(|v| {
+            v["name"].as_str().unwrap().starts_with("ctrd-") && !v["read_only"].as_bool().unwrap()
+        })
+    });
+    snap.kill9();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pull.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "ctr pull hangs");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Started again, it finds its state in the pool alone.
+    snap.start();
+    snap.check();
+    // containerd's gRPC connection to the proxy reconnects with a backoff:
+    // the first calls after the restart may fail "unavailable". Retry.
+    let pull_args = ["image", "pull", "--plain-http", "--snapshotter", SNAP, &big];
+    let mut tries = 0;
+    while !ctrd.ctr(&pull_args).unwrap().ok() {
+        tries += 1;
+        assert!(tries < 20, "pull fails after the restart:\n{}", snap.log());
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    snap.check();
+    let mut ctrd = ctrd;
+    let out = ctrd.run(
+        SNAP,
+        &big,
+        "reader",
+        &["sh", "-c", "cd /big && sha256sum f1 f4 && ls /bin/busybox"],
+    );
+    assert!(out.ok(), "{out:?}\n{}", snap.log());
+    assert_eq!(
+        out.stdout,
+        format!("{sums}/bin/busybox\n"),
+        "the layer's files"
+    );
+
+    // Once containerd's GC has run (and called Cleanup), the pool holds no
+    // volume containerd does not know: only the template.
+    ctrd.remove_images();
+    ctrd.wait_for("GC of every snapshot", || snap.snapshot_volumes() == 0);
+    let names: Vec<String> = snap
+        .volumes()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["ctrd-template"]);
+    snap.check();
+    eprintln!("{}", snap.log());
+    let (dir, export) = (ctrd.dir().to_path_buf(), snap.export());
+    drop(ctrd);
+    drop(snap);
+    for d in [dir, export] {
+        assert!(containerd::mounts_under(&d).is_empty(), "mounts left");
+        assert!(containerd::loops_under(&d).is_empty(), "loop devices left");
+    }
+}
+
+#[test]
+fn setup_script_adds_the_proxy_plugin_once() {
+    require(&["containerd"]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("config.toml");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/setup-containerd.sh");
+    for _ in 0..2 {
+        containerd::run_ok(
+            std::process::Command::new("sh")
+                .arg(&script)
+                .arg("--config-only")
+                .arg(&conf),
+        );
+    }
+    let text = fs::read_to_string(&conf).unwrap();
+    assert_eq!(
+        text.matches("[proxy_plugins.thinpool]").count(),
+        1,
+        "{text}"
+    );
+    // containerd itself reads it: the plugin is in its parsed configuration.
+    let dump = containerd::run_ok(
+        std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(&conf)
+            .args(["config", "dump"]),
+    );
+    assert!(
+        dump.contains("[proxy_plugins.thinpool]")
+            && dump.contains("address = \"/run/thinpool/snapshotter.sock\""),
+        "{dump}"
+    );
+}
+
+//------------------------------------------------------------------------------
+// The snapshots API itself, through a gRPC client (containerd's rules that
+// containerd 1.6's own metadata layer would otherwise enforce before us)
+
+mod grpc {
+    use std::collections::HashMap;
+
+    pub use thinpool::snapshotter::api::snapshots_client::SnapshotsClient;
+    pub use thinpool::snapshotter::api::*;
+    use tonic::transport::Channel;
+
+    pub async fn connect(sock: std::path::PathBuf) -> SnapshotsClient<Channel> {
+        let ch = tonic::transport::Endpoint::try_from("http://[::]:0")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let sock = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(sock).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        SnapshotsClient::new(ch)
+    }
+
+    /// The error code of a call that must fail.
+    pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+        r.unwrap_err().code()
+    }
+
+    pub fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_api_follows_containerds_rules() {
+    use grpc::*;
+    use tonic::Code;
+    require(&["losetup", "mkfs.ext4"]);
+    let mut snap = tokio::task::spawn_blocking(Snapshotter::new).await.unwrap();
+    let mut c = connect(snap.socket()).await;
+    let prep = |key: &str, parent: &str, l: &[(&str, &str)]| PrepareSnapshotRequest {
+        snapshotter: SNAP.into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: labels(l),
+    };
+    let stat = |c: &mut SnapshotsClient<_>, key: &str| {
+        let req = StatSnapshotRequest {
+            snapshotter: SNAP.into(),
+            key: key.into(),
+        };
+        let mut c = c.clone();
+        async move { c.stat(req).await.map(|r| r.into_inner().info.unwrap()) }
+    };
+
+    // Prepare without parent: ext4 on a loop device, read-write.
+    let m = c
+        .prepare(prep("a", "", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].r#type, "ext4");
+    assert!(m[0].source.starts_with("/dev/loop"), "{m:?}");
+    assert!(m[0].options.contains(&"rw".to_string()));
+    // The same key gives the same mounts.
+    let again = c
+        .mounts(MountsRequest {
+            snapshotter: SNAP.into(),
+            key: "a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(again, m);
+    assert_eq!(
+        code(c.prepare(prep("a", "", &[])).await),
+        Code::AlreadyExists
+    );
+
+    // Commit keeps only containerd.io/snapshot/ labels and the chain-ID label.
+    let ref_label = ("containerd.io/snapshot.ref", "sha256:layer1");
+    let commit = |name: &str, key: &str, l: &[(&str, &str)]| CommitSnapshotRequest {
+        snapshotter: SNAP.into(),
+        name: name.into(),
+        key: key.into(),
+        labels: labels(l),
+    };
+    c.commit(commit(
+        "layer1",
+        "a",
+        &[
+            ref_label,
+            ("containerd.io/snapshot/x", "1"),
+            ("other", "dropped"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let l1 = stat(&mut c, "layer1").await.unwrap();
+    assert_eq!(l1.kind, Kind::Committed as i32);
+    assert_eq!(
+        l1.labels,
+        labels(&[ref_label, ("containerd.io/snapshot/x", "1")])
+    );
+    assert_eq!(stat(&mut c, "a").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        code(c.commit(commit("layer1", "a", &[])).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.commit(commit("n2", "layer1", &[])).await),
+        Code::FailedPrecondition,
+        "commit of a committed snapshot"
+    );
+
+    // The chain-ID label of a layer the pool holds: AlreadyExists, and the
+    // List filter containerd then uses finds it.
+    assert_eq!(
+        code(c.prepare(prep("extract-2", "", &[ref_label])).await),
+        Code::AlreadyExists
+    );
+    let list = |c: &mut SnapshotsClient<_>, f: &[&str]| {
+        let req = ListSnapshotsRequest {
+            snapshotter: SNAP.into(),
+            filters: f.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut c = c.clone();
+        async move {
+            let mut s = c.list(req).await.unwrap().into_inner();
+            let mut names = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                names.extend(m.info.into_iter().map(|i| i.name));
+            }
+            names.sort();
+            names
+        }
+    };
+    let f = r#"labels."containerd.io/snapshot.ref"==sha256:layer1,parent=="""#;
+    assert_eq!(list(&mut c, &[f]).await, ["layer1"]);
+
+    // Children, views, bad parents.
+    c.prepare(prep("c", "layer1", &[])).await.unwrap();
+    let v = c
+        .view(ViewSnapshotRequest {
+            snapshotter: SNAP.into(),
+            key: "v".into(),
+            parent: "layer1".into(),
+            labels: labels(&[]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(v[0].options, ["ro"]);
+    assert_eq!(
+        code(c.prepare(prep("d", "nope", &[])).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.prepare(prep("e", "c", &[])).await),
+        Code::FailedPrecondition,
+        "an active parent"
+    );
+    let remove = |key: &str| RemoveSnapshotRequest {
+        snapshotter: SNAP.into(),
+        key: key.into(),
+    };
+    assert_eq!(
+        code(c.remove(remove("layer1")).await),
+        Code::FailedPrecondition,
+        "a parent with children"
+    );
+
+    // Update changes labels only.
+    let mut info = stat(&mut c, "c").await.unwrap();
+    info.labels = labels(&[("containerd.io/snapshot/y", "2")]);
+    info.kind = Kind::Committed as i32;
+    c.update(UpdateSnapshotRequest {
+        snapshotter: SNAP.into(),
+        info: Some(info),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["labels".into()],
+        }),
+    })
+    .await
+    .unwrap();
+    let ci = stat(&mut c, "c").await.unwrap();
+    assert_eq!(ci.kind, Kind::Active as i32);
+    assert_eq!(ci.labels, labels(&[("containerd.io/snapshot/y", "2")]));
+    assert!(ci.updated_at.unwrap().seconds >= ci.created_at.unwrap().seconds);
+
+    // An untouched clone holds nothing of its own.
+    let u = c
+        .usage(UsageRequest {
+            snapshotter: SNAP.into(),
+            key: "c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((u.size, u.inodes), (0, 0));
+
+    // kill -9 and restart: the same snapshots, from the pool alone.
+    let before = list(&mut c, &[]).await;
+    assert_eq!(before, ["c", "layer1", "v"]);
+    let mut snap = tokio::task::spawn_blocking(move || {
+        snap.kill9();
+        snap.start();
+        snap
+    })
+    .await
+    .unwrap();
+    let mut c = connect(snap.socket()).await;
+    assert_eq!(list(&mut c, &[]).await, before);
+    assert_eq!(stat(&mut c, "c").await.unwrap(), ci);
+    let m = c
+        .mounts(MountsRequest {
+            snapshotter: SNAP.into(),
+            key: "c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert!(m[0].source.starts_with("/dev/loop"));
+
+    // SIGTERM with a loop device attached (nothing mounts it): the
+    // snapshotter detaches it, commits and exits 0; then it starts again.
+    let snap = tokio::task::spawn_blocking(move || {
+        let st = snap.terminate();
+        assert!(st.success(), "exit status {st}: {}", snap.log());
+        assert!(containerd::loops_under(&snap.export()).is_empty());
+        snap.start();
+        snap
+    })
+    .await
+    .unwrap();
+    let mut c = connect(snap.socket()).await;
+    snap.check();
+
+    // Remove detaches what it attached; children first, then the parent.
+    for k in ["c", "v", "layer1"] {
+        c.remove(remove(k)).await.unwrap();
+    }
+    assert!(list(&mut c, &[]).await.is_empty());
+    // What a crash could leave: a snapshotter volume without a record.
+    // Cleanup removes it (made here through the control socket, as the CLI
+    // works while the snapshotter serves the pool).
+    tp(&[
+        "volume",
+        "create",
+        &snap.pool,
+        "ctrd-orphan",
+        "--size",
+        "1M",
+    ]);
+    c.cleanup(CleanupRequest {
+        snapshotter: SNAP.into(),
+    })
+    .await
+    .unwrap();
+    assert!(containerd::loops_under(&snap.export()).is_empty());
+    assert!(
+        !tp(&["list", &snap.pool]).contains("ctrd-orphan"),
+        "cleanup left a half-made volume"
+    );
+    tokio::task::spawn_blocking(move || {
+        snap.check();
+        assert_eq!(snap.snapshot_volumes(), 0);
+        drop(snap);
+    })
+    .await
+    .unwrap();
 }

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::map::Ctx;
+use crate::map::View;
 
 /// A volume's map: root block (0 = empty) and depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +101,7 @@ fn same(x: Ref, y: Ref) -> bool {
     x.block == y.block && (x.block == 0 || x.level == y.level)
 }
 
-fn children(ctx: &mut Ctx<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
+fn children(ctx: &View<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
     let f = ctx.nodes.fanout();
     let mut v = vec![NONE; f];
     if r.block == 0 {
@@ -113,7 +113,7 @@ fn children(ctx: &mut Ctx<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
     }
     let entries = ctx.nodes.get(ctx.storage, r.block, level)?;
     let child_level = level.saturating_sub(1);
-    for (slot, &c) in v.iter_mut().zip(entries) {
+    for (slot, &c) in v.iter_mut().zip(entries.iter()) {
         *slot = Ref {
             block: c,
             level: child_level,
@@ -123,7 +123,7 @@ fn children(ctx: &mut Ctx<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
 }
 
 fn compare(
-    ctx: &mut Ctx<'_>,
+    ctx: &View<'_>,
     a: Ref,
     b: Ref,
     level: u8,
@@ -157,7 +157,7 @@ fn compare(
 /// Call `out` for every virtual block whose map entry differs between `a`
 /// and `b`, in ascending order.
 pub fn changed_blocks(
-    ctx: &mut Ctx<'_>,
+    ctx: &View<'_>,
     a: Tree,
     b: Tree,
     out: &mut dyn FnMut(BlockChange) -> Result<()>,
@@ -175,7 +175,7 @@ pub fn changed_blocks(
 }
 
 /// The differing blocks of `a` and `b` as maximal ranges of one kind.
-pub fn ranges(ctx: &mut Ctx<'_>, a: Tree, b: Tree) -> Result<Vec<DiffRange>> {
+pub fn ranges(ctx: &View<'_>, a: Tree, b: Tree) -> Result<Vec<DiffRange>> {
     let mut out: Vec<DiffRange> = Vec::new();
     changed_blocks(ctx, a, b, &mut |c| {
         let kind = match (c.a, c.b) {

@@ -9,7 +9,7 @@
 
 mod nodes;
 
-pub use nodes::Nodes;
+pub use nodes::{Node, Nodes};
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
@@ -32,6 +32,14 @@ pub fn slot(vblock: u64, level: u8, fanout: usize) -> usize {
     ((vblock as u128 / span) % fanout as u128) as usize
 }
 
+/// What a read-only tree walk needs: usable under a shared engine lock.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub nodes: &'a Nodes,
+    pub space: &'a SpaceMap,
+    pub storage: &'a dyn Storage,
+}
+
 /// Everything a tree operation touches.
 pub struct Ctx<'a> {
     pub nodes: &'a mut Nodes,
@@ -39,9 +47,9 @@ pub struct Ctx<'a> {
     pub storage: &'a dyn Storage,
 }
 
-impl Ctx<'_> {
+impl View<'_> {
     /// The data block mapped at `vblock`, if any. Reads metadata only.
-    pub fn lookup(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+    pub fn lookup(&self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
         let f = self.nodes.fanout();
         let mut node = root;
         for level in (0..depth).rev() {
@@ -58,7 +66,7 @@ impl Ctx<'_> {
     /// one owner and was not shared when last committed. Such a block can be
     /// overwritten in place without touching the map (and so without making
     /// the next commit rewrite map nodes).
-    pub fn lookup_private(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+    pub fn lookup_private(&self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
         let f = self.nodes.fanout();
         let private = |s: &SpaceMap, b: u64| s.rc(b) == 1 && !s.was_shared(b);
         let mut node = root;
@@ -69,6 +77,17 @@ impl Ctx<'_> {
             node = self.nodes.get(self.storage, node, level)?[slot(vblock, level, f)];
         }
         Ok((node != 0 && self.space.can_overwrite(node)).then_some(node))
+    }
+}
+
+impl Ctx<'_> {
+    /// The same tree, read-only.
+    pub fn view(&self) -> View<'_> {
+        View {
+            nodes: self.nodes,
+            space: self.space,
+            storage: self.storage,
+        }
     }
 
     /// Make `node` private to this transaction and this tree: returns the
@@ -163,23 +182,6 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Data blocks reachable from `root` that no other volume can reach.
-    pub fn exclusive_blocks(&mut self, node: u64, level: u8) -> Result<u64> {
-        if node == 0 || self.space.rc(node) != 1 {
-            return Ok(0);
-        }
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        let mut n = 0;
-        for c in entries.into_iter().filter(|&c| c != 0) {
-            n += if level == 0 {
-                (self.space.rc(c) == 1) as u64
-            } else {
-                self.exclusive_blocks(c, level - 1)?
-            };
-        }
-        Ok(n)
-    }
-
     /// Add levels on top until the tree has `new_depth` levels.
     /// On failure (no space) the tree is left as it was.
     pub fn grow(&mut self, root: &mut u64, depth: &mut u8, new_depth: u8) -> Result<()> {
@@ -209,11 +211,30 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+impl View<'_> {
+    /// Data blocks reachable from `root` that no other volume can reach.
+    pub fn exclusive_blocks(&self, node: u64, level: u8) -> Result<u64> {
+        if node == 0 || self.space.rc(node) != 1 {
+            return Ok(0);
+        }
+        let entries = self.nodes.get(self.storage, node, level)?;
+        let mut n = 0;
+        for &c in entries.iter().filter(|&&c| c != 0) {
+            n += if level == 0 {
+                (self.space.rc(c) == 1) as u64
+            } else {
+                self.exclusive_blocks(c, level - 1)?
+            };
+        }
+        Ok(n)
+    }
 
     /// Mapped blocks with `first <= vblock < end`, as (vblock, pblock), ascending.
     /// Unmapped subtrees are skipped without being read.
     pub fn mapped_in_range(
-        &mut self,
+        &self,
         root: u64,
         depth: u8,
         first: u64,
@@ -227,7 +248,7 @@ impl Ctx<'_> {
     }
 
     fn range_node(
-        &mut self,
+        &self,
         node: u64,
         level: u8,
         base: u64,
@@ -255,7 +276,7 @@ impl Ctx<'_> {
 
     /// Call `f(vblock, pblock)` for every mapped block in ascending order.
     pub fn walk(
-        &mut self,
+        &self,
         root: u64,
         depth: u8,
         f: &mut dyn FnMut(u64, u64) -> Result<()>,
@@ -267,7 +288,7 @@ impl Ctx<'_> {
     }
 
     fn walk_node(
-        &mut self,
+        &self,
         node: u64,
         level: u8,
         base: u64,

@@ -48,8 +48,24 @@ pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
         .export_dir
         .clone()
         .unwrap_or_else(|| default_export_dir(pool));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+    // A killed snapshotter leaves a dead FUSE mount there (serving clears
+    // it) and its loop devices on the dead files: drop those first, while
+    // their backing files still show where they were.
+    if crate::export::sys::is_dead_fuse_mount(&dir) {
+        let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+        for d in crate::export::sys::loop_devices() {
+            if d.backing_file.parent() == Some(&abs) {
+                eprintln!(
+                    "thinpool snapshotter: detaching {} (left by a killed snapshotter)",
+                    d.path().display()
+                );
+                let _ = crate::export::sys::losetup_detach(&d.path());
+            }
+        }
+    } else {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+    }
     if let Some(parent) = opts.address.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| ExportError::Msg(format!("{}: {e}", parent.display())))?;

@@ -164,19 +164,10 @@ impl Store {
     //--------------------------------------------------------------------------
     // Start-up
 
-    /// Make the pool ready: drop loop devices a previous (killed) process
-    /// left on the old export, and format the template once per pool.
+    /// Make the pool ready: format the template once per pool (again if a
+    /// crash interrupted it).
     pub fn start(&self, volume_size: u64) -> Result<()> {
         let _g = self.lock();
-        for d in sys::loop_devices() {
-            if d.backing_file.parent() == Some(self.server.export_dir()) {
-                eprintln!(
-                    "thinpool snapshotter: detaching {} (left by an earlier run)",
-                    d.path().display()
-                );
-                let _ = sys::losetup_detach(&d.path());
-            }
-        }
         let have = |name: &str| self.server.pool().lookup(name).ok();
         if let Some(id) = have(TEMPLATE) {
             if self.server.pool().is_read_only(id)? {

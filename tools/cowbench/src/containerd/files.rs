@@ -81,7 +81,7 @@ pub struct FilesCheck {
 }
 
 /// ext4's own directory at the root of every ext4 volume: the file system's,
-/// not the image's (containerd's devmapper snapshotter shows it too).
+/// not the image's.
 const IGNORED: &str = "/lost+found";
 
 /// Path -> line, without what the comparison leaves out.

@@ -15,6 +15,15 @@ have mkfs.xfs || need+=(xfsprogs)
 have losetup || need+=(mount)
 have du || need+=(coreutils)
 have fusermount3 || have fusermount || need+=(fuse3)
+# The containerd scenario (cowbench --containerd): a private containerd and
+# registry, images built by tools/build-debian-image.sh and pushed with skopeo.
+have containerd || need+=(containerd)
+have runc || need+=(runc)
+have docker-registry || need+=(docker-registry)
+have skopeo || need+=(skopeo)
+have umoci || need+=(umoci)
+have debootstrap || need+=(debootstrap)
+have curl || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

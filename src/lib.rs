@@ -18,6 +18,8 @@ pub mod check;
 pub mod control;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod forge;
 pub mod format;
 pub mod io;
 pub mod layer;

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use byteorder::{ByteOrder, LittleEndian as LE};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{validate_name, Catalog};
+use crate::catalog::{validate_name, Catalog, RecordLimits};
 use crate::error::{Error, Result};
 use crate::format::{
     self, PageType, SlotError, Superblock, VolumeRecord, FORMAT_VERSION, PAGE_HEADER_SIZE,
@@ -22,7 +22,7 @@ use crate::format::{
 };
 use crate::io::{FileStorage, Storage};
 use crate::map::{self, Ctx, Nodes};
-use crate::space::{Budget, Kind, PagedArray, SpaceMap};
+use crate::space::{try_vec, Budget, Kind, PagedArray, SpaceMap};
 
 /// Stable identifier of a volume inside its pool (never reused).
 pub type VolumeId = u64;
@@ -92,8 +92,7 @@ pub struct PoolInfo {
 /// Low-water mark of a pool created without one.
 pub const DEFAULT_LOW_WATER_PCT: u32 = 10;
 
-/// Largest virtual size of a volume.
-pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
+pub use crate::format::MAX_VOLUME_SIZE;
 
 pub struct Pool {
     path: PathBuf,
@@ -329,7 +328,7 @@ impl Pool {
             path: path.to_path_buf(),
             storage,
             sb,
-            space: SpaceMap::new(total, reserved, per_rc),
+            space: SpaceMap::new(total, reserved, per_rc)?,
             rc_layout,
             catalog: Catalog::new(bs)?,
             nodes: Nodes::new(bs, total, reserved, 0),
@@ -377,7 +376,7 @@ impl Pool {
             RC_INDEX_MAX,
         )?;
         check_memory(total, bs)?;
-        let mut rc = vec![0u32; total as usize];
+        let mut rc = try_vec(total as usize, 0u32, "refcount table")?;
         let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
             n_rc_pages,
             &sb.rc_index,
@@ -395,7 +394,7 @@ impl Pool {
         if rc[..reserved as usize].iter().any(|&c| c != 1) {
             return Err(Error::corrupt("refcounts of the superblock area are not 1"));
         }
-        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
+        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc)?;
         if sb.metadata_blocks > space.used() {
             return Err(Error::corrupt(format!(
                 "superblock counts {} metadata blocks but only {} blocks are in use",
@@ -411,26 +410,13 @@ impl Pool {
             total,
             sb.generation,
         )?;
-        let fanout = format::pointers_per_page(bs);
-        for r in catalog.iter() {
-            let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
-            if r.root >= total
-                || (r.root != 0 && r.root < reserved)
-                || r.depth < need
-                || r.depth > need + 8
-            {
-                return Err(Error::corrupt(format!(
-                    "volume '{}': bad map root or depth",
-                    r.name
-                )));
-            }
-            if r.id >= sb.next_volume_id {
-                return Err(Error::corrupt(format!(
-                    "volume '{}': id {} not below next id",
-                    r.name, r.id
-                )));
-            }
-        }
+        catalog.validate(&RecordLimits {
+            block_size: bs,
+            fanout: format::pointers_per_page(bs),
+            total_blocks: total,
+            first_block: reserved,
+            next_volume_id: sb.next_volume_id,
+        })?;
         let committed = sb.generation;
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -444,8 +430,22 @@ impl Pool {
             failed: None,
             read_only: false,
         };
+        pool.check_table_pages()?;
         pool.update_reserve();
         Ok(pool)
+    }
+
+    /// No block may hold two table pages (each table checked its own at load).
+    fn check_table_pages(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for p in self.table_pages() {
+            if !seen.insert(p) {
+                return Err(Error::corrupt(format!(
+                    "block {p} holds pages of both the refcount and the catalog table"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The valid superblock slot with the highest generation.
@@ -642,7 +642,8 @@ impl Pool {
     }
 
     fn record_info(&mut self, r: &VolumeRecord) -> Result<VolumeInfo> {
-        let excl = self.ctx().exclusive_blocks(r.root, r.depth - 1)?;
+        let n_blocks = r.size.div_ceil(self.block_size() as u64);
+        let excl = self.ctx().exclusive_blocks(r.root, r.depth, n_blocks)?;
         let parent = (r.parent_id != 0)
             .then(|| self.catalog.get(r.parent_id).ok().map(|p| p.name.clone()))
             .flatten();
@@ -765,7 +766,8 @@ impl Pool {
         let id = self.catalog.id_of(name)?;
         let rec = self.catalog.remove(id)?;
         if rec.root != 0 {
-            self.ctx().release(rec.root, rec.depth - 1)?;
+            let r = self.ctx().release(rec.root, rec.depth - 1);
+            self.fail_on_corrupt(r)?;
         }
         self.commit()
     }
@@ -914,7 +916,17 @@ impl Pool {
         })();
         // Blocks already mapped must get their data whatever happened after.
         self.write_runs(data, &mut runs)?;
-        result
+        self.fail_on_corrupt(result)
+    }
+
+    /// Damage found half way through a change leaves the open transaction
+    /// inconsistent: stop using the pool (it reopens at its last commit)
+    /// rather than commit a half-made change.
+    fn fail_on_corrupt<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Corrupt(m)) = &r {
+            self.fail(m);
+        }
+        r
     }
 
     /// Write the planned runs. The maps already point at these blocks, so an
@@ -1025,7 +1037,8 @@ impl Pool {
             .ctx()
             .mapped_in_range(root, depth, first_full, end_full)?;
         for (vb, _) in mapped {
-            self.retry_on_full(|p| p.unmap_block(id, vb))?;
+            let r = self.retry_on_full(|p| p.unmap_block(id, vb));
+            self.fail_on_corrupt(r)?;
         }
         Ok(())
     }
@@ -1061,7 +1074,13 @@ impl Pool {
         let old = std::mem::take(&mut self.nodes.get_mut(leaf)?[s]);
         if old != 0 {
             self.space.dec(old, Kind::Data)?;
-            self.catalog.get_mut(id)?.mapped_blocks -= 1;
+            let r = self.catalog.get_mut(id)?;
+            r.mapped_blocks = r.mapped_blocks.checked_sub(1).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "volume '{}': mapped block count is too low",
+                    r.name
+                ))
+            })?;
         }
         Ok(())
     }

@@ -194,15 +194,9 @@ pub fn for_each_change(
         }
     }
     let a = parent
-        .map(|p| diff::Tree {
-            root: p.root,
-            depth: p.depth,
-        })
+        .map(|p| diff::Tree::of(p, pool.block_size()))
         .unwrap_or(diff::Tree::EMPTY);
-    let b = diff::Tree {
-        root: layer.root,
-        depth: layer.depth,
-    };
+    let b = diff::Tree::of(layer, pool.block_size());
     let mut blocks = Vec::new();
     diff::changed_blocks(&mut pool.ctx(), a, b, &mut |c| {
         blocks.push(c);
@@ -382,15 +376,10 @@ pub fn commit(pool: &mut Pool, name: &str, as_name: Option<&str>) -> Result<Laye
 pub fn diff_volumes(pool: &mut Pool, a: &str, b: &str) -> Result<Vec<DiffRange>> {
     let ra = pool.catalog.get_by_name(a)?.clone();
     let rb = pool.catalog.get_by_name(b)?.clone();
+    let bs = pool.block_size();
     diff::ranges(
         &mut pool.ctx(),
-        diff::Tree {
-            root: ra.root,
-            depth: ra.depth,
-        },
-        diff::Tree {
-            root: rb.root,
-            depth: rb.depth,
-        },
+        diff::Tree::of(&ra, bs),
+        diff::Tree::of(&rb, bs),
     )
 }

@@ -3,7 +3,7 @@
 //! and the volume catalog. The array's contents are kept in memory by its
 //! owner; this type only knows page locations and writes what it is handed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
@@ -152,6 +152,17 @@ impl PagedArray {
             }
         }
         a.index = index_ptrs.to_vec();
+        // A real table never uses one block twice; a forged one could make
+        // the owner allocate for the same page over and over.
+        let mut seen = HashSet::new();
+        for &p in a.index.iter().chain(&a.pages).filter(|&&p| p != 0) {
+            if !seen.insert(p) {
+                return Err(Error::corrupt(format!(
+                    "{} table: block {p} is used by two of its pages",
+                    kind.name()
+                )));
+            }
+        }
         for (i, &p) in a.pages.iter().enumerate() {
             if p == 0 {
                 continue;

@@ -17,6 +17,26 @@ use crate::error::{Error, Result};
 /// map nodes before it frees anything.
 pub const UNMAP_RESERVE: u64 = 16;
 
+/// A vector of `n` copies of `v`, or an error instead of an abort when the
+/// memory cannot be had (sizes come from a pool file, which may lie).
+pub(crate) fn try_vec<T: Clone>(n: usize, v: T, what: &str) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "not enough memory for the {what} ({n} entries); the pool is too large for this machine"
+        ))
+    })?;
+    out.resize(n, v);
+    Ok(out)
+}
+
+fn try_bits(n: usize) -> Result<BitVec<u64, Lsb0>> {
+    let words = try_vec(n.div_ceil(64), 0u64, "free-space bitmap")?;
+    let mut b = BitVec::from_vec(words);
+    b.truncate(n);
+    Ok(b)
+}
+
 /// Which reserve an allocation may dip into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
@@ -65,9 +85,14 @@ pub struct SpaceMap {
 
 impl SpaceMap {
     /// Build from persisted refcounts. Blocks below `reserved` hold the superblocks.
-    pub fn from_refcounts(rc: Vec<u32>, reserved: u64, meta: u64, per_page: usize) -> SpaceMap {
+    pub fn from_refcounts(
+        rc: Vec<u32>,
+        reserved: u64,
+        meta: u64,
+        per_page: usize,
+    ) -> Result<SpaceMap> {
         let n = rc.len();
-        let mut free = bitvec![u64, Lsb0; 0; n];
+        let mut free = try_bits(n)?;
         let mut used = 0;
         for (b, &c) in rc.iter().enumerate().skip(reserved as usize) {
             if c == 0 {
@@ -77,11 +102,11 @@ impl SpaceMap {
             }
         }
         let free_count = free.count_ones() as u64;
-        SpaceMap {
+        Ok(SpaceMap {
             rc,
             free,
             free_count,
-            txn_new: bitvec![u64, Lsb0; 0; n],
+            txn_new: try_bits(n)?,
             was_shared: HashSet::new(),
             pending: Vec::new(),
             pending_data: Vec::new(),
@@ -92,17 +117,17 @@ impl SpaceMap {
             meta,
             hint: reserved,
             commit_reserve: 0,
-        }
+        })
     }
 
     /// A fresh pool: every block free except the superblock area.
-    pub fn new(total: u64, reserved: u64, per_page: usize) -> SpaceMap {
-        let mut rc = vec![0u32; total as usize];
+    pub fn new(total: u64, reserved: u64, per_page: usize) -> Result<SpaceMap> {
+        let mut rc = try_vec(total as usize, 0u32, "refcount table")?;
         rc[..reserved as usize].fill(1);
-        let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page);
+        let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page)?;
         s.dirty_pages
             .extend(0..(reserved as usize).div_ceil(per_page));
-        s
+        Ok(s)
     }
 
     pub fn total(&self) -> u64 {
@@ -304,7 +329,7 @@ mod tests {
 
     #[test]
     fn freed_is_not_free_until_commit() {
-        let mut s = SpaceMap::new(24 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(24 + UNMAP_RESERVE, 1, 1024).unwrap();
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         s.end_transaction(); // a is now committed
         assert!(s.dec(a, Kind::Data).unwrap());
@@ -320,7 +345,7 @@ mod tests {
 
     #[test]
     fn txn_new_blocks_reuse_at_once_and_shared_blocks_are_not_overwritten() {
-        let mut s = SpaceMap::new(8 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(8 + UNMAP_RESERVE, 1, 1024).unwrap();
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         assert!(s.dec(a, Kind::Data).unwrap());
         assert_eq!(s.alloc(Kind::Data, Budget::Write).unwrap(), a);
@@ -336,7 +361,7 @@ mod tests {
 
     #[test]
     fn reserve_is_kept_for_commits() {
-        let mut s = SpaceMap::new(6 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(6 + UNMAP_RESERVE, 1, 1024).unwrap();
         s.set_commit_reserve(2);
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());

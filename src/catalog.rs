@@ -8,7 +8,7 @@ use crate::format::{
     PageType, VolumeRecord, CAT_INDEX_MAX, MAX_VOLUME_SIZE, NAME_MAX, RECORD_SIZE,
 };
 use crate::io::Storage;
-use crate::space::PagedArray;
+use crate::pdata::PagedArray;
 
 /// What a volume record is checked against at open.
 pub struct RecordLimits {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::format::{Superblock, SUPERBLOCK_SLOT_SIZE};
-use crate::map::Ctx;
+use crate::map::View;
 use crate::pool::Pool;
 use crate::space::try_vec;
 
@@ -163,11 +163,11 @@ impl Pool {
         &mut self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(CheckReport, Census)> {
-        let total = self.space.total() as usize;
-        let reserved = self.space.reserved() as usize;
+        let total = self.space().total() as usize;
+        let reserved = self.space().reserved() as usize;
         let mut report = CheckReport {
             generation: self.generation(),
-            volumes: self.catalog.len(),
+            volumes: self.records().count(),
             ..Default::default()
         };
         self.check_superblocks(&mut report.notes);
@@ -178,7 +178,7 @@ impl Pool {
             is_data: try_vec(total, false, "check's block kinds")?,
             memo: HashMap::new(),
             issues: &mut issues,
-            fanout: self.nodes.fanout() as u128,
+            fanout: self.fanout() as u128,
             volume: String::new(),
         };
         w.expected[..reserved].fill(1);
@@ -187,7 +187,7 @@ impl Pool {
             w.is_meta[p as usize] = true;
         }
         let bs = self.block_size() as u64;
-        let recs: Vec<_> = self.catalog.iter().cloned().collect();
+        let recs: Vec<_> = self.records().cloned().collect();
         let mut mapped = HashMap::new();
         let n_vols = recs.len() as u64;
         for (i, r) in recs.iter().enumerate() {
@@ -196,14 +196,10 @@ impl Pool {
             let mut count_end = (0, 0);
             if r.root != 0 {
                 w.expected[r.root as usize] = w.expected[r.root as usize].saturating_add(1);
-                let mut ctx = Ctx {
-                    nodes: &mut self.nodes,
-                    space: &mut self.space,
-                    storage: &*self.storage,
-                };
+                let ctx = self.view();
                 let mut path = Vec::new();
                 count_end = w
-                    .visit(&mut ctx, r.root, r.depth - 1, 0, &mut path)
+                    .visit(&ctx, r.root, r.depth - 1, 0, &mut path)
                     .unwrap_or((0, 0));
             }
             let (count, end) = count_end;
@@ -237,7 +233,7 @@ impl Pool {
             }
         }
         progress(n_vols, n_vols);
-        let rc = self.space.refcounts();
+        let rc = self.space().refcounts();
         for (b, &stored) in rc.iter().enumerate().skip(reserved) {
             let found = w.expected[b];
             if found != stored {
@@ -269,17 +265,17 @@ impl Pool {
                 }
             }
         }
-        if report.metadata_blocks != self.space.meta() {
+        if report.metadata_blocks != self.space().meta() {
             let mut is = Issue::new(
                 IssueKind::MetadataCount,
                 format!(
                     "superblock counts {} metadata blocks, {} found",
-                    self.space.meta(),
+                    self.space().meta(),
                     report.metadata_blocks
                 ),
             );
             is.expected = Some(report.metadata_blocks);
-            is.found = Some(self.space.meta());
+            is.found = Some(self.space().meta());
             w.issues.push(is);
         }
         report.map_nodes = w.memo.len() as u64;
@@ -299,7 +295,7 @@ impl Pool {
         let mut buf = vec![0u8; SUPERBLOCK_SLOT_SIZE];
         for slot in 0..2u64 {
             if self
-                .storage
+                .storage()
                 .read_at(&mut buf, slot * SUPERBLOCK_SLOT_SIZE as u64)
                 .is_err()
             {
@@ -352,7 +348,7 @@ impl Walk<'_> {
     /// Walk the subtree at `node`; None if it could not be read (reported).
     fn visit(
         &mut self,
-        ctx: &mut Ctx,
+        ctx: &View,
         node: u64,
         level: u8,
         base: u64,

@@ -18,12 +18,14 @@ pub mod check;
 pub mod control;
 pub mod error;
 pub mod export;
+#[cfg(feature = "test-support")]
 #[doc(hidden)]
 pub mod forge;
 pub mod format;
 pub mod io;
 pub mod layer;
 pub mod map;
+pub mod pdata;
 pub mod pool;
 pub mod repair;
 pub mod size;

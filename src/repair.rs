@@ -57,7 +57,8 @@ impl RepairReport {
 
 /// Repair the pool file at `path` (takes the owner lock).
 pub fn repair(path: &Path) -> Result<RepairReport> {
-    let open = || -> Result<Box<dyn Storage>> { Ok(Box::new(crate::pool::open_file(path, true)?)) };
+    let open =
+        || -> Result<Box<dyn Storage>> { Ok(Box::new(crate::pool::open::open_file(path, true)?)) };
     let mut backup = path.as_os_str().to_owned();
     backup.push(".repair-backup-");
     repair_with(&open, path, &PathBuf::from(backup))
@@ -144,15 +145,7 @@ pub fn repair_with(
                 report.fixed.push(is.message.clone());
             }
         }
-        for (b, &count) in census.expected.iter().enumerate() {
-            pool.space.set_count(b as u64, count);
-        }
-        pool.space.set_meta(census.meta_blocks);
-        for (id, n) in &census.mapped {
-            if pool.catalog.get(*id)?.mapped_blocks != *n {
-                pool.catalog.get_mut(*id)?.mapped_blocks = *n;
-            }
-        }
+        pool.rebuild_counts(&census.expected, census.meta_blocks, &census.mapped)?;
     }
     pool.commit_forced()?;
     report.new_generation = pool.generation();
@@ -177,7 +170,7 @@ fn write_backup(pool: &Pool, path: &Path) -> Result<()> {
     out.extend_from_slice(BACKUP_HEADER);
     let mut record = |offset: u64, len: u64| -> Result<()> {
         let mut buf = vec![0u8; len as usize];
-        pool.storage.read_at(&mut buf, offset)?;
+        pool.storage().read_at(&mut buf, offset)?;
         out.extend_from_slice(&offset.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(&buf);
@@ -204,36 +197,6 @@ fn write_backup(pool: &Pool, path: &Path) -> Result<()> {
 
 //------------------------------------------------------------------------------
 
-/// A small damage generator for tests (thin-provisioning-tools has one too):
-/// each function commits one specific kind of damage to an open pool.
-#[doc(hidden)]
-pub mod damage {
-    use crate::error::Result;
-    use crate::pool::Pool;
-    use crate::space::{Budget, Kind};
-
-    /// Allocate a block nothing references, and commit it. Returns the block.
-    pub fn leak_block(pool: &mut Pool) -> Result<u64> {
-        let b = pool.space.alloc(Kind::Data, Budget::Write)?;
-        pool.commit_forced()?;
-        Ok(b)
-    }
-
-    /// Add one to a block's stored count, and commit.
-    pub fn bump_refcount(pool: &mut Pool, block: u64) -> Result<()> {
-        pool.space.inc(block)?;
-        pool.commit_forced()
-    }
-
-    /// Shrink a volume's recorded size (its map keeps the blocks past the new end).
-    pub fn shrink_record(pool: &mut Pool, name: &str, size: u64) -> Result<()> {
-        let id = pool.catalog.id_of(name)?;
-        pool.catalog.get_mut(id)?.size = size;
-        pool.commit_forced()
-    }
-
-    /// The block holding a volume's map root (0 if it has none).
-    pub fn root_block(pool: &Pool, name: &str) -> Result<u64> {
-        Ok(pool.catalog.get_by_name(name)?.root)
-    }
-}
+/// Damage for tests (test machinery, only with the `test-support` feature).
+#[cfg(feature = "test-support")]
+pub use crate::pool::damage;

@@ -1,7 +1,10 @@
 //! CLI verbs of the live export: serve, attach, detach, mount, umount.
 //! Each is a thin wrapper over `thinpool::export`; see docs/EXPORT.md.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
 use thinpool::export::{self, Mkfs, MountOptions, ServeOptions};
@@ -67,6 +70,26 @@ pub struct UmountArgs {
     pub dir: PathBuf,
 }
 
+/// Start `thinpool serve POOL DIR --background` (this program) for `attach`
+/// and `mount`: the library never runs a program itself.
+fn start_server(pool: &Path, dir: &Path, log: File) -> std::io::Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("serve").arg(pool).arg(dir).arg("--background");
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: setsid is async-signal-safe; it detaches the server from our
+    // session so a Ctrl-C aimed at the CLI does not reach it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
 pub fn serve(a: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         background: a.background,
@@ -77,7 +100,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 pub fn attach(a: AttachArgs) -> Result<()> {
-    let dev = export::attach(&a.pool, &a.name, a.read_only)
+    let dev = export::attach(&a.pool, &a.name, a.read_only, start_server)
         .with_context(|| format!("attach '{}' of {}", a.name, a.pool.display()))?;
     super::print(&format!("{}\n", dev.display()))?;
     Ok(())
@@ -94,7 +117,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         options: a.options,
     };
-    let dev = export::mount(&a.pool, &a.name, &a.dir, &opts).with_context(|| {
+    let dev = export::mount(&a.pool, &a.name, &a.dir, &opts, start_server).with_context(|| {
         format!(
             "mount '{}' of {} on {}",
             a.name,

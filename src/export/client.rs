@@ -6,9 +6,8 @@
 //! (`thinpool:/path/to/pool` in the mount table).
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -67,9 +66,14 @@ fn canonical(p: &Path) -> Result<PathBuf, ExportError> {
 //------------------------------------------------------------------------------
 // Servers
 
+/// Starts `thinpool serve POOL DIR --background` as a process of its own,
+/// its output going to `log`. The binary supplies this: the library never
+/// runs a program itself.
+pub type StartServer = fn(pool: &Path, dir: &Path, log: fs::File) -> std::io::Result<Child>;
+
 /// The running server of `pool`, starting one in the background if none runs.
 /// Returns its status and whether we started it.
-pub fn ensure_server(pool: &Path) -> Result<(ServerStatus, bool), ExportError> {
+pub fn ensure_server(pool: &Path, start: StartServer) -> Result<(ServerStatus, bool), ExportError> {
     let pool = canonical(pool)?;
     match control::status(&pool) {
         Some(Ok(st)) if !st.stopping => return Ok((st, false)),
@@ -77,10 +81,10 @@ pub fn ensure_server(pool: &Path) -> Result<(ServerStatus, bool), ExportError> {
         Some(Err(e)) => return Err(e.into()),
         None => {}
     }
-    start_background(&pool).map(|st| (st, true))
+    start_background(&pool, start).map(|st| (st, true))
 }
 
-fn start_background(pool: &Path) -> Result<ServerStatus, ExportError> {
+fn start_background(pool: &Path, start: StartServer) -> Result<ServerStatus, ExportError> {
     let dir = default_export_dir(pool);
     fs::create_dir_all(RUN_DIR).map_err(|e| ExportError::Msg(format!("{RUN_DIR}: {e}")))?;
     let log_path = dir.with_extension("log");
@@ -89,24 +93,7 @@ fn start_background(pool: &Path) -> Result<ServerStatus, ExportError> {
         .append(true)
         .open(&log_path)
         .map_err(|e| ExportError::Msg(format!("{}: {e}", log_path.display())))?;
-    let exe = std::env::current_exe()
-        .map_err(|e| ExportError::Msg(format!("cannot find this program: {e}")))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("serve").arg(pool).arg(&dir).arg("--background");
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .current_dir("/");
-    // SAFETY: setsid is async-signal-safe; it detaches the server from our
-    // session so a Ctrl-C aimed at the CLI does not reach it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let mut child = start(pool, &dir, log)
         .map_err(|e| ExportError::Msg(format!("cannot start the pool server: {e}")))?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
@@ -185,9 +172,14 @@ pub fn stop_if_idle(pool: &Path) -> Result<(), ExportError> {
 // attach / detach
 
 /// Attach volume `name` of `pool` as a loop device (direct I/O) and return it.
-pub fn attach(pool: &Path, name: &str, read_only: bool) -> Result<PathBuf, ExportError> {
+pub fn attach(
+    pool: &Path,
+    name: &str,
+    read_only: bool,
+    start: StartServer,
+) -> Result<PathBuf, ExportError> {
     let pool = canonical(pool)?;
-    let (st, started) = ensure_server(&pool)?;
+    let (st, started) = ensure_server(&pool, start)?;
     let res = attach_file(&st.dir, name, read_only);
     if res.is_err() && started {
         let _ = stop_if_idle(&pool);
@@ -195,7 +187,8 @@ pub fn attach(pool: &Path, name: &str, read_only: bool) -> Result<PathBuf, Expor
     res
 }
 
-fn attach_file(dir: &Path, name: &str, read_only: bool) -> Result<PathBuf, ExportError> {
+/// Attach the volume file `name` of the export in `dir` as a loop device.
+pub fn attach_file(dir: &Path, name: &str, read_only: bool) -> Result<PathBuf, ExportError> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(crate::Error::NoSuchVolume(name.to_string()).into());
     }
@@ -319,7 +312,27 @@ pub fn mount(
     name: &str,
     dir: &Path,
     opts: &MountOptions,
+    start: StartServer,
 ) -> Result<PathBuf, ExportError> {
+    let dir = mount_point(dir, opts)?;
+    let dev = attach(pool, name, opts.read_only, start)?;
+    mount_device(dev, &dir, opts)
+}
+
+/// Mount the volume `name` of a server running in this process (see
+/// [`super::Server`]) on `dir`, like [`mount`].
+pub fn mount_served(
+    server: &super::Server,
+    name: &str,
+    dir: &Path,
+    opts: &MountOptions,
+) -> Result<PathBuf, ExportError> {
+    let dir = mount_point(dir, opts)?;
+    let dev = attach_file(server.dir(), name, opts.read_only)?;
+    mount_device(dev, &dir, opts)
+}
+
+fn mount_point(dir: &Path, opts: &MountOptions) -> Result<PathBuf, ExportError> {
     let dir = canonical(dir)?;
     if !dir.is_dir() {
         return Err(ExportError::Msg(format!(
@@ -333,7 +346,12 @@ pub fn mount(
         )
         .into());
     }
-    let dev = attach(pool, name, opts.read_only)?;
+    Ok(dir)
+}
+
+/// Make the filesystem asked for on the attached `dev` and mount it on
+/// `dir`; detach `dev` if that fails.
+fn mount_device(dev: PathBuf, dir: &Path, opts: &MountOptions) -> Result<PathBuf, ExportError> {
     let mut guard = AttachGuard(Some(dev.clone()));
     match opts.mkfs {
         Some(Mkfs::Ext4) => sys::run(
@@ -354,7 +372,7 @@ pub fn mount(
         if let Some(o) = options {
             cmd.arg("-o").arg(o);
         }
-        sys::run(cmd.arg(&dev).arg(&dir))
+        sys::run(cmd.arg(&dev).arg(dir))
     };
     if let Err(e) = mount(opts.options.as_deref()) {
         // A snapshot of a live filesystem is taken frozen: its metadata is

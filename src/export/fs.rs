@@ -18,7 +18,7 @@ use fuser::{
     WriteFlags,
 };
 
-use super::server::Shared;
+use super::state::Shared;
 use crate::error::Error;
 use crate::pool::VolumeId;
 

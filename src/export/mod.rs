@@ -13,10 +13,14 @@ pub mod client;
 pub mod control;
 mod fs;
 pub mod server;
+mod state;
 mod sys;
 
-pub use client::{attach, default_export_dir, detach, mount, umount, Mkfs, MountOptions};
-pub use server::{serve, ServeOptions};
+pub use client::{
+    attach, attach_file, default_export_dir, detach, mount, mount_served, umount, Mkfs,
+    MountOptions, StartServer,
+};
+pub use server::{serve, ServeOptions, Server};
 
 /// Errors of the export verbs: the pool's own, or the host's (tools, mounts).
 #[derive(Debug, thiserror::Error)]

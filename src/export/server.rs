@@ -10,14 +10,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use fuser::{Config, MountOption, Notifier, Session, SessionACL};
+use fuser::{Config, MountOption, Session, SessionACL};
 
 use super::control::{socket_path, Reply, ServerRequest, ServerStatus, ShutdownReply};
 use super::fs::{ino_of, ThinFs};
+use super::state::Shared;
 use super::sys::{self, Frozen};
 use super::ExportError;
 use crate::control::{execute, Request, Response};
@@ -33,83 +34,6 @@ pub struct ServeOptions {
     pub background: bool,
     /// FUSE worker threads (0: pick from the CPU count).
     pub threads: usize,
-}
-
-/// State shared by the FUSE workers, the control socket and the ticker.
-pub(crate) struct Shared {
-    pool: Mutex<Pool>,
-    pool_path: PathBuf,
-    dir: PathBuf,
-    background: bool,
-    pub started: SystemTime,
-    pub block_size: u32,
-    /// Something was written since the last commit.
-    pub dirty: AtomicBool,
-    /// Shutting down: refuse new opens and requests.
-    pub stopping: AtomicBool,
-    /// Open FUSE files per volume (a loop device holds one open while attached).
-    opens: Mutex<HashMap<VolumeId, u32>>,
-    idle: Condvar,
-    notifier: Mutex<Option<Notifier>>,
-}
-
-impl Shared {
-    pub fn lock_pool(&self) -> MutexGuard<'_, Pool> {
-        // A panic in one request must not wedge the export, but it may have
-        // stopped half way through a change: fail the pool so that nothing
-        // half-done is committed; it reopens at its last commit.
-        self.pool.lock().unwrap_or_else(|p| {
-            let mut pool = p.into_inner();
-            pool.fail("a request panicked while holding the pool");
-            self.pool.clear_poison();
-            pool
-        })
-    }
-
-    fn lock_opens(&self) -> MutexGuard<'_, HashMap<VolumeId, u32>> {
-        self.opens.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Commit if needed and make it durable. The one place a commit happens.
-    pub fn commit(&self) -> Result<()> {
-        let mut pool = self.lock_pool();
-        self.dirty.store(false, Ordering::SeqCst);
-        pool.commit()
-            .inspect_err(|_| self.dirty.store(true, Ordering::SeqCst))
-    }
-
-    pub fn opened(&self, id: VolumeId) {
-        *self.lock_opens().entry(id).or_insert(0) += 1;
-    }
-
-    pub fn released(&self, id: VolumeId) {
-        let mut opens = self.lock_opens();
-        if let Some(n) = opens.get_mut(&id) {
-            *n -= 1;
-            if *n == 0 {
-                opens.remove(&id);
-            }
-        }
-        if opens.is_empty() {
-            self.idle.notify_all();
-        }
-    }
-
-    fn in_use(&self, id: VolumeId) -> bool {
-        self.lock_opens().contains_key(&id)
-    }
-
-    fn notify(&self, f: impl FnOnce(&Notifier) -> std::io::Result<()>) {
-        if let Some(n) = self
-            .notifier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            // ENOENT just means the kernel had nothing cached.
-            let _ = f(n);
-        }
-    }
 }
 
 //------------------------------------------------------------------------------
@@ -167,14 +91,8 @@ impl Drop for Cleanup {
 }
 
 /// Serve every volume of `pool_path` as a file under `dir` until it is
-/// unmounted or the process is signalled.
+/// unmounted or the process is signalled (`thinpool serve`).
 pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(ExportError::Msg(
-            "serve needs root (it mounts FUSE without fusermount)".into(),
-        ));
-    }
     let pool_path = std::fs::canonicalize(pool_path)
         .map_err(|e| ExportError::Msg(format!("{}: {e}", pool_path.display())))?;
     if let Some(Ok(st)) = super::control::status(&pool_path) {
@@ -186,110 +104,195 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
         )));
     }
     let pool = Pool::open(&pool_path)?;
-    let block_size = pool.block_size();
-
-    if sys::is_dead_fuse_mount(dir) {
-        eprintln!(
-            "thinpool: {} is a dead FUSE mount (its server died); unmounting it",
-            dir.display()
-        );
-        let _ = sys::umount(dir, true);
-    }
-    if opts.background {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
-    }
-    let dir = std::fs::canonicalize(dir)
-        .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
-
-    let sock = socket_path(&pool_path);
-    // We hold the pool lock, so any socket file left here is stale.
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock)
-        .map_err(|e| ExportError::Msg(format!("cannot bind {}: {e}", sock.display())))?;
-    let _cleanup = Cleanup {
-        bound: file_id(&sock),
-        socket: sock.clone(),
-        dir: opts.background.then(|| dir.clone()),
-    };
-
-    let sh = Arc::new(Shared {
-        pool: Mutex::new(pool),
-        pool_path: pool_path.clone(),
-        dir: dir.clone(),
-        background: opts.background,
-        started: SystemTime::now(),
-        block_size,
-        dirty: AtomicBool::new(false),
-        stopping: AtomicBool::new(false),
-        opens: Mutex::new(HashMap::new()),
-        idle: Condvar::new(),
-        notifier: Mutex::new(None),
-    });
-
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .clamp(2, 8)
-            * 2
-    };
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("thinpool:{}", pool_path.display())),
-        MountOption::DefaultPermissions,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoExec,
-        MountOption::NoAtime,
-    ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(threads);
-    config.clone_fd = true;
-
     install_signal_handlers();
-    let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config)
-        .map_err(|e| ExportError::Msg(format!("cannot mount FUSE on {}: {e}", dir.display())))?;
-    *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.notifier());
-    eprintln!(
-        "thinpool: serving {} on {} ({} threads, control socket {})",
-        pool_path.display(),
-        dir.display(),
-        threads,
-        sock.display()
-    );
-
-    {
-        let sh = sh.clone();
-        thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_loop(listener, sh))?;
-    }
-    {
-        let sh = sh.clone();
-        thread::Builder::new()
-            .name("ticker".into())
-            .spawn(move || ticker(sh))?;
-    }
-
-    let res = session.run();
-    sh.stopping.store(true, Ordering::SeqCst);
-    *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let commit = sh.commit();
-    if sys::mount_at(&dir).is_some_and(|m| m.source.starts_with("thinpool:") && m.fstype == "fuse")
-    {
-        let _ = sys::umount(&dir, true);
-    }
-    eprintln!("thinpool: stopped serving {}", pool_path.display());
-    res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
-    commit?;
-    if opts.background {
+    let server = Server::start(pool, dir, opts)?;
+    let background = opts.background;
+    let dir = server.dir().to_path_buf();
+    server.wait()?;
+    if background {
         // A clean exit leaves nothing to look at; failures keep their log.
         let _ = std::fs::remove_file(dir.with_extension("log"));
     }
     Ok(())
+}
+
+/// A running export of one open pool, served from threads of this process:
+/// the FUSE session, the control socket and the commit ticker. `serve` runs
+/// one until it is stopped; a library user (image import) starts one, uses
+/// the volumes through loop devices and the pool through [`Server::with_pool`],
+/// and stops it — the pool stays open in this process throughout.
+pub struct Server {
+    sh: Arc<Shared>,
+    session: Option<thread::JoinHandle<std::io::Result<()>>>,
+    _cleanup: Cleanup,
+}
+
+impl Server {
+    /// Mount the FUSE export of `pool` (opened from its canonical path) on `dir`.
+    pub fn start(pool: Pool, dir: &Path, opts: &ServeOptions) -> Result<Server, ExportError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(ExportError::Msg(
+                "serving needs root (it mounts FUSE without fusermount)".into(),
+            ));
+        }
+        let pool_path = pool.path().to_path_buf();
+        let block_size = pool.block_size();
+        if sys::is_dead_fuse_mount(dir) {
+            eprintln!(
+                "thinpool: {} is a dead FUSE mount (its server died); unmounting it",
+                dir.display()
+            );
+            let _ = sys::umount(dir, true);
+        }
+        if opts.background {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+        }
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+
+        let sock = socket_path(&pool_path);
+        // We hold the pool lock, so any socket file left here is stale.
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| ExportError::Msg(format!("cannot bind {}: {e}", sock.display())))?;
+        let cleanup = Cleanup {
+            bound: file_id(&sock),
+            socket: sock.clone(),
+            dir: opts.background.then(|| dir.clone()),
+        };
+
+        let sh = Arc::new(Shared {
+            pool: Mutex::new(pool),
+            pool_path: pool_path.clone(),
+            dir: dir.clone(),
+            background: opts.background,
+            started: SystemTime::now(),
+            block_size,
+            dirty: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            opens: Mutex::new(HashMap::new()),
+            idle: Condvar::new(),
+            notifier: Mutex::new(None),
+        });
+
+        let threads = if opts.threads > 0 {
+            opts.threads
+        } else {
+            thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(2, 8)
+                * 2
+        };
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(format!("thinpool:{}", pool_path.display())),
+            MountOption::DefaultPermissions,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoExec,
+            MountOption::NoAtime,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(threads);
+        config.clone_fd = true;
+
+        let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config).map_err(|e| {
+            ExportError::Msg(format!("cannot mount FUSE on {}: {e}", dir.display()))
+        })?;
+        *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.notifier());
+        eprintln!(
+            "thinpool: serving {} on {} ({} threads, control socket {})",
+            pool_path.display(),
+            dir.display(),
+            threads,
+            sock.display()
+        );
+        let session = thread::Builder::new()
+            .name("fuse".into())
+            .spawn(move || session.run())?;
+        {
+            let sh = sh.clone();
+            thread::Builder::new()
+                .name("control".into())
+                .spawn(move || accept_loop(listener, sh))?;
+        }
+        {
+            let sh = sh.clone();
+            thread::Builder::new()
+                .name("ticker".into())
+                .spawn(move || ticker(sh))?;
+        }
+        Ok(Server {
+            sh,
+            session: Some(session),
+            _cleanup: cleanup,
+        })
+    }
+
+    /// The export directory (one file per volume).
+    pub fn dir(&self) -> &Path {
+        &self.sh.dir
+    }
+
+    /// Run `f` on the served pool (under the engine lock).
+    pub fn with_pool<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        f(&mut self.sh.lock_pool())
+    }
+
+    /// Stop once no volume is open any more (detach them first), commit,
+    /// and take the export away.
+    pub fn stop(self) -> Result<(), ExportError> {
+        self.sh.stopping.store(true, Ordering::SeqCst);
+        self.wait()
+    }
+
+    /// Wait until the export is unmounted (a stop request, a signal, or
+    /// `umount DIR`), then commit and clean up.
+    pub fn wait(mut self) -> Result<(), ExportError> {
+        let res = match self.session.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(std::io::Error::other("the FUSE session panicked")),
+            None => Ok(()),
+        };
+        self.end();
+        let commit = self.sh.commit();
+        res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
+        commit?;
+        Ok(())
+    }
+
+    fn end(&self) {
+        let sh = &self.sh;
+        sh.stopping.store(true, Ordering::SeqCst);
+        *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let dir = &sh.dir;
+        if sys::mount_at(dir)
+            .is_some_and(|m| m.source.starts_with("thinpool:") && m.fstype == "fuse")
+        {
+            let _ = sys::umount(dir, true);
+        }
+        if !sh.ended.swap(true, Ordering::SeqCst) {
+            // Wake the acceptor so that it sees `ended` and lets go.
+            let _ = UnixStream::connect(socket_path(&sh.pool_path));
+            eprintln!("thinpool: stopped serving {}", sh.pool_path.display());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(t) = self.session.take() {
+            // Dropped without a stop (an error path): take the export away now.
+            self.sh.stopping.store(true, Ordering::SeqCst);
+            let _ = sys::umount(&self.sh.dir, true);
+            let _ = t.join();
+        }
+        self.end();
+    }
 }
 
 /// Commits on a timer and turns stop requests into an unmount of DIR once no
@@ -300,7 +303,7 @@ fn ticker(sh: Arc<Shared>) {
     let mut handled_signals = 0;
     let mut waiting_logged = false;
     let mut unmounted = false;
-    loop {
+    while !sh.ended.load(Ordering::SeqCst) {
         thread::sleep(TICK);
         let signals = SIGNALS.load(Ordering::SeqCst);
         if signals > handled_signals {
@@ -370,6 +373,9 @@ fn stop_mount(dir: &Path) {
 
 fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
     for stream in listener.incoming() {
+        if sh.ended.load(Ordering::SeqCst) {
+            return;
+        }
         let Ok(stream) = stream else { continue };
         let sh = sh.clone();
         let _ = thread::Builder::new()

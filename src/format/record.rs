@@ -92,6 +92,11 @@ impl VolumeRecord {
     }
 }
 
+/// A recorded digest in hex, or None for "not a committed layer" (all zero).
+pub fn digest_hex(d: &[u8; 32]) -> Option<String> {
+    (*d != [0; 32]).then(|| d.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

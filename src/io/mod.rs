@@ -1,10 +1,12 @@
 //! Every byte the engine reads or writes goes through [`Storage`], so tests
 //! can swap the file for memory or for a backend that simulates power loss.
 
+#[cfg(feature = "test-support")]
 pub mod crash;
 mod file;
 mod mem;
 
+#[cfg(feature = "test-support")]
 pub use crash::CrashStorage;
 pub use file::FileStorage;
 pub use mem::MemStorage;

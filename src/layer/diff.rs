@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::format::VolumeRecord;
-use crate::map::{self, Ctx, Reached};
+use crate::map::{self, Reached, View};
 
 /// A volume's map: root block (0 = empty), depth, and the volume's size in
 /// blocks (the walk never looks past it).
@@ -123,7 +123,7 @@ struct Side {
     seen: Reached,
 }
 
-fn children(ctx: &mut Ctx<'_>, side: &mut Side, r: Ref, level: u8, base: u128) -> Result<Vec<Ref>> {
+fn children(ctx: &View<'_>, side: &mut Side, r: Ref, level: u8, base: u128) -> Result<Vec<Ref>> {
     let f = ctx.nodes.fanout();
     let mut v = vec![NONE; f];
     if r.block == 0 || base >= side.end as u128 {
@@ -136,7 +136,7 @@ fn children(ctx: &mut Ctx<'_>, side: &mut Side, r: Ref, level: u8, base: u128) -
     side.seen.first_visit(r.block)?;
     let entries = ctx.nodes.get(ctx.storage, r.block, level)?;
     let child_level = level.saturating_sub(1);
-    for (i, c, _) in map::children(entries, level, base as u64, f, side.end) {
+    for (i, c, _) in map::children(&entries, level, base as u64, f, side.end) {
         v[i] = Ref {
             block: c,
             level: child_level,
@@ -147,7 +147,7 @@ fn children(ctx: &mut Ctx<'_>, side: &mut Side, r: Ref, level: u8, base: u128) -
 
 #[allow(clippy::too_many_arguments)]
 fn compare(
-    ctx: &mut Ctx<'_>,
+    ctx: &View<'_>,
     sides: &mut [Side; 2],
     a: Ref,
     b: Ref,
@@ -184,7 +184,7 @@ fn compare(
 /// and `b`, in ascending order. Each map is read only up to its volume's
 /// end; past it, it counts as unmapped.
 pub fn changed_blocks(
-    ctx: &mut Ctx<'_>,
+    ctx: &View<'_>,
     a: Tree,
     b: Tree,
     out: &mut dyn FnMut(BlockChange) -> Result<()>,
@@ -206,7 +206,7 @@ pub fn changed_blocks(
 }
 
 /// The differing blocks of `a` and `b` as maximal ranges of one kind.
-pub fn ranges(ctx: &mut Ctx<'_>, a: Tree, b: Tree) -> Result<Vec<DiffRange>> {
+pub fn ranges(ctx: &View<'_>, a: Tree, b: Tree) -> Result<Vec<DiffRange>> {
     let mut out: Vec<DiffRange> = Vec::new();
     changed_blocks(ctx, a, b, &mut |c| {
         let kind = match (c.a, c.b) {

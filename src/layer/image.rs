@@ -24,7 +24,6 @@ use std::io::{BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +31,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{chain_digest, hex, parse_digest, Digest};
 use crate::error::{Error, Result};
+use crate::export::{Mkfs, MountOptions, ServeOptions, Server};
 use crate::pool::Pool;
 
 /// Prefix of layer volume names: `layer:<OCI ChainID hex>`.
@@ -740,48 +740,56 @@ fn export_err(e: crate::export::ExportError) -> Error {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| err(format!("cannot run {:?}: {e}", cmd.get_program())))?;
-    if !out.status.success() {
-        return Err(err(format!(
-            "{:?} failed: {}",
-            cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+/// Mount the volume `volume` of the pool served in this process on `dir`,
+/// making an ext4 on it first if `mkfs`.
+fn mount_volume(server: &Server, volume: &str, dir: &Path, mkfs: bool) -> Result<MountGuard> {
+    let opts = MountOptions {
+        mkfs: mkfs.then_some(Mkfs::Ext4),
+        ..Default::default()
+    };
+    crate::export::mount_served(server, volume, dir, &opts).map_err(export_err)?;
+    Ok(MountGuard(Some(dir.to_path_buf())))
 }
 
-/// Attach `volume`, optionally make an ext4 on it, mount it on `dir`.
-fn mount_volume(pool: &Path, volume: &str, dir: &Path, mkfs: bool) -> Result<MountGuard> {
-    let dev = crate::export::attach(pool, volume, false).map_err(export_err)?;
-    let r = (|| {
-        if mkfs {
-            // Initialise inode tables and journal now: the kernel's lazy
-            // init would otherwise keep writing them into every clone later.
-            run(Command::new("mkfs.ext4")
-                .args([
-                    "-q",
-                    "-F",
-                    "-E",
-                    "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
-                ])
-                .arg(&dev))?;
+/// Who holds the pool during an import: the import itself, or (when layers
+/// must be applied through a mounted filesystem) a server in this process.
+/// Either way the pool stays open here from start to end: nothing reopens
+/// it, so nothing can race with a server of our own making.
+enum Holder {
+    Open(Box<Pool>),
+    Served(Server, PathBuf),
+}
+
+impl Holder {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        match self {
+            Holder::Open(p) => f(p),
+            Holder::Served(s, _) => s.with_pool(f),
         }
-        run(Command::new("mount").arg(&dev).arg(dir))
-    })();
-    if let Err(e) = r {
-        let _ = crate::export::detach(&dev);
-        return Err(e);
     }
-    Ok(MountGuard(Some(dir.to_path_buf())))
+
+    fn server(&self) -> Result<&Server> {
+        match self {
+            Holder::Served(s, _) => Ok(s),
+            Holder::Open(_) => Err(err("internal: the pool is not served")),
+        }
+    }
+
+    fn close(self) -> Result<()> {
+        match self {
+            Holder::Open(p) => p.close(),
+            Holder::Served(s, dir) => {
+                let r = s.stop().map_err(export_err);
+                let _ = fs::remove_dir(&dir);
+                r
+            }
+        }
+    }
 }
 
 /// A committed layer's digests, from the catalog (no usage walk).
 fn digests_of(p: &Pool, volume: &str) -> Result<(Option<String>, Option<String>)> {
-    let r = p.catalog.get_by_name(volume)?;
+    let r = p.record(volume)?;
     Ok((
         super::digest_hex(&r.diff_digest),
         super::digest_hex(&r.chain_digest),
@@ -789,8 +797,9 @@ fn digests_of(p: &Pool, volume: &str) -> Result<(Option<String>, Option<String>)
 }
 
 /// Import the image at `source` into the pool file `pool` as `name`.
-/// The pool must not be open elsewhere (a background server for mounts is
-/// started and stopped as needed). `progress` gets one line per step.
+/// The pool must not be open elsewhere: the import opens it once and, to
+/// apply layers through a filesystem, serves it from this process.
+/// `progress` gets one line per step.
 pub fn import(
     pool: &Path,
     source: &Path,
@@ -798,33 +807,60 @@ pub fn import(
     opts: &ImportOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ImportReport> {
-    {
-        let p = Pool::open(pool)?;
-        crate::catalog::validate_name(name)?;
-        if p.lookup(name).is_ok() {
-            return Err(Error::VolumeExists(name.to_string()));
-        }
+    let pool = fs::canonicalize(pool).map_err(|e| io_err(pool, e))?;
+    let p = Pool::open(&pool)?;
+    crate::catalog::validate_name(name)?;
+    if p.lookup(name).is_ok() {
+        return Err(Error::VolumeExists(name.to_string()));
     }
     let scratch = TempDir::new("image")?;
     let layers = source_layers(source, &scratch.0)?;
     if layers.is_empty() {
         return Err(err("the image has no layers"));
     }
+    let mut chain: Option<Digest> = None;
+    let chains: Vec<Digest> = layers
+        .iter()
+        .map(|l| {
+            let c = chain_digest(chain.as_ref(), &l.diff_id);
+            chain = Some(c);
+            c
+        })
+        .collect();
+    let volume_of = |c: &Digest| format!("{LAYER_PREFIX}{}", hex(c));
+    let mut holder = if chains.iter().all(|c| p.lookup(&volume_of(c)).is_ok()) {
+        Holder::Open(Box::new(p))
+    } else {
+        let dir = crate::export::default_export_dir(&pool);
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let server = Server::start(p, &dir, &ServeOptions::default()).map_err(export_err)?;
+        Holder::Served(server, dir)
+    };
+    let result = import_layers(&mut holder, &layers, &chains, name, opts, progress);
+    let closed = holder.close();
+    let report = result?;
+    closed?;
+    Ok(report)
+}
+
+fn import_layers(
+    holder: &mut Holder,
+    layers: &[LayerBlob],
+    chains: &[Digest],
+    name: &str,
+    opts: &ImportOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ImportReport> {
     let mut report = ImportReport {
         name: name.to_string(),
         layers: Vec::new(),
     };
-    let mut chain: Option<Digest> = None;
     let mut prev: Option<String> = None;
-    for (i, l) in layers.iter().enumerate() {
-        let c = chain_digest(chain.as_ref(), &l.diff_id);
-        chain = Some(c);
-        let volume = format!("{LAYER_PREFIX}{}", hex(&c));
-        let mut p = Pool::open(pool)?;
-        let present = p.lookup(&volume).is_ok();
+    for (i, (l, c)) in layers.iter().zip(chains).enumerate() {
+        let volume = format!("{LAYER_PREFIX}{}", hex(c));
+        let present = holder.with(|p| p.lookup(&volume).is_ok());
         let (imported, (diff_digest, chain_digest)) = if present {
-            let digests = digests_of(&p, &volume)?;
-            drop(p);
+            let digests = holder.with(|p| digests_of(p, &volume))?;
             progress(&format!(
                 "layer {}/{}: sha256:{} already present",
                 i + 1,
@@ -840,26 +876,24 @@ pub fn import(
                 &hex(&l.diff_id)[..12]
             ));
             let work = format!("importing.{}.{i}", std::process::id());
-            match &prev {
-                None => p.create_volume(&work, opts.size)?,
-                Some(pv) => p.snapshot(pv, &work, true)?,
-            };
-            drop(p);
-            let r = apply_to_volume(pool, &work, l, prev.is_none());
-            let mut p = Pool::open(pool)?;
-            let r = r.and_then(|_| super::commit(&mut p, &work, Some(&volume)).map(|_| ()));
-            if let Err(e) = r {
-                if p.lookup(&work).is_ok() {
+            holder.with(|p| match &prev {
+                None => p.create_volume(&work, opts.size),
+                Some(pv) => p.snapshot(pv, &work, true),
+            })?;
+            let r = apply_to_volume(holder.server()?, &work, l, prev.is_none());
+            let r = holder.with(|p| {
+                let r = r.and_then(|_| super::commit(p, &work, Some(&volume)).map(|_| ()));
+                if r.is_err() && p.lookup(&work).is_ok() {
                     let _ = p.remove_volume(&work);
                 }
-                return Err(e);
-            }
-            (true, digests_of(&p, &volume)?)
+                r.and_then(|_| digests_of(p, &volume))
+            });
+            (true, r?)
         };
         report.layers.push(ImportedLayer {
             volume: volume.clone(),
             diff_id: hex(&l.diff_id),
-            chain_id: hex(&c),
+            chain_id: hex(c),
             imported,
             diff_digest,
             chain_digest,
@@ -867,24 +901,23 @@ pub fn import(
         prev = Some(volume);
     }
     let top = prev.expect("at least one layer");
-    let mut p = Pool::open(pool)?;
-    p.snapshot(&top, name, false)?;
-    // The image is its top layer: same content, same digests.
-    let t = p.catalog.get_by_name(&top)?.clone();
-    let id = p.lookup(name)?;
-    let r = p.catalog.get_mut(id)?;
-    r.diff_digest = t.diff_digest;
-    r.chain_digest = t.chain_digest;
-    p.commit()?;
+    holder.with(|p| {
+        p.snapshot(&top, name, false)?;
+        // The image is its top layer: same content, same digests.
+        let t = p.record(&top)?.clone();
+        let id = p.lookup(name)?;
+        p.mark_layer(id, t.diff_digest, t.chain_digest)?;
+        p.commit()
+    })?;
     Ok(report)
 }
 
-fn apply_to_volume(pool: &Path, work: &str, l: &LayerBlob, first: bool) -> Result<()> {
+fn apply_to_volume(server: &Server, work: &str, l: &LayerBlob, first: bool) -> Result<()> {
     if let Some(d) = &l.blob_digest {
         verify_file(&l.path, d)?;
     }
     let mnt = TempDir::new("mnt")?;
-    let mut guard = mount_volume(pool, work, &mnt.0, first)?;
+    let mut guard = mount_volume(server, work, &mnt.0, first)?;
     let f = File::open(&l.path).map_err(|e| io_err(&l.path, e))?;
     let diff_id = apply_layer(&mnt.0, &mut BufReader::new(f))?;
     if diff_id != l.diff_id {
@@ -903,7 +936,7 @@ fn apply_to_volume(pool: &Path, work: &str, l: &LayerBlob, first: bool) -> Resul
 /// Images in the pool: read-only volumes that are snapshots of a layer
 /// volume with the same chain digest, with their layers base first.
 pub fn list_images(pool: &mut Pool) -> Result<Vec<ImageInfo>> {
-    let recs: Vec<_> = pool.catalog.iter().cloned().collect();
+    let recs: Vec<_> = pool.records().cloned().collect();
     let by_id = |id: u64| recs.iter().find(|r| r.id == id);
     let mut out = Vec::new();
     for r in &recs {

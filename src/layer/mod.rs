@@ -44,10 +44,7 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Hex of a record's digest field, None for the all-zero "none".
-pub fn digest_hex(d: &Digest) -> Option<String> {
-    (*d != [0; 32]).then(|| hex(d))
-}
+pub use crate::format::digest_hex;
 
 /// Parse `sha256:<64 hex>` or `<64 hex>`.
 pub fn parse_digest(s: &str) -> Result<Digest> {
@@ -165,7 +162,7 @@ fn read_block(pool: &Pool, pblock: u64, buf: &mut [u8]) -> Result<()> {
         return Ok(());
     }
     crate::io::read_pointed(
-        &*pool.storage,
+        pool.storage(),
         buf,
         pblock * pool.block_size() as u64,
         || format!("data block {pblock}"),
@@ -198,7 +195,7 @@ pub fn for_each_change(
         .unwrap_or(diff::Tree::EMPTY);
     let b = diff::Tree::of(layer, pool.block_size());
     let mut blocks = Vec::new();
-    diff::changed_blocks(&mut pool.ctx(), a, b, &mut |c| {
+    diff::changed_blocks(&pool.view(), a, b, &mut |c| {
         blocks.push(c);
         Ok(())
     })?;
@@ -305,7 +302,7 @@ pub(crate) fn parent_record(pool: &Pool, r: &VolumeRecord) -> Result<Option<Volu
     if r.parent_id == 0 {
         return Ok(None);
     }
-    match pool.catalog.get(r.parent_id) {
+    match pool.record_by_id(r.parent_id) {
         Ok(p) => Ok(Some(p.clone())),
         Err(_) => Err(Error::InvalidArgument(format!(
             "the volume '{}' was cloned from has been removed, so its changes cannot be computed",
@@ -319,8 +316,7 @@ pub fn find_layer(pool: &Pool, chain: &Digest) -> Option<String> {
     if *chain == [0; 32] {
         return None;
     }
-    pool.catalog
-        .iter()
+    pool.records()
         .find(|r| r.read_only && r.chain_digest == *chain)
         .map(|r| r.name.clone())
 }
@@ -328,11 +324,7 @@ pub fn find_layer(pool: &Pool, chain: &Digest) -> Option<String> {
 /// Record digests on a volume and make it read-only (committed by the caller).
 pub(crate) fn set_layer(pool: &mut Pool, name: &str, d: &LayerDigests) -> Result<()> {
     let id = pool.lookup(name)?;
-    let r = pool.catalog.get_mut(id)?;
-    r.read_only = true;
-    r.diff_digest = d.diff;
-    r.chain_digest = d.chain;
-    Ok(())
+    pool.mark_layer(id, d.diff, d.chain)
 }
 
 /// containerd's Commit: freeze the writable volume `name` into a read-only
@@ -340,7 +332,7 @@ pub(crate) fn set_layer(pool: &mut Pool, name: &str, d: &LayerDigests) -> Result
 /// if given. The parent (the volume it was cloned from) must itself be a
 /// committed layer; a volume without parent is a base layer.
 pub fn commit(pool: &mut Pool, name: &str, as_name: Option<&str>) -> Result<LayerInfo> {
-    let r = pool.catalog.get_by_name(name)?.clone();
+    let r = pool.record(name)?.clone();
     if r.chain_digest != [0; 32] {
         return Err(Error::InvalidArgument(format!(
             "'{name}' is already a committed layer"
@@ -357,7 +349,7 @@ pub fn commit(pool: &mut Pool, name: &str, as_name: Option<&str>) -> Result<Laye
     set_layer(pool, name, &d)?;
     let final_name = match as_name {
         Some(n) if n != name => {
-            pool.catalog.rename(name, n)?;
+            pool.rename_volume(name, n)?;
             n.to_string()
         }
         _ => name.to_string(),
@@ -374,11 +366,11 @@ pub fn commit(pool: &mut Pool, name: &str, as_name: Option<&str>) -> Result<Laye
 
 /// Changed block ranges between volumes `a` and `b`, from their maps only.
 pub fn diff_volumes(pool: &mut Pool, a: &str, b: &str) -> Result<Vec<DiffRange>> {
-    let ra = pool.catalog.get_by_name(a)?.clone();
-    let rb = pool.catalog.get_by_name(b)?.clone();
+    let ra = pool.record(a)?.clone();
+    let rb = pool.record(b)?.clone();
     let bs = pool.block_size();
     diff::ranges(
-        &mut pool.ctx(),
+        &pool.view(),
         diff::Tree::of(&ra, bs),
         diff::Tree::of(&rb, bs),
     )

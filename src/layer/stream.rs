@@ -221,11 +221,11 @@ pub fn send(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64),
 ) -> Result<SendReport> {
-    let layer = pool.catalog.get_by_name(name)?.clone();
+    let layer = pool.record(name)?.clone();
     let base: Option<VolumeRecord> = match from {
         None => None,
         Some(b) => {
-            let r = pool.catalog.get_by_name(b)?.clone();
+            let r = pool.record(b)?.clone();
             if r.chain_digest == [0; 32] {
                 return Err(Error::InvalidArgument(format!(
                     "base '{b}' is not a committed layer; a receiver could not recognise it (commit it first)"
@@ -487,7 +487,7 @@ pub fn receive(
     let base = match &hdr.parent_chain {
         None => None,
         Some(pc) => match find_layer(pool, pc) {
-            Some(n) => Some(pool.catalog.get_by_name(&n)?.clone()),
+            Some(n) => Some(pool.record(&n)?.clone()),
             None => {
                 return Err(bad(format!(
                     "the base layer of this incremental stream (chain digest sha256:{}) is not in the pool; receive the stream of its base first",
@@ -543,7 +543,7 @@ pub fn receive(
             Change::Zero { offset, len } => pool.discard(id, offset, len),
         })?;
         // The stream checked out; now check the layer it built.
-        let rec = pool.catalog.get(id)?.clone();
+        let rec = pool.record_by_id(id)?.clone();
         let parent = parent_record(pool, &rec)?;
         let (d, _) = compute_digests(pool, parent.as_ref(), &rec)?;
         if d.diff != hdr.diff || d.chain != hdr.chain {
@@ -554,7 +554,7 @@ pub fn receive(
             )));
         }
         set_layer(pool, &tmp, &d)?;
-        pool.catalog.rename(&tmp, &target)?;
+        pool.rename_volume(&tmp, &target)?;
         pool.commit()?;
         Ok(counts)
     })();

@@ -9,7 +9,7 @@
 
 mod nodes;
 
-pub use nodes::Nodes;
+pub use nodes::{Node, Nodes};
 
 use std::collections::HashSet;
 
@@ -34,6 +34,14 @@ pub fn slot(vblock: u64, level: u8, fanout: usize) -> usize {
     ((vblock as u128 / span) % fanout as u128) as usize
 }
 
+/// What a read-only tree walk needs: usable under a shared engine lock.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub nodes: &'a Nodes,
+    pub space: &'a SpaceMap,
+    pub storage: &'a dyn Storage,
+}
+
 /// Everything a tree operation touches.
 pub struct Ctx<'a> {
     pub nodes: &'a mut Nodes,
@@ -41,9 +49,9 @@ pub struct Ctx<'a> {
     pub storage: &'a dyn Storage,
 }
 
-impl Ctx<'_> {
+impl View<'_> {
     /// The data block mapped at `vblock`, if any. Reads metadata only.
-    pub fn lookup(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+    pub fn lookup(&self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
         let f = self.nodes.fanout();
         let mut node = root;
         for level in (0..depth).rev() {
@@ -60,7 +68,7 @@ impl Ctx<'_> {
     /// one owner and was not shared when last committed. Such a block can be
     /// overwritten in place without touching the map (and so without making
     /// the next commit rewrite map nodes).
-    pub fn lookup_private(&mut self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
+    pub fn lookup_private(&self, root: u64, depth: u8, vblock: u64) -> Result<Option<u64>> {
         let f = self.nodes.fanout();
         let private = |s: &SpaceMap, b: u64| s.rc(b) == 1 && !s.was_shared(b);
         let mut node = root;
@@ -71,6 +79,17 @@ impl Ctx<'_> {
             node = self.nodes.get(self.storage, node, level)?[slot(vblock, level, f)];
         }
         Ok((node != 0 && self.space.can_overwrite(node)).then_some(node))
+    }
+}
+
+impl Ctx<'_> {
+    /// The same tree, read-only.
+    pub fn view(&self) -> View<'_> {
+        View {
+            nodes: self.nodes,
+            space: self.space,
+            storage: self.storage,
+        }
     }
 
     /// Make `node` private to this transaction and this tree: returns the
@@ -165,37 +184,6 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Data blocks reachable from `root` that no other volume can reach,
-    /// among the volume's first `n_blocks` virtual blocks.
-    pub fn exclusive_blocks(&mut self, root: u64, depth: u8, n_blocks: u64) -> Result<u64> {
-        let mut seen = Reached::default();
-        self.exclusive_node(root, depth - 1, 0, n_blocks, &mut seen)
-    }
-
-    fn exclusive_node(
-        &mut self,
-        node: u64,
-        level: u8,
-        base: u64,
-        n_blocks: u64,
-        seen: &mut Reached,
-    ) -> Result<u64> {
-        if node == 0 || self.space.rc(node) != 1 {
-            return Ok(0);
-        }
-        seen.first_visit(node)?;
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        let mut n = 0;
-        for (_, c, lo) in children(&entries, level, base, self.nodes.fanout(), n_blocks) {
-            n += if level == 0 {
-                (self.space.rc(c) == 1) as u64
-            } else {
-                self.exclusive_node(c, level - 1, lo, n_blocks, seen)?
-            };
-        }
-        Ok(n)
-    }
-
     /// Add levels on top until the tree has `new_depth` levels.
     /// On failure (no space) the tree is left as it was.
     pub fn grow(&mut self, root: &mut u64, depth: &mut u8, new_depth: u8) -> Result<()> {
@@ -225,12 +213,45 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+impl View<'_> {
+    /// Data blocks reachable from `root` that no other volume can reach,
+    /// among the volume's first `n_blocks` virtual blocks.
+    pub fn exclusive_blocks(&self, root: u64, depth: u8, n_blocks: u64) -> Result<u64> {
+        let mut seen = Reached::default();
+        self.exclusive_node(root, depth - 1, 0, n_blocks, &mut seen)
+    }
+
+    fn exclusive_node(
+        &self,
+        node: u64,
+        level: u8,
+        base: u64,
+        n_blocks: u64,
+        seen: &mut Reached,
+    ) -> Result<u64> {
+        if node == 0 || self.space.rc(node) != 1 {
+            return Ok(0);
+        }
+        seen.first_visit(node)?;
+        let entries = self.nodes.get(self.storage, node, level)?;
+        let mut n = 0;
+        for (_, c, lo) in children(&entries, level, base, self.nodes.fanout(), n_blocks) {
+            n += if level == 0 {
+                (self.space.rc(c) == 1) as u64
+            } else {
+                self.exclusive_node(c, level - 1, lo, n_blocks, seen)?
+            };
+        }
+        Ok(n)
+    }
 
     /// Mapped blocks with `first <= vblock < end`, as (vblock, pblock), ascending.
     /// Unmapped subtrees are skipped without being read. `end` must not be
     /// past the volume's end: the walk never looks beyond it.
     pub fn mapped_in_range(
-        &mut self,
+        &self,
         root: u64,
         depth: u8,
         first: u64,
@@ -239,25 +260,23 @@ impl Ctx<'_> {
         let mut out = Vec::new();
         if root != 0 && first < end {
             let mut seen = Reached::default();
-            self.range_node(root, depth - 1, 0, first, end, &mut out, &mut seen)?;
+            self.range_node(root, depth - 1, 0, (first, end), &mut out, &mut seen)?;
         }
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn range_node(
-        &mut self,
+        &self,
         node: u64,
         level: u8,
         base: u64,
-        first: u64,
-        end: u64,
+        (first, end): (u64, u64),
         out: &mut Vec<(u64, u64)>,
         seen: &mut Reached,
     ) -> Result<()> {
         seen.first_visit(node)?;
         let span = span(level, self.nodes.fanout());
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        let entries = self.nodes.get(self.storage, node, level)?;
         for (_, c, lo) in children(&entries, level, base, self.nodes.fanout(), end) {
             if (lo as u128 + span) <= first as u128 {
                 continue;
@@ -265,7 +284,7 @@ impl Ctx<'_> {
             if level == 0 {
                 out.push((lo, c));
             } else {
-                self.range_node(c, level - 1, lo, first, end, out, seen)?;
+                self.range_node(c, level - 1, lo, (first, end), out, seen)?;
             }
         }
         Ok(())

@@ -1,18 +1,32 @@
 //! The node cache: decoded map nodes by block number. Nodes written in the
 //! open transaction stay here (dirty) until the commit writes them.
+//!
+//! Clean nodes are readable through `&self` (the cache has its own small
+//! lock), so lookups can run side by side under a shared engine lock; dirty
+//! nodes change only through `&mut self`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
 use crate::format::{encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 use crate::io::Storage;
-use crate::space::read_page;
+use crate::pdata::read_page;
 
-struct Node {
+#[derive(Clone)]
+pub struct Node {
     level: u8,
     entries: Vec<u64>,
+}
+
+impl Deref for Node {
+    type Target = [u64];
+    fn deref(&self) -> &[u64] {
+        &self.entries
+    }
 }
 
 pub struct Nodes {
@@ -22,8 +36,10 @@ pub struct Nodes {
     first_block: u64,
     /// Generation of the last commit: a page written later is not part of it.
     generation: u64,
-    cache: HashMap<u64, Node>,
-    dirty: HashSet<u64>,
+    /// Clean nodes (as committed), shared with readers.
+    cache: Mutex<HashMap<u64, Arc<Node>>>,
+    /// Nodes written in the open transaction.
+    dirty: HashMap<u64, Arc<Node>>,
     max_cached: usize,
 }
 
@@ -38,8 +54,8 @@ impl Nodes {
             total_blocks,
             first_block,
             generation,
-            cache: HashMap::new(),
-            dirty: HashSet::new(),
+            cache: Mutex::new(HashMap::new()),
+            dirty: HashMap::new(),
             max_cached,
         }
     }
@@ -58,51 +74,68 @@ impl Nodes {
     }
 
     /// Entries of `node`, which must be a map node at `level`.
-    pub fn get(&mut self, storage: &dyn Storage, node: u64, level: u8) -> Result<&[u64]> {
-        if !self.cache.contains_key(&node) {
-            let n = self.load(storage, node, level)?;
-            if self.cache.len() >= self.max_cached {
-                self.evict();
+    pub fn get(&self, storage: &dyn Storage, node: u64, level: u8) -> Result<Arc<Node>> {
+        let n = match self.dirty.get(&node) {
+            Some(n) => n.clone(),
+            None => {
+                let cached = self.lock_cache().get(&node).cloned();
+                match cached {
+                    Some(n) => n,
+                    None => {
+                        // Read outside the cache lock: two readers may load
+                        // the same node; both get the same contents.
+                        let n = Arc::new(self.load(storage, node, level)?);
+                        let mut cache = self.lock_cache();
+                        if cache.len() >= self.max_cached {
+                            Self::evict(&mut cache, self.max_cached / 2);
+                        }
+                        cache.insert(node, n.clone());
+                        n
+                    }
+                }
             }
-            self.cache.insert(node, n);
-        }
-        let n = &self.cache[&node];
+        };
         if n.level != level {
             return Err(Error::corrupt(format!(
                 "map node at block {node} is at level {}, expected {level}",
                 n.level
             )));
         }
-        Ok(&n.entries)
+        Ok(n)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Node>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Entries of a node written in this transaction.
     pub fn get_mut(&mut self, node: u64) -> Result<&mut Vec<u64>> {
-        debug_assert!(self.dirty.contains(&node));
-        self.cache
+        self.dirty
             .get_mut(&node)
-            .map(|n| &mut n.entries)
+            .map(|n| &mut Arc::make_mut(n).entries)
             .ok_or_else(|| Error::corrupt(format!("map node {node} vanished from the cache")))
     }
 
     pub fn insert_dirty(&mut self, node: u64, level: u8, entries: Vec<u64>) {
-        self.cache.insert(node, Node { level, entries });
-        self.dirty.insert(node);
+        self.cache
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+        self.dirty.insert(node, Arc::new(Node { level, entries }));
     }
 
     /// A node freed in this transaction: if it was never written, don't write it.
     pub fn forget(&mut self, node: u64) {
         self.dirty.remove(&node);
-        self.cache.remove(&node);
+        self.cache
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
     }
 
-    fn evict(&mut self) {
-        let dirty = &self.dirty;
-        let mut keep = self.max_cached / 2;
-        self.cache.retain(|b, _| {
-            if dirty.contains(b) {
-                return true;
-            }
+    fn evict(cache: &mut HashMap<u64, Arc<Node>>, keep: usize) {
+        let mut keep = keep;
+        cache.retain(|_, _| {
             if keep > 0 {
                 keep -= 1;
                 return true;
@@ -147,13 +180,13 @@ impl Nodes {
         Ok(Node { level, entries })
     }
 
-    /// Write every node changed in this transaction (not yet durable).
+    /// Write every node changed in this transaction (not yet durable); they
+    /// are clean from now on.
     pub fn write_dirty(&mut self, storage: &dyn Storage, generation: u64) -> Result<()> {
         let mut buf = vec![0u8; self.block_size];
-        let mut dirty: Vec<u64> = self.dirty.drain().collect();
-        dirty.sort_unstable();
-        for b in dirty {
-            let n = &self.cache[&b];
+        let mut dirty: Vec<(u64, Arc<Node>)> = self.dirty.drain().collect();
+        dirty.sort_unstable_by_key(|(b, _)| *b);
+        for (b, n) in &dirty {
             buf.fill(0);
             LE::write_u64_into(
                 &n.entries,
@@ -163,23 +196,22 @@ impl Nodes {
                 &mut buf,
                 &PageHeader {
                     kind: PageType::MapNode,
-                    location: b,
+                    location: *b,
                     generation,
                     level: n.level,
                 },
             );
             storage.write_at(&buf, b * self.block_size as u64)?;
         }
+        let cache = self.cache.get_mut().unwrap_or_else(|p| p.into_inner());
+        if cache.len() + dirty.len() > self.max_cached {
+            Self::evict(cache, self.max_cached / 2);
+        }
+        cache.extend(dirty);
         Ok(())
     }
 
     pub fn has_dirty(&self) -> bool {
         !self.dirty.is_empty()
-    }
-
-    /// Forget everything (after a failed commit the cache can't be trusted).
-    pub fn clear(&mut self) {
-        self.cache.clear();
-        self.dirty.clear();
     }
 }

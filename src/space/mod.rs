@@ -3,10 +3,6 @@
 //! the open transaction is still referenced by the last commit, so it is not
 //! handed out again until that transaction commits.
 
-mod array;
-
-pub use array::{read_page, PagedArray};
-
 use std::collections::{BTreeSet, HashSet};
 
 use bitvec::prelude::*;

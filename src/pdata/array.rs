@@ -7,10 +7,11 @@ use std::collections::{BTreeSet, HashSet};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::{Budget, Kind, SpaceMap};
+use super::read_page;
 use crate::error::{Error, Result};
-use crate::format::{decode_page, encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
+use crate::format::{encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 use crate::io::Storage;
+use crate::space::{Budget, Kind, SpaceMap};
 
 pub struct PagedArray {
     kind: PageType,
@@ -257,35 +258,4 @@ fn relocate(loc: &mut u64, space: &mut SpaceMap) -> Result<bool> {
     }
     *loc = new;
     Ok(true)
-}
-
-/// Read and validate one metadata page.
-pub fn read_page(
-    storage: &dyn Storage,
-    buf: &mut [u8],
-    loc: u64,
-    kind: PageType,
-    total: u64,
-    max_generation: u64,
-) -> Result<PageHeader> {
-    if loc == 0 || loc >= total {
-        return Err(Error::corrupt(format!(
-            "{} pointer {loc} is out of range",
-            kind.name()
-        )));
-    }
-    crate::io::read_pointed(storage, buf, loc * buf.len() as u64, || {
-        format!("{} at block {loc}", kind.name())
-    })?;
-    let h = decode_page(buf, kind, loc).map_err(Error::Corrupt)?;
-    // A valid page from a later, unfinished commit can sit where an older
-    // commit's page was (freed pages are reused): it is not this commit's.
-    if h.generation > max_generation {
-        return Err(Error::corrupt(format!(
-            "{} at block {loc} was written by generation {}, after the commit being read ({max_generation})",
-            kind.name(),
-            h.generation
-        )));
-    }
-    Ok(h)
 }

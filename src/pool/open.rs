@@ -1,0 +1,364 @@
+//! Opening and creating pools, and the owner lock on the pool file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use super::geometry::{check_memory, refcounts_per_page};
+use super::volumes::now;
+use super::{CreateOptions, Pool, DEFAULT_LOW_WATER_PCT};
+use crate::catalog::{Catalog, RecordLimits};
+use crate::error::{Error, Result};
+use crate::format::{
+    self, PageType, SlotError, Superblock, FORMAT_VERSION, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
+};
+use crate::io::{FileStorage, Storage};
+use crate::map::Nodes;
+use crate::pdata::PagedArray;
+use crate::space::{try_vec, SpaceMap};
+
+fn new_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    if let Ok(f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = (&f).read_exact(&mut u);
+    }
+    if u == [0u8; 16] {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    }
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+pub(super) fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Open an existing pool file and take its owner lock: exclusive to change
+/// it (one process writes a pool at a time), shared to inspect it.
+pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
+    let file = OpenOptions::new().read(true).write(write).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::NotAPool {
+            path: path.to_path_buf(),
+        });
+    }
+    lock(
+        &file,
+        path,
+        if write { libc::LOCK_EX } else { libc::LOCK_SH },
+    )?;
+    Ok(FileStorage::new(file))
+}
+
+/// Take the pool's owner lock: exclusive to write, shared to inspect.
+fn lock(file: &File, path: &Path, how: libc::c_int) -> Result<()> {
+    // SAFETY: flock on an fd we own.
+    let r = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let who = lock_holder(file)
+            .map_or_else(|| "another process".to_string(), |pid| format!("PID {pid}"));
+        return Err(Error::InUse(format!(
+            "pool {} is in use by {who} (is it being served?)",
+            path.display()
+        )));
+    }
+    Err(Error::Io(e))
+}
+
+/// The process holding a flock on `file`, from /proc/locks (what lslocks reads):
+/// lines like `1: FLOCK ADVISORY WRITE 4242 fd:01:123456 0 EOF`.
+fn lock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().ok()?;
+    let dev = md.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        md.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // A blocked waiter's line starts with "->"; skip those.
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want)
+            .then(|| f[4].parse().ok())
+            .flatten()
+    })
+}
+
+impl Pool {
+    /// Create a new pool file (fails if `path` exists). On failure nothing is left behind.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Pool> {
+        Pool::check_create_options(opts)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::InvalidArgument(format!(
+                        "{} already exists; not overwriting it",
+                        path.display()
+                    ))
+                } else {
+                    Error::Io(e)
+                }
+            })?;
+        let result = lock(&file, path, libc::LOCK_EX)
+            .and_then(|_| Pool::create_with(Box::new(FileStorage::new(file)), path, opts));
+        if result.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn check_create_options(opts: &CreateOptions) -> Result<()> {
+        if !format::valid_block_size(opts.block_size) {
+            return Err(Error::InvalidArgument(format!(
+                "block size {} is not a power of two from 4K to 2M",
+                opts.block_size
+            )));
+        }
+        let min = (format::reserved_blocks(opts.block_size) + 16) * opts.block_size as u64;
+        if opts.size < min {
+            return Err(Error::InvalidArgument(format!(
+                "pool size {} is too small (at least {} with {} blocks)",
+                crate::size::format_size(opts.size),
+                crate::size::format_size(min),
+                crate::size::format_size(opts.block_size as u64)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Create a pool on any storage (tests use memory).
+    pub fn create_with(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &CreateOptions,
+    ) -> Result<Pool> {
+        Pool::check_create_options(opts)?;
+        let bs = opts.block_size;
+        let total = opts.size / bs as u64;
+        if usize::try_from(total).is_err() {
+            return Err(Error::InvalidArgument("pool size too large".into()));
+        }
+        check_memory(total, bs)?;
+        let per_rc = refcounts_per_page(bs);
+        let rc_layout = PagedArray::new(
+            PageType::Refcount,
+            bs,
+            (total as usize).div_ceil(per_rc),
+            RC_INDEX_MAX,
+        )
+        .map_err(|_| {
+            Error::InvalidArgument(format!(
+                "pool size {} is too large for {} blocks; use a larger block size",
+                crate::size::format_size(opts.size),
+                crate::size::format_size(bs as u64)
+            ))
+        })?;
+        let reserved = format::reserved_blocks(bs);
+        let sb = Superblock {
+            generation: 0,
+            block_size: bs,
+            low_water_pct: DEFAULT_LOW_WATER_PCT,
+            total_blocks: total,
+            uuid: new_uuid(),
+            created: now(),
+            next_volume_id: 1,
+            metadata_blocks: 0,
+            catalog_slots: 0,
+            rc_index: Vec::new(),
+            cat_index: Vec::new(),
+        };
+        let mut pool = Pool {
+            path: path.to_path_buf(),
+            storage,
+            sb,
+            space: SpaceMap::new(total, reserved, per_rc)?,
+            rc_layout,
+            catalog: Catalog::new(bs)?,
+            nodes: Nodes::new(bs, total, reserved, 0),
+            data_dirty: false,
+            failed: None,
+            read_only: false,
+        };
+        pool.commit_inner(true)?;
+        Ok(pool)
+    }
+
+    /// Open for inspection only (info, list, check): a shared lock, so
+    /// several readers may look at an unserved pool at once; nothing changes.
+    pub fn open_read_only(path: &Path) -> Result<Pool> {
+        let mut pool = Pool::open_with(Box::new(open_file(path, false)?), path)?;
+        pool.read_only = true;
+        Ok(pool)
+    }
+
+    /// Open an existing pool for reading and writing (exclusive lock).
+    pub fn open(path: &Path) -> Result<Pool> {
+        Pool::open_with(Box::new(open_file(path, true)?), path)
+    }
+
+    /// Open a pool on any storage, at its newest valid commit.
+    pub fn open_with(storage: Box<dyn Storage>, path: &Path) -> Result<Pool> {
+        let sb = Pool::read_superblock(&*storage, path)?;
+        Pool::open_at(storage, path, sb)
+    }
+
+    /// Open at a given commit's superblock (repair tries the older slot).
+    pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
+        let bs = sb.block_size;
+        let total = sb.total_blocks;
+        let per_rc = refcounts_per_page(bs);
+        let n_rc_pages = usize::try_from(total)
+            .map_err(|_| Error::corrupt("pool too large for this machine"))?
+            .div_ceil(per_rc);
+        // Allocate only once the table's shape is known to be sane.
+        PagedArray::check_shape(
+            PageType::Refcount,
+            bs,
+            n_rc_pages,
+            sb.rc_index.len(),
+            RC_INDEX_MAX,
+        )?;
+        check_memory(total, bs)?;
+        let mut rc = try_vec(total as usize, 0u32, "refcount table")?;
+        let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
+            n_rc_pages,
+            &sb.rc_index,
+            &*storage,
+            total,
+            sb.generation,
+            |page, bytes| {
+                let first = page * per_rc;
+                let n = per_rc.min(rc.len() - first);
+                LE::read_u32_into(&bytes[..4 * n], &mut rc[first..first + n]);
+                Ok(())
+            },
+        )?;
+        let reserved = format::reserved_blocks(bs);
+        if rc[..reserved as usize].iter().any(|&c| c != 1) {
+            return Err(Error::corrupt("refcounts of the superblock area are not 1"));
+        }
+        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc)?;
+        if sb.metadata_blocks > space.used() {
+            return Err(Error::corrupt(format!(
+                "superblock counts {} metadata blocks but only {} blocks are in use",
+                sb.metadata_blocks,
+                space.used()
+            )));
+        }
+        let catalog = Catalog::load(
+            bs,
+            sb.catalog_slots,
+            &sb.cat_index,
+            &*storage,
+            total,
+            sb.generation,
+        )?;
+        catalog.validate(&RecordLimits {
+            block_size: bs,
+            fanout: format::pointers_per_page(bs),
+            total_blocks: total,
+            first_block: reserved,
+            next_volume_id: sb.next_volume_id,
+        })?;
+        let committed = sb.generation;
+        let mut pool = Pool {
+            path: path.to_path_buf(),
+            storage,
+            sb,
+            space,
+            rc_layout,
+            catalog,
+            nodes: Nodes::new(bs, total, reserved, committed),
+            data_dirty: false,
+            failed: None,
+            read_only: false,
+        };
+        pool.check_table_pages()?;
+        pool.update_reserve();
+        Ok(pool)
+    }
+
+    /// No block may hold two table pages (each table checked its own at load).
+    fn check_table_pages(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for p in self.table_pages() {
+            if !seen.insert(p) {
+                return Err(Error::corrupt(format!(
+                    "block {p} holds pages of both the refcount and the catalog table"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The valid superblock slot with the highest generation.
+    fn read_superblock(storage: &dyn Storage, path: &Path) -> Result<Superblock> {
+        let len = storage.len()?;
+        let mut buf = vec![0u8; 2 * SUPERBLOCK_SLOT_SIZE];
+        let n = (len as usize).min(buf.len());
+        if n < 8 {
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
+        }
+        storage.read_at(&mut buf[..n], 0)?;
+        let slots = [
+            Superblock::decode(&buf[..SUPERBLOCK_SLOT_SIZE]),
+            Superblock::decode(&buf[SUPERBLOCK_SLOT_SIZE..]),
+        ];
+        for s in &slots {
+            if let Err(SlotError::Version(v)) = s {
+                return Err(Error::UnsupportedVersion {
+                    path: path.to_path_buf(),
+                    found: *v,
+                    supported: FORMAT_VERSION,
+                });
+            }
+        }
+        if slots.iter().all(|s| matches!(s, Err(SlotError::BadMagic))) {
+            return Err(Error::NotAPool {
+                path: path.to_path_buf(),
+            });
+        }
+        let best = slots
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .max_by_key(|s| s.generation);
+        match best {
+            Some(sb) => Ok(sb.clone()),
+            None => Err(Error::corrupt(format!(
+                "no valid superblock (slot 0: {:?}, slot 1: {:?})",
+                slots[0].as_ref().err(),
+                slots[1].as_ref().err()
+            ))),
+        }
+    }
+}

@@ -400,3 +400,76 @@ fn snapshot_cost_does_not_depend_on_mapped_size() {
     assert_eq!(m1 - m0, m2 - m1);
     assert_clean(&mut p);
 }
+
+//------------------------------------------------------------------------------
+// Zero writes stay unmapped (qcow2's detect-zeroes=unmap)
+
+fn mapped(p: &mut Pool, name: &str) -> Vec<u64> {
+    let id = p.lookup(name).unwrap();
+    p.mapped_blocks(id).unwrap()
+}
+
+#[test]
+fn a_zero_block_written_to_an_unmapped_block_maps_nothing() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    let g = p.generation();
+    let used = p.info().unwrap().data_used_bytes;
+    p.write(v, 0, &vec![0u8; 64 * 4096]).unwrap();
+    assert!(mapped(&mut p, "v").is_empty());
+    // Not even a map node: the commit has nothing to write.
+    p.commit().unwrap();
+    assert_eq!(p.generation(), g);
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    // A partial block of zeros is an ordinary write (it may sit next to data).
+    p.write(v, 4096 + 100, &[0u8; 100]).unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![1]);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn a_zero_block_written_over_an_owned_block_unmaps_it() {
+    let (m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    p.write(v, 0, &pattern(8 * 4096, 1)).unwrap();
+    p.commit().unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    // Blocks 2..5 zeroed, in one write with data around them.
+    let mut buf = pattern(8 * 4096, 2);
+    buf[2 * 4096..6 * 4096].fill(0);
+    p.write(v, 0, &buf).unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![0, 1, 6, 7]);
+    p.commit().unwrap();
+    assert_eq!(p.info().unwrap().data_used_bytes, used - 4 * 4096);
+    let mut p = reopen(&m, p);
+    let mut back = vec![1u8; 8 * 4096];
+    p.read(v, 0, &mut back).unwrap();
+    assert_eq!(back, buf);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn a_zero_block_written_over_a_shared_block_drops_only_the_reference() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    let data = pattern(4 * 4096, 3);
+    p.write(v, 0, &data).unwrap();
+    p.snapshot("v", "snap", false).unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    p.write(v, 4096, &vec![0u8; 2 * 4096]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![0, 3]);
+    assert_eq!(mapped(&mut p, "snap"), vec![0, 1, 2, 3]);
+    // Nothing was copied; the snapshot now holds blocks 1 and 2 alone.
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    let snap = p.volume_info("snap").unwrap();
+    assert_eq!(snap.exclusive_bytes, 2 * 4096);
+    let s = p.lookup("snap").unwrap();
+    let mut back = vec![0u8; 4 * 4096];
+    p.read(s, 0, &mut back).unwrap();
+    assert_eq!(back, data);
+    p.read(v, 0, &mut back).unwrap();
+    assert_eq!(&back[4096..3 * 4096], &vec![0u8; 2 * 4096][..]);
+    assert_eq!(&back[3 * 4096..], &data[3 * 4096..]);
+    assert_clean(&mut p);
+}

@@ -1,7 +1,7 @@
 //! Live export tests: FUSE files, loop devices and ext4 on top, for real.
 //!
-//! They need root, /dev/fuse and loop devices (CI has them) and skip with a
-//! printed reason otherwise. Every test cleans up what it set up through a
+//! They need root, /dev/fuse and loop devices (CI has them) and fail with a
+//! message saying so otherwise. Every test cleans up what it set up through a
 //! `Drop` guard, also when it fails: filesystems under its temporary directory
 //! are unmounted, loop devices over its export detached, its server stopped.
 
@@ -25,19 +25,21 @@ const MIB: u64 = 1 << 20;
 //------------------------------------------------------------------------------
 // Harness
 
-fn can_run() -> bool {
+/// These tests mount FUSE and attach loop devices: without root they fail
+/// with a message instead of passing without having run.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the export tests need root (FUSE mount, loop devices)");
-        return false;
-    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the export tests need root (FUSE mounts, loop devices): run them as root, \
+         e.g. `sudo -E cargo test --test export` (CI runs the suite as root)"
+    );
     for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            eprintln!("skipped: {dev} is missing");
-            return false;
-        }
+        assert!(
+            Path::new(dev).exists(),
+            "{dev} is missing: the export tests need FUSE and loop devices (modprobe fuse loop)"
+        );
     }
-    true
 }
 
 fn run_tp<S: AsRef<OsStr>>(args: &[S]) -> Output {
@@ -348,9 +350,7 @@ fn assert_no_leftovers(env: &Env) {
 /// snapshot still reads the originals; both filesystems check clean.
 #[test]
 fn snapshot_and_clone_of_an_ext4_volume() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("4G");
     env.volume("base", "1G");
     let m1 = env.dir("m1");
@@ -405,9 +405,7 @@ fn snapshot_and_clone_of_an_ext4_volume() {
 /// (the server freezes ext4 around each one).
 #[test]
 fn snapshots_under_a_busy_writer_are_consistent() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("4G");
     env.volume("live", "512M");
     let m = env.dir("m");
@@ -480,9 +478,7 @@ fn nearly_full_pool() -> Env {
 /// again once space is freed.
 #[test]
 fn full_pool_fails_writes_cleanly_and_recovers() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = nearly_full_pool();
 
     let dev = env.attach("big", &[]);
@@ -561,9 +557,7 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
 /// removed new writes succeed and the filesystem checks clean.
 #[test]
 fn full_pool_through_mounted_ext4() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = nearly_full_pool();
 
     let m = env.dir("m");
@@ -606,9 +600,12 @@ fn full_pool_through_mounted_ext4() {
 /// origin, whose UUID it shares, and holds what was written before it.
 #[test]
 fn live_xfs_snapshot_mounts_read_only_beside_its_origin() {
-    if !can_run() || Command::new("mkfs.xfs").arg("-V").output().is_err() {
-        return;
-    }
+    require_root();
+    // tools/install-deps.sh installs xfsprogs.
+    assert!(
+        Command::new("mkfs.xfs").arg("-V").output().is_ok(),
+        "mkfs.xfs is missing: run tools/install-deps.sh"
+    );
     let env = Env::new("2G");
     env.volume("x", "1G");
     let m = env.dir("m");
@@ -626,11 +623,68 @@ fn live_xfs_snapshot_mounts_read_only_beside_its_origin() {
 }
 
 /// Deleting files and running fstrim gives the space back to the pool.
+/// A container writing zeros (dd from /dev/zero, a database zero-filling
+/// its log segments) maps nothing: whole blocks of zeros reach the pool as
+/// writes and stay unmapped, and zeros written over data unmap it.
+#[test]
+fn zeros_written_through_ext4_take_no_pool_space() {
+    require_root();
+    let env = Env::new("2G");
+    env.volume("fs", "1G");
+    let m = env.dir("m");
+    env.mount("fs", &m, &["--mkfs", "ext4"]);
+    let dd = |name: &str, from: &str, extra: &[&str]| {
+        let of = format!("of={}", m.join(name).display());
+        let mut args = vec![format!("if={from}"), of, "bs=1M".into(), "count=64".into()];
+        args.extend(["oflag=direct".to_string(), "conv=fsync".to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        sh("dd", &args);
+    };
+    let base = env.data_used();
+    dd("zeros", "/dev/zero", &[]);
+    let after_zeros = env.data_used();
+    dd("data", "/dev/urandom", &[]);
+    let after_data = env.data_used();
+    // The same file overwritten in place with zeros gives its blocks back.
+    dd("data", "/dev/zero", &["conv=notrunc"]);
+    let after_rezero = env.data_used();
+    eprintln!(
+        "pool data: {base} after mkfs, {after_zeros} after 64 MiB of zeros, \
+         {after_data} after 64 MiB of data, {after_rezero} after zeroing that data"
+    );
+    // What it does take is ext4's own: journal commits, the extent tree.
+    assert!(
+        after_zeros - base < 12 * MIB,
+        "64 MiB of zeros took {} bytes",
+        after_zeros - base
+    );
+    assert!(after_data - after_zeros >= 64 * MIB);
+    assert!(
+        after_data - after_rezero >= 60 * MIB,
+        "zeroing 64 MiB of data gave back only {} bytes",
+        after_data - after_rezero
+    );
+    sh(
+        "cmp",
+        &[
+            "-n",
+            "67108864",
+            m.join("data").to_str().unwrap(),
+            "/dev/zero",
+        ],
+    );
+    env.umount(&m);
+    let dev = env.attach("fs", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    let r = run_tp(&["check", env.p()]);
+    assert!(r.status.success(), "{}", describe("check", &["check"], &r));
+    assert_no_leftovers(&env);
+}
+
 #[test]
 fn fstrim_returns_space_to_the_pool() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("2G");
     env.volume("v", "1G");
     let m = env.dir("m");
@@ -659,9 +713,7 @@ fn fstrim_returns_space_to_the_pool() {
 /// fsynced before the kill is intact and the filesystem checks clean.
 #[test]
 fn server_killed_mid_workload_loses_nothing_fsynced() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("2G");
     env.volume("v", "512M");
     let m = env.dir("m");
@@ -730,9 +782,7 @@ fn server_killed_mid_workload_loses_nothing_fsynced() {
 /// read-only, attached volumes cannot be removed, SIGTERM stops it cleanly.
 #[test]
 fn serve_exports_volumes_as_files() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let mut env = Env::new("1G");
     env.volume("a", "16M");
     let dir = env.dir("export");
@@ -859,9 +909,7 @@ fn serve_exports_volumes_as_files() {
 /// Errors of the export verbs are clear and leave nothing behind.
 #[test]
 fn export_errors_clean_up() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("1G");
     env.volume("v", "64M");
     let m = env.dir("m");

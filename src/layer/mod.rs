@@ -27,6 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
+use crate::io::is_zero;
 use crate::pool::Pool;
 
 pub use diff::{ChangeKind, DiffRange, DiffSummary};
@@ -150,10 +151,6 @@ impl DiffHasher {
     pub fn finish(self) -> Digest {
         self.h.finalize().into()
     }
-}
-
-pub(crate) fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
 }
 
 fn read_block(pool: &Pool, pblock: u64, buf: &mut [u8]) -> Result<()> {

@@ -4,6 +4,7 @@
 use super::{Pool, VolumeId};
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
+use crate::io::is_zero;
 use crate::map;
 use crate::space::{Budget, Kind};
 
@@ -88,6 +89,21 @@ impl Pool {
                 let (vb, within) = (at / bs, (at % bs) as usize);
                 let n = (bs as usize - within).min(data.len() - pos);
                 let chunk = &data[pos..pos + n];
+                if n == bs as usize && is_zero(chunk) {
+                    // A whole block of zeros reads the same unmapped
+                    // (qcow2's detect-zeroes=unmap): map nothing, or drop
+                    // this volume's reference to what was there.
+                    match self.unmap_if_mapped(id, vb) {
+                        Err(Error::NoSpace) if self.space.has_pending() => {
+                            self.write_runs(data, &mut runs)?;
+                            self.commit()?;
+                            self.unmap_if_mapped(id, vb)?
+                        }
+                        r => r?,
+                    }
+                    pos += n;
+                    continue;
+                }
                 let placed = match self.place_block(id, vb, within, chunk) {
                     // Frees may be waiting for a commit: write what is placed,
                     // commit, and try once more before reporting ENOSPC.
@@ -252,6 +268,15 @@ impl Pool {
             self.catalog.get_mut(id)?.root = root;
         }
         leaf
+    }
+
+    /// `unmap_block`, but an unmapped block touches no map node at all.
+    fn unmap_if_mapped(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+        let rec = self.catalog.get(id)?;
+        if self.view().lookup(rec.root, rec.depth, vb)?.is_none() {
+            return Ok(());
+        }
+        self.unmap_block(id, vb)
     }
 
     fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {

@@ -29,6 +29,11 @@ pub enum Error {
     )]
     NoSpace,
 
+    /// The file system holding the pool file has no room for a block the
+    /// pool is about to use; the pool itself is consistent.
+    #[error("the file system holding the pool is full (free space there and retry; the pool is unharmed)")]
+    HostFull,
+
     #[error("volume '{0}' already exists")]
     VolumeExists(String),
 
@@ -61,7 +66,7 @@ impl Error {
     /// The errno a kernel caller (FUSE) should see for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::NoSpace => libc::ENOSPC,
+            Error::NoSpace | Error::HostFull => libc::ENOSPC,
             Error::ReadOnly(_) => libc::EROFS,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::NoSuchVolume(_) => libc::ENOENT,

@@ -332,7 +332,13 @@ impl thinpool::io::Storage for TearSuperblock {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         if off < 8192 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            self.inner.write_at(&buf[..buf.len() / 2], off)?;
+            // Half the slot lands, the other half is garbage: a slot whose
+            // old second half happened to equal the new one would be a
+            // complete write, not a torn one (commits reuse page locations).
+            let half = buf.len() / 2;
+            self.inner.write_at(&buf[..half], off)?;
+            self.inner
+                .write_at(&vec![0xa5; buf.len() - half], off + half as u64)?;
             return Err(std::io::Error::other("power cut"));
         }
         self.inner.write_at(buf, off)
@@ -538,5 +544,116 @@ fn a_zero_block_written_over_a_shared_block_drops_only_the_reference() {
     p.read(v, 0, &mut back).unwrap();
     assert_eq!(&back[4096..3 * 4096], &vec![0u8; 2 * 4096][..]);
     assert_eq!(&back[3 * 4096..], &data[3 * 4096..]);
+    assert_clean(&mut p);
+}
+
+//------------------------------------------------------------------------------
+// A full host file system
+
+/// A memory storage whose "host" can be full: a block has host space once it
+/// was written or reserved, until punched; while `full`, reserving any other
+/// block fails with ENOSPC, as fallocate does on a full file system.
+#[derive(Clone)]
+struct Host {
+    inner: MemStorage,
+    bs: u64,
+    with_space: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl thinpool::io::Storage for Host {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut s = self.with_space.lock().unwrap();
+        let blocks = offset / self.bs..(offset + buf.len() as u64).div_ceil(self.bs);
+        if self.full.load(Ordering::SeqCst) && blocks.clone().any(|b| !s.contains(&b)) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        s.extend(blocks);
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut s = self.with_space.lock().unwrap();
+        for b in offset / self.bs..(offset + len) / self.bs {
+            s.remove(&b);
+        }
+        self.inner.punch(offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_at(&vec![0u8; len as usize], offset)
+            .or_else(|e| {
+                let s = self.with_space.lock().unwrap();
+                let have =
+                    (offset / self.bs..(offset + len).div_ceil(self.bs)).all(|b| s.contains(&b));
+                if have {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+    }
+}
+
+#[test]
+fn a_full_host_fails_the_write_not_the_pool() {
+    let host = Host {
+        inner: MemStorage::new(),
+        bs: 4096,
+        with_space: Default::default(),
+        full: Default::default(),
+    };
+    let opts = CreateOptions {
+        size: 32 * MIB,
+        block_size: 4096,
+    };
+    let mut p = Pool::create_with(Box::new(host.clone()), Path::new("mem"), &opts).unwrap();
+    let v = p.create_volume("v", 16 * MIB).unwrap();
+    let first = pattern(MIB as usize, 1);
+    p.write(v, 0, &first).unwrap();
+    p.commit().unwrap();
+    // Churn a little so that commits have freed metadata pages to reuse.
+    for i in 0..4 {
+        p.write(v, i * 4096, &pattern(4096, i as u8)).unwrap();
+        p.commit().unwrap();
+    }
+    p.write(v, 0, &first).unwrap();
+    p.commit().unwrap();
+
+    host.full.store(true, Ordering::SeqCst);
+    let e = p
+        .write(v, 4 * MIB, &pattern(2 * MIB as usize, 2))
+        .unwrap_err();
+    assert!(matches!(e, Error::HostFull), "{e}");
+    assert_eq!(e.errno(), libc::ENOSPC);
+    // The pool is not failed: what was written before the error commits,
+    // in-place overwrites still work, reads and check are fine.
+    p.commit().unwrap();
+    p.write(v, 0, &pattern(4096, 9)).unwrap();
+    p.commit().unwrap();
+    let mut back = vec![0u8; 4096];
+    p.read(v, 4096, &mut back).unwrap();
+    assert_eq!(back, first[4096..8192]);
+    assert_clean(&mut p);
+
+    host.full.store(false, Ordering::SeqCst);
+    let later = pattern(2 * MIB as usize, 3);
+    p.write(v, 4 * MIB, &later).unwrap();
+    p.commit().unwrap();
+    p.close().unwrap();
+    let mut p = Pool::open_with(Box::new(host.clone()), Path::new("mem")).unwrap();
+    let mut back = vec![0u8; 2 * MIB as usize];
+    p.read(v, 4 * MIB, &mut back).unwrap();
+    assert_eq!(back, later);
     assert_clean(&mut p);
 }

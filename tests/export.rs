@@ -96,11 +96,16 @@ struct Env {
 
 impl Env {
     fn new(pool_size: &str) -> Env {
+        Env::with_pool(pool_size, None)
+    }
+
+    /// A pool file at `pool` instead of in the test's directory.
+    fn with_pool(pool_size: &str, pool: Option<PathBuf>) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("tp-export-")
             .tempdir_in("/tmp")
             .unwrap();
-        let pool = tmp.path().join("pool");
+        let pool = pool.unwrap_or_else(|| tmp.path().join("pool"));
         tp(&[
             "create".as_ref(),
             pool.as_os_str(),
@@ -594,6 +599,159 @@ fn full_pool_through_mounted_ext4() {
     assert_eq!(sha256_file(&m.join("after")), sum);
     env.umount(&m);
     assert_no_leftovers(&env);
+}
+
+/// A small ext4 of its own, loop-mounted, for a pool file to fill up.
+/// Unmounted (and its loop device, set up with autoclear, detached) on drop.
+struct HostFs {
+    _tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl HostFs {
+    fn new(size_mib: u64) -> HostFs {
+        let tmp = tempfile::Builder::new()
+            .prefix("tp-hostfs-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let img = tmp.path().join("host.img");
+        fs::File::create(&img)
+            .unwrap()
+            .set_len(size_mib * MIB)
+            .unwrap();
+        sh("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
+        sh(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()],
+        );
+        HostFs { _tmp: tmp, dir }
+    }
+}
+
+impl Drop for HostFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// The file system under the pool file fills up: the writer gets ENOSPC
+/// (the pool reserves host space when it allocates a block, so the data and
+/// commit writes after that cannot fail), the pool keeps serving and stays
+/// consistent, and once host space is freed writes work again.
+#[test]
+fn full_host_file_system_fails_the_writer_not_the_pool() {
+    require_root();
+    let host = HostFs::new(320);
+    let env = Env::with_pool("4G", Some(host.dir.join("pool")));
+    env.volume("raw", "1G");
+    env.volume("v", "1G");
+    let ballast = host.dir.join("ballast");
+    write_file(&ballast, 2, 64 * MIB, true);
+
+    // A writer on the served, attached device.
+    let dev = env.attach("raw", &[]);
+    let first = env.dir("probe").join("first");
+    write_file(&first, 5, 8 * MIB, false);
+    let dd = |from: &Path, seek_mib: u64, count: u64| {
+        Command::new("dd")
+            .args([
+                &format!("if={}", from.display()),
+                &format!("of={dev}"),
+                "bs=1M",
+                &format!("seek={seek_mib}"),
+                &format!("count={count}"),
+                "oflag=direct",
+                "conv=fsync",
+                "status=none",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(dd(&first, 0, 8).status.success());
+    let out = dd(Path::new("/dev/urandom"), 8, 600);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "600 MiB fitted on a 320 MiB host file system"
+    );
+    assert!(
+        err.contains("No space left") || err.contains("Input/output error"),
+        "dd failed with: {err}"
+    );
+    // Still served and consistent: the server answers, checks clean, and
+    // what was written before reads back.
+    tp(&["list", env.p()]);
+    tp(&["check", env.p()]);
+    let read_back = |seek_mib: u64| {
+        Command::new("dd")
+            .args([
+                &format!("if={dev}"),
+                "bs=1M",
+                &format!("skip={seek_mib}"),
+                "count=8",
+                "iflag=direct",
+                "status=none",
+            ])
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert!(read_back(0) == fs::read(&first).unwrap());
+
+    // Host space freed: the same device takes writes again, no restart.
+    fs::remove_file(&ballast).unwrap();
+    assert!(
+        dd(&first, 900, 8).status.success(),
+        "write after freeing host space failed"
+    );
+    assert!(read_back(900) == fs::read(&first).unwrap());
+    tp(&["detach", &dev]);
+    // Removing the volume punches its blocks out: the host gets them back.
+    tp(&["remove", env.p(), "raw"]);
+
+    // Through a mounted ext4: the writer fails (ext4 may also turn itself
+    // read-only when a journal write fails: its choice on any device error);
+    // after a remount, with host space freed, it works again and checks clean.
+    write_file(&ballast, 6, 48 * MIB, true);
+    let m = env.dir("m");
+    env.mount("v", &m, &["--mkfs", "ext4"]);
+    let before = write_file(&m.join("before"), 1, 8 * MIB, true);
+    let r = try_write_file(&m.join("fill"), 3, 600 * MIB, true);
+    let err = r.expect_err("600 MiB fitted on a 320 MiB host file system");
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EIO) | Some(libc::EROFS)
+        ),
+        "the writer failed with {err}"
+    );
+    tp(&["check", env.p()]);
+    env.umount(&m);
+    fs::remove_file(&ballast).unwrap();
+    env.mount("v", &m, &[]);
+    let _ = fs::remove_file(m.join("fill"));
+    let after = write_file(&m.join("after"), 4, 16 * MIB, true);
+    assert_eq!(sha256_file(&m.join("before")), before);
+    env.umount(&m);
+    tp(&["check", env.p()]);
+    let dev = env.attach("v", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    env.mount("v", &m, &["--read-only"]);
+    assert_eq!(sha256_file(&m.join("before")), before);
+    assert_eq!(sha256_file(&m.join("after")), after);
+    env.umount(&m);
+    assert_no_leftovers(&env);
+    drop(env);
+    drop(host);
 }
 
 /// A snapshot of a mounted xfs (taken frozen) mounts read-only beside its

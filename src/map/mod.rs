@@ -15,6 +15,7 @@ use std::collections::HashSet;
 
 use crate::error::{Error, Result};
 use crate::io::Storage;
+use crate::pdata::alloc_block;
 use crate::space::{Budget, Kind, SpaceMap};
 
 /// Levels needed to address `n_blocks` with `fanout` entries per node.
@@ -99,7 +100,7 @@ impl Ctx<'_> {
             return Ok(node);
         }
         let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        let new = self.space.alloc(Kind::Meta, budget)?;
+        let new = self.alloc(budget)?;
         if self.space.was_shared(node) {
             // The last commit reaches these children through the old node too:
             // they must be copied, not overwritten, if written later.
@@ -159,8 +160,14 @@ impl Ctx<'_> {
         Ok(Some(node))
     }
 
+    /// A block for a map node, its host space reserved.
+    fn alloc(&mut self, budget: Budget) -> Result<u64> {
+        let bs = self.nodes.block_size() as u64;
+        alloc_block(self.space, self.storage, bs, Kind::Meta, budget)
+    }
+
     fn new_node(&mut self, level: u8) -> Result<u64> {
-        let b = self.space.alloc(Kind::Meta, Budget::Write)?;
+        let b = self.alloc(Budget::Write)?;
         let f = self.nodes.fanout();
         self.nodes.insert_dirty(b, level, vec![0; f]);
         Ok(b)

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::read_page;
+use super::{alloc_block, read_page};
 use crate::error::{Error, Result};
 use crate::format::{encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 use crate::io::Storage;
@@ -177,16 +177,22 @@ impl PagedArray {
     /// Give every dirty page (and the index pages above it) a location that
     /// the last commit does not use. Returns true if it allocated anything;
     /// allocating dirties refcount pages, so the caller repeats until false.
-    pub fn shadow(&mut self, dirty: &BTreeSet<usize>, space: &mut SpaceMap) -> Result<bool> {
+    pub fn shadow(
+        &mut self,
+        dirty: &BTreeSet<usize>,
+        space: &mut SpaceMap,
+        storage: &dyn Storage,
+    ) -> Result<bool> {
+        let bs = self.block_size as u64;
         let mut changed = false;
         for &p in dirty {
-            if relocate(&mut self.pages[p], space)? {
+            if relocate(&mut self.pages[p], space, storage, bs)? {
                 self.dirty_index.insert(p / self.per_index);
                 changed = true;
             }
         }
         for &i in &self.dirty_index {
-            changed |= relocate(&mut self.index[i], space)?;
+            changed |= relocate(&mut self.index[i], space, storage, bs)?;
         }
         Ok(changed)
     }
@@ -248,11 +254,16 @@ impl PagedArray {
 }
 
 /// Move a page the last commit may use to a fresh block (true if moved).
-fn relocate(loc: &mut u64, space: &mut SpaceMap) -> Result<bool> {
+fn relocate(
+    loc: &mut u64,
+    space: &mut SpaceMap,
+    storage: &dyn Storage,
+    block_size: u64,
+) -> Result<bool> {
     if *loc != 0 && space.is_txn_new(*loc) {
         return Ok(false);
     }
-    let new = space.alloc(Kind::Meta, Budget::Commit)?;
+    let new = alloc_block(space, storage, block_size, Kind::Meta, Budget::Commit)?;
     if *loc != 0 {
         space.dec(*loc, Kind::Meta)?;
     }

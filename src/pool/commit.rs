@@ -72,9 +72,14 @@ impl Pool {
         // until every dirty page has a home the last commit does not use.
         loop {
             let cat_dirty = self.catalog.dirty_pages().clone();
-            let a = self.catalog.layout.shadow(&cat_dirty, &mut self.space)?;
+            let a = self
+                .catalog
+                .layout
+                .shadow(&cat_dirty, &mut self.space, &*self.storage)?;
             let rc_dirty = self.space.dirty_pages().clone();
-            let b = self.rc_layout.shadow(&rc_dirty, &mut self.space)?;
+            let b = self
+                .rc_layout
+                .shadow(&rc_dirty, &mut self.space, &*self.storage)?;
             if !a && !b {
                 break;
             }

@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
 use crate::io::is_zero;
 use crate::map;
+use crate::pdata::alloc_block;
 use crate::space::{Budget, Kind};
 
 impl Pool {
@@ -94,7 +95,7 @@ impl Pool {
                     // (qcow2's detect-zeroes=unmap): map nothing, or drop
                     // this volume's reference to what was there.
                     match self.unmap_if_mapped(id, vb) {
-                        Err(Error::NoSpace) if self.space.has_pending() => {
+                        Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
                             self.write_runs(data, &mut runs)?;
                             self.commit()?;
                             self.unmap_if_mapped(id, vb)?
@@ -107,7 +108,7 @@ impl Pool {
                 let placed = match self.place_block(id, vb, within, chunk) {
                     // Frees may be waiting for a commit: write what is placed,
                     // commit, and try once more before reporting ENOSPC.
-                    Err(Error::NoSpace) if self.space.has_pending() => {
+                    Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
                         self.write_runs(data, &mut runs)?;
                         self.commit()?;
                         self.place_block(id, vb, within, chunk)?
@@ -150,7 +151,7 @@ impl Pool {
     /// commit once and try again before reporting ENOSPC.
     fn retry_on_full(&mut self, mut op: impl FnMut(&mut Pool) -> Result<()>) -> Result<()> {
         match op(self) {
-            Err(Error::NoSpace) if self.space.has_pending() => {
+            Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
                 self.commit()?;
                 op(self)
             }
@@ -185,7 +186,14 @@ impl Pool {
         if old != 0 && self.space.can_overwrite(old) {
             return Ok(Some(old * bs as u64 + within as u64));
         }
-        let new = self.space.alloc(Kind::Data, Budget::Write)?;
+        let bs64 = bs as u64;
+        let new = alloc_block(
+            &mut self.space,
+            &*self.storage,
+            bs64,
+            Kind::Data,
+            Budget::Write,
+        )?;
         let placed = if chunk.len() == bs {
             // A whole block needs no read of the old one.
             Some(new * bs as u64)

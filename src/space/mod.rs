@@ -33,6 +33,10 @@ fn try_bits(n: usize) -> Result<BitVec<u64, Lsb0>> {
     Ok(b)
 }
 
+/// Free blocks with host space kept back for commits (at most; fewer when
+/// the commit reserve is smaller): a commit on a full host takes these.
+const KEPT_FOR_COMMIT: u64 = 64;
+
 /// Which reserve an allocation may dip into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
@@ -53,8 +57,15 @@ pub enum Kind {
 
 pub struct SpaceMap {
     rc: Vec<u32>,
-    /// Set = may be allocated now.
+    /// Set = may be allocated now (and may be a hole in the pool file).
     free: BitVec<u64, Lsb0>,
+    /// Free blocks that still hold their host space: metadata pages freed by
+    /// a commit (only data blocks are punched). Commits take these first;
+    /// other allocations leave `kept_floor` of them, so a commit finds
+    /// blocks it can write even when the host file system is full.
+    kept: BTreeSet<u64>,
+    kept_floor: usize,
+    /// Free blocks, `free` and `kept` together.
     free_count: u64,
     /// Allocated in the open transaction: invisible to the last commit, so it
     /// may be written in place and reused at once when freed.
@@ -62,11 +73,13 @@ pub struct SpaceMap {
     /// Blocks whose count fell from >= 2 in this transaction: the last commit
     /// may still share them, so they must not be overwritten in place.
     was_shared: HashSet<u64>,
-    /// Count reached zero in this transaction; free after the commit.
-    pending: Vec<u64>,
-    /// The data blocks among `pending`: their space goes back to the host.
-    /// Metadata pages are freed by every commit's shadowing and taken again
-    /// soon after, so punching them would only make the host reallocate.
+    /// Metadata blocks whose count reached zero in this transaction; free
+    /// (and kept) after the commit. Metadata pages are freed by every
+    /// commit's shadowing and taken again soon after, so punching them would
+    /// only make the host reallocate.
+    pending_meta: Vec<u64>,
+    /// Data blocks whose count reached zero in this transaction: free after
+    /// the commit, and their space goes back to the host.
     pending_data: Vec<u64>,
     /// Refcount pages (index into the persistent array) changed in this transaction.
     dirty_pages: BTreeSet<usize>,
@@ -104,7 +117,9 @@ impl SpaceMap {
             free_count,
             txn_new: try_bits(n)?,
             was_shared: HashSet::new(),
-            pending: Vec::new(),
+            kept: BTreeSet::new(),
+            kept_floor: 0,
+            pending_meta: Vec::new(),
             pending_data: Vec::new(),
             dirty_pages: BTreeSet::new(),
             per_page,
@@ -147,6 +162,7 @@ impl SpaceMap {
     }
     pub fn set_commit_reserve(&mut self, n: u64) {
         self.commit_reserve = n;
+        self.kept_floor = n.min(KEPT_FOR_COMMIT) as usize;
     }
     pub fn is_txn_new(&self, b: u64) -> bool {
         self.txn_new[b as usize]
@@ -155,7 +171,7 @@ impl SpaceMap {
         &self.dirty_pages
     }
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending_meta.is_empty() || !self.pending_data.is_empty()
     }
 
     /// A data block may be overwritten in place only if this volume alone
@@ -191,12 +207,23 @@ impl SpaceMap {
         if self.free_count <= keep {
             return Err(Error::NoSpace);
         }
+        let from_kept = |s: &mut SpaceMap| s.kept.pop_first().map(|b| b as usize);
         let h = self.hint as usize;
-        let b = match self.free[h..].first_one() {
-            Some(i) => h + i,
-            None => self.free[..h].first_one().ok_or(Error::NoSpace)?,
+        let b = match budget {
+            Budget::Commit => from_kept(self),
+            _ if self.kept.len() > self.kept_floor => from_kept(self),
+            _ => None,
         };
-        self.free.set(b, false);
+        let b = match b
+            .or_else(|| self.free[h..].first_one().map(|i| h + i))
+            .or_else(|| self.free[..h].first_one())
+        {
+            Some(b) => {
+                self.free.set(b, false);
+                b
+            }
+            None => from_kept(self).ok_or(Error::NoSpace)?,
+        };
         self.free_count -= 1;
         self.txn_new.set(b, true);
         self.rc[b] = 1;
@@ -246,32 +273,58 @@ impl SpaceMap {
         if self.txn_new[i] {
             // Never committed: nobody else can see it, reuse at once.
             self.txn_new.set(i, false);
-            self.release(b);
+            self.release(b, false);
+        } else if kind == Kind::Data {
+            self.pending_data.push(b);
         } else {
-            self.pending.push(b);
-            if kind == Kind::Data {
-                self.pending_data.push(b);
-            }
+            self.pending_meta.push(b);
         }
         Ok(true)
     }
 
-    fn release(&mut self, b: u64) {
-        self.free.set(b as usize, true);
+    /// Give back a block allocated in this transaction that was never used
+    /// and has no host space (the host could not reserve it).
+    pub fn unalloc(&mut self, b: u64, kind: Kind) -> Result<()> {
+        let i = b as usize;
+        if !self.txn_new[i] || self.rc[i] != 1 {
+            return Err(Error::corrupt(format!("block {b} was not just allocated")));
+        }
+        self.rc[i] = 0;
+        self.touch(b);
+        self.used -= 1;
+        if kind == Kind::Meta {
+            self.meta -= 1;
+        }
+        self.txn_new.set(i, false);
+        self.release(b, false);
+        Ok(())
+    }
+
+    /// `b` is free again; `holds_space`: it still has its host space.
+    fn release(&mut self, b: u64, holds_space: bool) {
+        if holds_space {
+            self.kept.insert(b);
+        } else {
+            self.free.set(b as usize, true);
+            self.hint = self.hint.min(b);
+        }
         self.free_count += 1;
-        self.hint = self.hint.min(b);
     }
 
     /// After a successful commit: the deferred frees become free. Returns
     /// the data blocks among them, whose space the caller gives back to the host.
     pub fn end_transaction(&mut self) -> Vec<u64> {
-        for b in std::mem::take(&mut self.pending) {
-            self.release(b);
+        for b in std::mem::take(&mut self.pending_meta) {
+            self.release(b, true);
+        }
+        let data = std::mem::take(&mut self.pending_data);
+        for &b in &data {
+            self.release(b, false);
         }
         self.txn_new.fill(false);
         self.was_shared.clear();
         self.dirty_pages.clear();
-        std::mem::take(&mut self.pending_data)
+        data
     }
 
     /// Grow the pool to `total` blocks.
@@ -300,11 +353,13 @@ impl SpaceMap {
             if self.free[i] {
                 self.free.set(i, false);
                 self.free_count -= 1;
+            } else if self.kept.remove(&b) {
+                self.free_count -= 1;
             }
             self.used += 1;
         } else if count == 0 {
             self.used -= 1;
-            self.pending.push(b);
+            self.pending_data.push(b);
         }
     }
 

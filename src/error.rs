@@ -40,6 +40,10 @@ pub enum Error {
     #[error("no volume named '{0}'")]
     NoSuchVolume(String),
 
+    /// The pool was opened for inspection only (info, list, check).
+    #[error("pool {} is open read-only", .0.display())]
+    PoolReadOnly(PathBuf),
+
     #[error("volume '{0}' is a read-only snapshot")]
     ReadOnly(String),
 
@@ -67,7 +71,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::NoSpace | Error::HostFull => libc::ENOSPC,
-            Error::ReadOnly(_) => libc::EROFS,
+            Error::ReadOnly(_) | Error::PoolReadOnly(_) => libc::EROFS,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::NoSuchVolume(_) => libc::ENOENT,
             Error::VolumeExists(_) => libc::EEXIST,

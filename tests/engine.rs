@@ -657,3 +657,25 @@ fn a_full_host_fails_the_write_not_the_pool() {
     assert_eq!(back, later);
     assert_clean(&mut p);
 }
+
+#[test]
+fn a_pool_open_read_only_refuses_changes_with_erofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let opts = CreateOptions {
+        size: 16 * MIB,
+        block_size: 4096,
+    };
+    let mut p = Pool::create(&path, &opts).unwrap();
+    p.create_volume("v", MIB).unwrap();
+    p.close().unwrap();
+    let mut p = Pool::open_read_only(&path).unwrap();
+    let v = p.lookup("v").unwrap();
+    for e in [
+        p.discard(v, 0, 4096).unwrap_err(),
+        p.write(v, 0, b"x").unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::PoolReadOnly(_)), "{e}");
+        assert_eq!(e.errno(), libc::EROFS);
+    }
+}

@@ -986,6 +986,25 @@ fn serve_exports_volumes_as_files() {
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).unwrap();
     assert_eq!(tail.len(), 10);
+    // At and past the end a read returns 0 bytes (end of file), not EINVAL.
+    let mut past = vec![0u8; 4096];
+    assert_eq!(f.read_at(&mut past, 16 * MIB).unwrap(), 0);
+    assert_eq!(f.read_at(&mut past, 16 * MIB + 5 * 4096).unwrap(), 0);
+    // A volume does not grow through fallocate: EFBIG.
+    // SAFETY: fallocate on an open fd.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            (32 * MIB) as i64,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EFBIG)
+    );
 
     // Punch a hole over whole blocks and partial ones: reads as zeros.
     // SAFETY: fallocate on an open fd with in-range arguments.

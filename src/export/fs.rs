@@ -235,6 +235,10 @@ impl Filesystem for ThinFs {
                 let mut pool = self.sh.lock_pool();
                 pool.volume_size(id).and_then(|vsize| {
                     let n = vsize.saturating_sub(offset).min(size as u64) as usize;
+                    if n == 0 {
+                        // At or past the end of the file: 0 bytes, as for any file.
+                        return Ok(0);
+                    }
                     if buf.len() < n {
                         buf.resize(n, 0);
                     }
@@ -329,29 +333,29 @@ impl Filesystem for ThinFs {
         }
         let res = {
             let mut pool = self.sh.lock_pool();
-            let r = pool.volume_size(id).and_then(|vsize| {
-                let end = offset.saturating_add(length);
-                if !punch && !zero {
-                    // Plain allocation: every block of a thin volume is "allocated"
-                    // in the sense that writes within the size are accepted.
-                    return if end > vsize && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-                        Err(Error::InvalidArgument(
-                            "volumes cannot grow through fallocate".into(),
-                        ))
+            let r = pool
+                .volume_size(id)
+                .map_err(|e| errno(&e))
+                .and_then(|vsize| {
+                    let end = offset.saturating_add(length);
+                    if !punch && !zero {
+                        // Plain allocation: every block of a thin volume is "allocated"
+                        // in the sense that writes within the size are accepted;
+                        // a volume does not grow through fallocate.
+                        let grows = end > vsize && mode & libc::FALLOC_FL_KEEP_SIZE == 0;
+                        return if grows { Err(Errno::EFBIG) } else { Ok(()) };
+                    }
+                    let len = end.min(vsize).saturating_sub(offset);
+                    if len == 0 {
+                        return Ok(());
+                    }
+                    let r = if punch {
+                        pool.discard(id, offset, len)
                     } else {
-                        Ok(())
+                        pool.write_zeroes(id, offset, len)
                     };
-                }
-                let len = end.min(vsize).saturating_sub(offset);
-                if len == 0 {
-                    return Ok(());
-                }
-                if punch {
-                    pool.discard(id, offset, len)
-                } else {
-                    pool.write_zeroes(id, offset, len)
-                }
-            });
+                    r.map_err(|e| errno(&e))
+                });
             if punch || zero {
                 self.sh.dirty.store(true, Ordering::SeqCst);
             }
@@ -359,8 +363,7 @@ impl Filesystem for ThinFs {
         };
         match res {
             Ok(()) => reply.ok(),
-            Err(Error::InvalidArgument(_)) => reply.error(Errno::EFBIG),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -37,7 +37,7 @@ impl Pool {
             || !self.catalog.dirty_pages().is_empty();
         if self.read_only {
             if meta_dirty || force || self.data_dirty {
-                return Err(Error::InvalidArgument("pool is open read-only".into()));
+                return Err(Error::PoolReadOnly(self.path.clone()));
             }
             return Ok(());
         }

@@ -224,10 +224,7 @@ impl Pool {
     pub(super) fn check_mutable(&self) -> Result<()> {
         self.check_ok()?;
         if self.read_only {
-            return Err(Error::InvalidArgument(format!(
-                "pool {} is open read-only",
-                self.path.display()
-            )));
+            return Err(Error::PoolReadOnly(self.path.clone()));
         }
         Ok(())
     }

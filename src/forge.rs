@@ -9,14 +9,88 @@
 //!
 //! [`variants`] makes named hostile pools, one per kind of lie (every one is
 //! inconsistent, so `check` must not call it clean); [`mutate`] applies a
-//! list of field changes driven by fuzzer bytes.
+//! list of field changes driven by fuzzer bytes; [`exercise`] runs every
+//! verb on an image. [`stream`] builds send streams with valid checksums
+//! from fuzzer-chosen records, for the `receive` parser.
+
+use std::path::Path;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
+use sha2::{Digest as _, Sha256};
 
 use crate::format::{
     encode_page, pointers_per_page, PageHeader, PageType, Superblock, VolumeRecord,
     PAGE_HEADER_SIZE, RECORD_SIZE, SUPERBLOCK_SLOT_SIZE,
 };
+use crate::io::MemStorage;
+use crate::{CreateOptions, Pool};
+
+/// A small real pool (4 KiB blocks): two committed layers (`layer1`,
+/// `layer2`), a clone of the second (`container`), a volume with a
+/// two-level map (`big`) and a snapshot of it (`snap`) — every kind of
+/// record and shared subtree. Built once per process.
+pub fn sample_pool() -> &'static [u8] {
+    static IMG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    IMG.get_or_init(|| build_sample().expect("the sample pool builds"))
+}
+
+fn build_sample() -> crate::Result<Vec<u8>> {
+    const BS: u64 = 4096;
+    let m = MemStorage::new();
+    let opts = CreateOptions {
+        size: 8 << 20,
+        block_size: BS as u32,
+    };
+    let mut p = Pool::create_with(Box::new(m.clone()), Path::new("mem"), &opts)?;
+    let a = p.create_volume("base", 64 * BS)?;
+    p.write(a, 0, &vec![0x11; 10 * BS as usize])?;
+    crate::layer::commit(&mut p, "base", Some("layer1"))?;
+    let c = p.snapshot("layer1", "app", true)?;
+    p.write(c, 3 * BS + 5, b"changed")?;
+    p.write(c, 20 * BS, &vec![0x33; BS as usize])?;
+    crate::layer::commit(&mut p, "app", Some("layer2"))?;
+    p.snapshot("layer2", "container", true)?;
+    let big = p.create_volume("big", 2000 * BS)?;
+    p.write(big, 1500 * BS, &vec![0x22; 3 * BS as usize])?;
+    p.write(big, 7, b"head")?;
+    p.snapshot("big", "snap", false)?;
+    p.write(big, 9 * BS, b"after the snapshot")?;
+    p.close()?;
+    Ok(m.snapshot())
+}
+
+/// Every verb of the library on a pool image (of the sample pool's shape):
+/// open, check, info, image list, diff, send, list, read, mapped blocks,
+/// write, snapshot, remove, commit. Errors are expected on hostile images;
+/// a panic, an abort or a hang is a bug.
+pub fn exercise(img: Vec<u8>) {
+    let m = MemStorage::from_bytes(img);
+    let Ok(mut p) = Pool::open_with(Box::new(m), Path::new("mem")) else {
+        return;
+    };
+    let _ = p.check();
+    let _ = p.info();
+    let _ = crate::layer::image::list_images(&mut p);
+    let _ = crate::layer::diff_volumes(&mut p, "layer1", "layer2");
+    let _ = crate::layer::diff_volumes(&mut p, "snap", "big");
+    let mut sink = std::io::sink();
+    let _ = crate::layer::stream::send(&mut p, "layer2", Some("layer1"), &mut sink, &mut |_| {});
+    let _ = crate::layer::stream::send(&mut p, "big", None, &mut sink, &mut |_| {});
+    if let Ok(vols) = p.list() {
+        for v in vols {
+            let mut buf = vec![0u8; v.virtual_size.min(64 << 10) as usize];
+            let _ = p.read(v.id, 0, &mut buf);
+            let _ = p.mapped_blocks(v.id);
+            if !v.read_only {
+                let _ = p.write(v.id, 0, &vec![1; buf.len().min(5000)]);
+            }
+        }
+    }
+    let _ = p.snapshot("big", "s2", true);
+    let _ = p.remove_volume("container");
+    let _ = p.commit();
+    let _ = p.check();
+}
 
 const TYPES: [PageType; 4] = [
     PageType::MapNode,
@@ -828,4 +902,107 @@ pub fn mutate(base: &[u8], data: &[u8]) -> Vec<u8> {
         }
     }
     f.finish()
+}
+
+//------------------------------------------------------------------------------
+// Send streams
+
+/// A send stream (docs/FORMAT.md, "Send stream") made from fuzzer bytes, with
+/// every checksum valid so the receiver's checks behind them are reached:
+/// a header (size, flags, digests, name chosen by `data`), then records
+/// (tag, offset, length, payload) in the order `data` gives them, each with
+/// its sha256, and a trailer whose counts are right or not. The digests of
+/// the layer will not match unless the fuzzer finds them, which is fine: the
+/// parser's bounds, order and count checks are what this reaches.
+pub fn stream(data: &[u8]) -> Vec<u8> {
+    let mut r = data.iter().copied();
+    let mut next = |n: usize| -> Vec<u8> { (0..n).map(|_| r.next().unwrap_or(0)).collect() };
+    let flags = next(1)[0];
+    let size_sel = next(1)[0];
+    let virtual_size = match size_sel % 4 {
+        0 => 1 << 20,
+        1 => 4096 * (1 + next(1)[0] as u64),
+        2 => u64::from_le_bytes(next(8).try_into().unwrap()),
+        _ => 1 << 63,
+    };
+    let incremental = flags & 1 != 0;
+    let parent = [next(1)[0]; 32];
+    let diff = [next(1)[0]; 32];
+    let chain = if flags & 2 != 0 {
+        [next(1)[0]; 32]
+    } else if incremental {
+        crate::layer::chain_digest(Some(&parent), &diff)
+    } else {
+        diff
+    };
+    let name_len = (next(1)[0] % 20) as usize;
+    let name = next(name_len);
+    let mut out = Vec::new();
+    out.extend_from_slice(b"THINSEND");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&4096u32.to_le_bytes());
+    out.extend_from_slice(&4096u32.to_le_bytes());
+    out.extend_from_slice(&(incremental as u32).to_le_bytes());
+    out.extend_from_slice(&virtual_size.to_le_bytes());
+    out.extend_from_slice(&if incremental { parent } else { [0; 32] });
+    out.extend_from_slice(&diff);
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&name);
+    let sum: [u8; 32] = Sha256::digest(&out).into();
+    out.extend_from_slice(&sum);
+    let (mut ranges, mut bytes) = (0u64, 0u64);
+    let n_records = next(1)[0] % 8;
+    for _ in 0..n_records {
+        let tag = if next(1)[0] & 1 == 0 { b'D' } else { b'Z' };
+        let offset = match next(1)[0] % 3 {
+            0 => 4096 * next(1)[0] as u64,
+            1 => u64::from_le_bytes(next(8).try_into().unwrap()),
+            _ => 4096 * (ranges + 1),
+        };
+        let sum_of = |len: u64, payload: &[u8]| -> [u8; 32] {
+            let mut h = Sha256::new();
+            h.update([tag]);
+            h.update(offset.to_le_bytes());
+            h.update(len.to_le_bytes());
+            h.update(payload);
+            h.finalize().into()
+        };
+        out.push(tag);
+        out.extend_from_slice(&offset.to_le_bytes());
+        if tag == b'D' {
+            let len = (next(1)[0] as usize % 3) * 4096 + next(1)[0] as usize;
+            let payload = next(len);
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+            out.extend_from_slice(&payload);
+            out.extend_from_slice(&sum_of(len as u64, &payload));
+            bytes += len as u64;
+        } else {
+            let len = 4096 * next(1)[0] as u64;
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&sum_of(len, &[]));
+        }
+        ranges += 1;
+    }
+    let lie = next(1)[0];
+    out.push(b'E');
+    out.extend_from_slice(&(ranges + (lie & 1) as u64).to_le_bytes());
+    out.extend_from_slice(&(bytes + (lie & 2) as u64).to_le_bytes());
+    let sum: [u8; 32] = Sha256::digest(&out).into();
+    out.extend_from_slice(&sum);
+    // Whatever is left of the input: trailing bytes after the trailer.
+    out.extend(r);
+    out
+}
+
+/// Receive `stream` into a copy of the sample pool (which has `layer1` and
+/// `layer2` as bases for incremental streams). Errors are expected.
+pub fn receive(stream: &[u8]) {
+    let m = MemStorage::from_bytes(sample_pool().to_vec());
+    let Ok(mut p) = Pool::open_with(Box::new(m), Path::new("mem")) else {
+        return;
+    };
+    let mut input = stream;
+    let _ = crate::layer::stream::receive(&mut p, Some("received"), &mut input, &mut |_| {});
+    let _ = p.check();
 }

@@ -21,40 +21,14 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 use thinpool::forge;
 use thinpool::io::MemStorage;
-use thinpool::{CreateOptions, Pool};
+use thinpool::Pool;
 
 const BS: u64 = 4096;
 const TIMEOUT: Duration = Duration::from_secs(20);
 const ADDRESS_SPACE: u64 = 1 << 30;
 
-/// Two layers, a clone of the second, a volume with a two-level map and a
-/// snapshot of it: every kind of record and shared subtree.
 fn base_image() -> &'static [u8] {
-    static IMG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    IMG.get_or_init(|| {
-        let m = MemStorage::new();
-        let opts = CreateOptions {
-            size: 8 << 20,
-            block_size: BS as u32,
-        };
-        let mut p = Pool::create_with(Box::new(m.clone()), Path::new("mem"), &opts).unwrap();
-        let a = p.create_volume("base", 64 * BS).unwrap();
-        p.write(a, 0, &vec![0x11; 10 * BS as usize]).unwrap();
-        thinpool::layer::commit(&mut p, "base", Some("layer1")).unwrap();
-        let c = p.snapshot("layer1", "app", true).unwrap();
-        p.write(c, 3 * BS + 5, b"changed").unwrap();
-        p.write(c, 20 * BS, &vec![0x33; BS as usize]).unwrap();
-        thinpool::layer::commit(&mut p, "app", Some("layer2")).unwrap();
-        p.snapshot("layer2", "container", true).unwrap();
-        let big = p.create_volume("big", 2000 * BS).unwrap();
-        p.write(big, 1500 * BS, &vec![0x22; 3 * BS as usize])
-            .unwrap();
-        p.write(big, 7, b"head").unwrap();
-        p.snapshot("big", "snap", false).unwrap();
-        p.write(big, 9 * BS, b"after the snapshot").unwrap();
-        p.close().unwrap();
-        m.snapshot()
-    })
+    forge::sample_pool()
 }
 
 struct Run {
@@ -242,41 +216,6 @@ fn the_base_pool_itself_is_clean_and_every_verb_succeeds() {
     }
 }
 
-/// The library in-process: open, check, list, read, diff, send, write,
-/// snapshot, remove, commit. Errors are fine; a panic fails the test.
-fn exercise(img: Vec<u8>) {
-    let m = MemStorage::from_bytes(img);
-    let Ok(mut p) = Pool::open_with(Box::new(m), Path::new("mem")) else {
-        return;
-    };
-    let _ = p.check();
-    let _ = p.info();
-    let _ = thinpool::layer::image::list_images(&mut p);
-    let _ = thinpool::layer::diff_volumes(&mut p, "layer1", "layer2");
-    let _ = thinpool::layer::diff_volumes(&mut p, "snap", "big");
-    let _ = thinpool::layer::stream::send(
-        &mut p,
-        "layer2",
-        Some("layer1"),
-        &mut std::io::sink(),
-        &mut |_| {},
-    );
-    if let Ok(vols) = p.list() {
-        for v in vols {
-            let mut buf = vec![0u8; v.virtual_size.min(64 << 10) as usize];
-            let _ = p.read(v.id, 0, &mut buf);
-            let _ = p.mapped_blocks(v.id);
-            if !v.read_only {
-                let _ = p.write(v.id, 0, &vec![1; buf.len().min(5000)]);
-            }
-        }
-    }
-    let _ = p.snapshot("big", "s2", true);
-    let _ = p.remove_volume("container");
-    let _ = p.commit();
-    let _ = p.check();
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -284,8 +223,33 @@ proptest! {
     fn random_structure_mutations_give_errors_not_panics(
         ops in prop::collection::vec(any::<u8>(), 11..80)
     ) {
-        exercise(forge::mutate(base_image(), &ops));
+        forge::exercise(forge::mutate(base_image(), &ops));
     }
+
+    #[test]
+    fn forged_send_streams_give_errors_not_panics(
+        data in prop::collection::vec(any::<u8>(), 0..400)
+    ) {
+        forge::receive(&forge::stream(&data));
+    }
+}
+
+#[test]
+fn a_forged_stream_gets_past_the_checksums() {
+    // The stream forger seals what it makes: an empty stream of a 1 MiB
+    // layer is refused for its digests, the last check, not its checksums.
+    let m = MemStorage::from_bytes(base_image().to_vec());
+    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    let s = forge::stream(&[]);
+    let e = thinpool::layer::stream::receive(&mut p, Some("r"), &mut &s[..], &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("digests"), "{e}");
+    assert!(p.check().unwrap().is_clean());
+    assert!(
+        p.lookup("r").is_err(),
+        "nothing is left of a refused stream"
+    );
 }
 
 #[test]

@@ -89,7 +89,7 @@ impl Pool {
             )));
         }
         let fanout = format::pointers_per_page(self.block_size());
-        let id = self.sb.next_volume_id;
+        let id = self.new_volume_id()?;
         self.catalog.insert(VolumeRecord {
             id,
             parent_id: 0,
@@ -102,7 +102,6 @@ impl Pool {
             name: name.to_string(),
             ..Default::default()
         })?;
-        self.sb.next_volume_id += 1;
         self.commit()?;
         Ok(id)
     }
@@ -115,7 +114,7 @@ impl Pool {
             return Err(Error::VolumeExists(name.to_string()));
         }
         let src = self.catalog.get_by_name(source)?.clone();
-        let id = self.sb.next_volume_id;
+        let id = self.new_volume_id()?;
         self.catalog.insert(VolumeRecord {
             id,
             parent_id: src.id,
@@ -129,10 +128,19 @@ impl Pool {
         })?;
         if src.root != 0 {
             // The whole tree is shared by one more owner: one increment.
-            self.space.inc(src.root)?;
+            let r = self.space.inc(src.root);
+            self.fail_on_corrupt(r)?;
         }
-        self.sb.next_volume_id += 1;
         self.commit()?;
+        Ok(id)
+    }
+
+    /// The id for a new volume (ids are never reused), taken.
+    fn new_volume_id(&mut self) -> Result<VolumeId> {
+        let id = self.sb.next_volume_id;
+        self.sb.next_volume_id = id
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("the next volume id is at its largest value"))?;
         Ok(id)
     }
 

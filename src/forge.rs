@@ -585,43 +585,34 @@ pub fn variants(base: &[u8]) -> Vec<Variant> {
         }
     }
     // Two volumes that are each other's parent, and a duplicate id and name.
-    if recs.len() >= 2 {
-        let (s0, r0) = &recs[0];
-        let (s1, r1) = &recs[1];
-        let mut f = f0.clone();
-        f.set_record(
-            *s0,
-            &VolumeRecord {
-                parent_id: r1.id,
-                ..r0.clone()
-            },
+    if let [(s0, r0), (s1, r1), ..] = &recs[..] {
+        let lie = |changes: &[(usize, VolumeRecord)]| {
+            let mut f = f0.clone();
+            for (slot, r) in changes {
+                f.set_record(*slot, r);
+            }
+            f
+        };
+        let with = |r: &VolumeRecord, change: &dyn Fn(&mut VolumeRecord)| {
+            let mut r = r.clone();
+            change(&mut r);
+            r
+        };
+        add(
+            "records: parent cycle".into(),
+            lie(&[
+                (*s0, with(r0, &|r| r.parent_id = r1.id)),
+                (*s1, with(r1, &|r| r.parent_id = r0.id)),
+            ]),
         );
-        f.set_record(
-            *s1,
-            &VolumeRecord {
-                parent_id: r0.id,
-                ..r1.clone()
-            },
+        add(
+            "records: duplicate id".into(),
+            lie(&[(*s1, with(r1, &|r| r.id = r0.id))]),
         );
-        add("records: parent cycle".into(), f);
-        let mut f = f0.clone();
-        f.set_record(
-            *s1,
-            &VolumeRecord {
-                id: r0.id,
-                ..r1.clone()
-            },
+        add(
+            "records: duplicate name".into(),
+            lie(&[(*s1, with(r1, &|r| r.name = r0.name.clone()))]),
         );
-        add("records: duplicate id".into(), f);
-        let mut f = f0.clone();
-        f.set_record(
-            *s1,
-            &VolumeRecord {
-                name: r0.name.clone(),
-                ..r1.clone()
-            },
-        );
-        add("records: duplicate name".into(), f);
     }
 
     // Map nodes.

@@ -390,35 +390,6 @@ fn torn_superblock_write_opens_at_previous_commit() {
     assert_clean(&mut p);
 }
 
-/// A storage that counts the blocks written through it (what a commit costs).
-#[derive(Clone)]
-struct Counting {
-    inner: MemStorage,
-    writes: Arc<AtomicU64>,
-}
-
-impl thinpool::io::Storage for Counting {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch(offset, len)
-    }
-}
-
 #[test]
 fn snapshot_cost_does_not_depend_on_mapped_size() {
     // Counting work, not time: a snapshot writes the same pages (its catalog
@@ -426,10 +397,7 @@ fn snapshot_cost_does_not_depend_on_mapped_size() {
     // and changes one refcount, whatever the origin's size. A snapshot that
     // touched every block's count would dirty the refcount pages of all of
     // them: 128 MiB of 4 KiB blocks span 33 refcount pages.
-    let c = Counting {
-        inner: MemStorage::new(),
-        writes: Arc::new(AtomicU64::new(0)),
-    };
+    let c = Host::new(4096);
     let opts = CreateOptions {
         size: 256 * MIB,
         block_size: 4096,
@@ -550,15 +518,44 @@ fn a_zero_block_written_over_a_shared_block_drops_only_the_reference() {
 //------------------------------------------------------------------------------
 // A full host file system
 
-/// A memory storage whose "host" can be full: a block has host space once it
-/// was written or reserved, until punched; while `full`, reserving any other
-/// block fails with ENOSPC, as fallocate does on a full file system.
+/// A memory storage that counts the writes through it (what a commit
+/// costs), and whose "host" can be full: a block has host space once it was
+/// written or reserved, until punched; while `full`, reserving or writing any
+/// other block fails with ENOSPC, as on a full file system.
 #[derive(Clone)]
 struct Host {
     inner: MemStorage,
     bs: u64,
+    writes: Arc<AtomicU64>,
     with_space: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
     full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Host {
+    fn new(bs: u64) -> Host {
+        Host {
+            inner: MemStorage::new(),
+            bs,
+            writes: Default::default(),
+            with_space: Default::default(),
+            full: Default::default(),
+        }
+    }
+
+    fn blocks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        offset / self.bs..(offset + len).div_ceil(self.bs)
+    }
+
+    /// Give the range host space (ENOSPC while full, unless it has it).
+    fn take_space(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut s = self.with_space.lock().unwrap();
+        let blocks = self.blocks(offset, len);
+        if self.full.load(Ordering::SeqCst) && blocks.clone().any(|b| !s.contains(&b)) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        s.extend(blocks);
+        Ok(())
+    }
 }
 
 impl thinpool::io::Storage for Host {
@@ -566,12 +563,8 @@ impl thinpool::io::Storage for Host {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut s = self.with_space.lock().unwrap();
-        let blocks = offset / self.bs..(offset + buf.len() as u64).div_ceil(self.bs);
-        if self.full.load(Ordering::SeqCst) && blocks.clone().any(|b| !s.contains(&b)) {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        s.extend(blocks);
+        self.take_space(offset, buf.len() as u64)?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
@@ -591,28 +584,13 @@ impl thinpool::io::Storage for Host {
         self.inner.punch(offset, len)
     }
     fn reserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.write_at(&vec![0u8; len as usize], offset)
-            .or_else(|e| {
-                let s = self.with_space.lock().unwrap();
-                let have =
-                    (offset / self.bs..(offset + len).div_ceil(self.bs)).all(|b| s.contains(&b));
-                if have {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
+        self.take_space(offset, len)
     }
 }
 
 #[test]
 fn a_full_host_fails_the_write_not_the_pool() {
-    let host = Host {
-        inner: MemStorage::new(),
-        bs: 4096,
-        with_space: Default::default(),
-        full: Default::default(),
-    };
+    let host = Host::new(4096);
     let opts = CreateOptions {
         size: 32 * MIB,
         block_size: 4096,

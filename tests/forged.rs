@@ -91,7 +91,6 @@ fn verbs(pool: &str) -> Vec<Vec<String>> {
     let out = format!("{pool}.stream");
     let mut v: Vec<Vec<&str>> = vec![
         vec!["info", pool],
-        vec!["info", pool, "--json"],
         vec!["list", pool, "--json"],
         vec!["check", pool, "--json"],
         vec!["diff", pool, "layer1", "layer2"],
@@ -100,7 +99,7 @@ fn verbs(pool: &str) -> Vec<Vec<String>> {
         vec!["send", pool, "big", "-o", &out],
         vec!["image", "list", pool],
     ];
-    for name in ["layer1", "layer2", "container", "big", "snap"] {
+    for name in ["layer2", "big", "snap"] {
         v.push(vec!["read", pool, name, "--length", "256K"]);
     }
     // Changes last: each may leave the pool different for the next one.

@@ -30,10 +30,13 @@ impl FileStorage {
                 len as libc::off_t,
             )
         };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            _ if r == 0 => Ok(()),
+            // A filesystem without fallocate still works: it just neither
+            // reserves space ahead nor gives it back.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
         }
     }
 }
@@ -62,32 +65,14 @@ impl Storage for FileStorage {
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         // Mode 0 allocates (unwritten extents read as zeros) and costs next
         // to nothing where the range already has its space.
-        match self.fallocate(0, offset, len) {
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-                ) =>
-            {
-                Ok(())
-            }
-            r => r,
-        }
+        self.fallocate(0, offset, len)
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // A filesystem without hole punching still works; it just keeps the space.
-        match self.fallocate(mode, offset, len) {
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-                ) =>
-            {
-                Ok(())
-            }
-            r => r,
-        }
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 }

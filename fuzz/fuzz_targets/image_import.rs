@@ -2,8 +2,8 @@
 //! - input starting with 0: the rest is a layer tar applied to an empty
 //!   directory (`apply_layer`: whiteouts, opaque directories, links,
 //!   paths that try to leave the root);
-//! - otherwise: the input is split into index.json, a manifest and a config
-//!   (at 0xff bytes) and written as an OCI layout whose manifest and config
+//! - any other first byte: the rest is split into index.json, a manifest and
+//!   a config (at 0xff bytes) and written as an OCI layout whose manifest and config
 //!   blobs carry the digests they claim; `source_layer_files` reads it.
 //! Errors are fine; panics and hangs are bugs. Run it as an unprivileged
 //! user (docs/RELIABILITY.md): a bug could otherwise write outside its
@@ -48,12 +48,13 @@ fuzz_target!(|data: &[u8]| {
             fs::create_dir(&root).unwrap();
             let _ = image::apply_layer(&root, &mut &tar[..]);
         }
-        _ => {
+        Some((_, rest)) => {
             let src = dir.path().join("oci");
-            layout(&src, data);
+            layout(&src, rest);
             let scratch = dir.path().join("scratch");
             fs::create_dir(&scratch).unwrap();
             let _ = image::source_layer_files(&src, &scratch);
         }
+        None => {}
     }
 });

@@ -691,45 +691,32 @@ pub fn variants(base: &[u8]) -> Vec<Variant> {
             f,
         );
 
-        let mut f = f0.clone();
-        let mut below = f.add_node(0, &[(0, data_block)]);
+        // A 2^63-byte volume whose map is one chain of forged nodes,
+        // each holding `entries(child)` at every level.
         let depth = crate::map::depth_for((1u64 << 63) / bs, fanout);
-        for level in 1..depth {
-            below = f.add_node(level, &[(fanout - 1, below)]);
-        }
-        let mut lie = r.clone();
-        lie.root = below;
-        lie.size = 1 << 63;
-        lie.depth = depth;
-        f.set_record(*slot, &lie);
+        let huge = |entries: &dyn Fn(u64) -> Vec<(usize, u64)>| {
+            let mut f = f0.clone();
+            let mut below = f.add_node(0, &entries(data_block));
+            for level in 1..depth {
+                below = f.add_node(level, &entries(below));
+            }
+            let mut lie = r.clone();
+            lie.root = below;
+            lie.size = 1 << 63;
+            lie.depth = depth;
+            f.set_record(*slot, &lie);
+            f
+        };
         add(
             format!("record '{}': deep forged map, entry past the end", r.name),
-            f,
+            huge(&|child| vec![(fanout - 1, child)]),
         );
-
-        let mut f = f0.clone();
-        let mut below = f.add_node(
-            0,
-            &vec![data_block; fanout]
-                .into_iter()
-                .enumerate()
-                .collect::<Vec<_>>(),
-        );
-        for level in 1..depth {
-            let e: Vec<(usize, u64)> = (0..fanout).map(|j| (j, below)).collect();
-            below = f.add_node(level, &e);
-        }
-        let mut lie = r.clone();
-        lie.root = below;
-        lie.size = 1 << 63;
-        lie.depth = depth;
-        f.set_record(*slot, &lie);
         add(
             format!(
                 "record '{}': 2^63-byte volume of one shared path per level",
                 r.name
             ),
-            f,
+            huge(&|child| (0..fanout).map(|j| (j, child)).collect()),
         );
     }
 

@@ -26,7 +26,7 @@ pub struct Catalog {
     by_id: HashMap<u64, usize>,
     per_page: usize,
     dirty: BTreeSet<usize>,
-    pub layout: PagedArray,
+    layout: PagedArray,
 }
 
 /// Names become file names in the export: keep them portable and unambiguous.
@@ -174,6 +174,21 @@ impl Catalog {
             }
         }
         Ok(())
+    }
+
+    /// Where the catalog's pages live.
+    pub fn layout(&self) -> &PagedArray {
+        &self.layout
+    }
+
+    /// Give every dirty page a block the last commit does not use (see
+    /// `PagedArray::shadow`); true if it allocated anything.
+    pub fn shadow(
+        &mut self,
+        space: &mut crate::space::SpaceMap,
+        storage: &dyn crate::io::Storage,
+    ) -> Result<bool> {
+        self.layout.shadow(&self.dirty, space, storage)
     }
 
     pub fn n_slots(&self) -> u64 {

@@ -8,8 +8,10 @@
 //! - [`format`]: on-disk structures only (superblock, page headers, checksums).
 //! - [`io`]: the `Storage` trait every byte of I/O goes through.
 //! - [`space`]: refcounts, free bitmap, allocator, deferred frees.
+//! - [`pdata`]: validated page reads and shadowed page arrays (persistent data).
 //! - [`map`]: per-volume radix block map with shared, refcounted nodes.
-//! - [`pool`]: transactions, commit, open/create, the volume catalog, data path.
+//! - [`pool`]: the public `Pool` over the engine's rooms (open, commit, data
+//!   path, volumes, settings) and `SharedPool`, the pool shared by threads.
 //! - [`control`]: the request set shared by the CLI and the control socket.
 //! - [`export`]: FUSE export, loop devices, control socket server.
 
@@ -33,4 +35,4 @@ pub mod space;
 
 pub use check::CheckReport;
 pub use error::{Error, Result};
-pub use pool::{CreateOptions, Pool, PoolInfo, VolumeId, VolumeInfo};
+pub use pool::{CreateOptions, Pool, PoolInfo, SharedPool, VolumeId, VolumeInfo};

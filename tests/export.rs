@@ -551,6 +551,10 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
         back.stdout == fs::read(&data).unwrap(),
         "data written after freeing space reads back wrong"
     );
+    // A served pool reports its flushes and commits (`info --json`).
+    let commits = &env.info()["commits"];
+    assert!(commits["flushes"].as_u64().unwrap() >= 1, "{commits}");
+    assert!(commits["fdatasyncs"].as_u64().unwrap() >= 1, "{commits}");
     tp(&["detach", &dev]);
     assert!(env.wait_no_server(Duration::from_secs(10)));
     tp(&["check", env.p()]);

@@ -235,6 +235,7 @@ mod tests {
             volumes: 2,
             low_water_pct: 10,
             low_space: false,
+            commits: None,
         };
         let s = pool_info(&i);
         assert!(s.contains("data used:  100M (10.0%)"), "{s}");

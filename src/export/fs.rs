@@ -82,14 +82,20 @@ impl ThinFs {
     }
 
     fn volume_attr(&self, id: VolumeId) -> Result<FileAttr, Errno> {
-        let pool = self.sh.lock_pool();
+        let pool = self.sh.pool.read_engine();
         let size = pool.volume_size(id).map_err(|e| errno(&e))?;
         let ro = pool.is_read_only(id).map_err(|e| errno(&e))?;
         Ok(self.attr(ino_of(id).0, size, false, ro))
     }
 
-    fn commit(&self) -> Result<(), Errno> {
-        self.sh.commit().map_err(|e| errno(&e))
+    /// Make what was written to `ino` durable: a commit that covers the
+    /// volume's writes, shared with other flushes (group commit).
+    fn commit(&self, ino: INodeNo) -> Result<(), Errno> {
+        let r = match id_of(ino) {
+            Some(id) => self.sh.pool.flush_volume(id),
+            None => self.sh.commit(),
+        };
+        r.map_err(|e| errno(&e))
     }
 }
 
@@ -112,7 +118,7 @@ impl Filesystem for ThinFs {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
-        let id = match self.sh.lock_pool().lookup(name) {
+        let id = match self.sh.pool.read_engine().lookup(name) {
             Ok(id) => id,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -183,7 +189,7 @@ impl Filesystem for ThinFs {
         let writing = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         {
             // Counted under the pool lock so `remove` sees a consistent picture.
-            let pool = self.sh.lock_pool();
+            let pool = self.sh.pool.read_engine();
             match pool.is_read_only(id) {
                 Ok(true) if writing => return reply.error(Errno::EROFS),
                 Ok(_) => {}
@@ -207,7 +213,7 @@ impl Filesystem for ThinFs {
     ) {
         if let Some(id) = id_of(ino) {
             // A detach is a natural point to make everything durable.
-            if self.sh.dirty.load(Ordering::SeqCst) {
+            if self.sh.pool.is_dirty() {
                 let _ = self.sh.commit();
             }
             self.sh.released(id);
@@ -231,20 +237,19 @@ impl Filesystem for ThinFs {
         };
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            let res = {
-                let mut pool = self.sh.lock_pool();
-                pool.volume_size(id).and_then(|vsize| {
-                    let n = vsize.saturating_sub(offset).min(size as u64) as usize;
-                    if n == 0 {
-                        // At or past the end of the file: 0 bytes, as for any file.
-                        return Ok(0);
-                    }
-                    if buf.len() < n {
-                        buf.resize(n, 0);
-                    }
-                    pool.read(id, offset, &mut buf[..n]).map(|()| n)
-                })
-            };
+            let pool = &self.sh.pool;
+            let vsize = pool.read_engine().volume_size(id);
+            let res = vsize.and_then(|vsize| {
+                let n = vsize.saturating_sub(offset).min(size as u64) as usize;
+                if n == 0 {
+                    // At or past the end of the file: 0 bytes, as for any file.
+                    return Ok(0);
+                }
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                pool.read(id, offset, &mut buf[..n]).map(|()| n)
+            });
             match res {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),
@@ -267,13 +272,7 @@ impl Filesystem for ThinFs {
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        let res = {
-            let mut pool = self.sh.lock_pool();
-            let r = pool.write(id, offset, data);
-            // Set under the lock: a commit that clears it has seen this write.
-            self.sh.dirty.store(true, Ordering::SeqCst);
-            r
-        };
+        let res = self.sh.pool.write(id, offset, data);
         match res {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
@@ -283,16 +282,14 @@ impl Filesystem for ThinFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2): commit only if something was written since the last commit.
-        if self.sh.dirty.load(Ordering::SeqCst) {
-            if let Err(e) = self.commit() {
-                return reply.error(e);
-            }
+        // close(2): commit only if this volume was written since its last commit.
+        if let Err(e) = self.commit(ino) {
+            return reply.error(e);
         }
         reply.ok();
     }
@@ -300,12 +297,12 @@ impl Filesystem for ThinFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.commit() {
+        match self.commit(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -331,39 +328,31 @@ impl Filesystem for ThinFs {
         if mode & !known != 0 || (punch && zero) {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        let res = {
-            let mut pool = self.sh.lock_pool();
-            let r = pool
-                .volume_size(id)
-                .map_err(|e| errno(&e))
-                .and_then(|vsize| {
-                    let end = offset.saturating_add(length);
-                    if !punch && !zero {
-                        // Plain allocation: every block of a thin volume is "allocated"
-                        // in the sense that writes within the size are accepted;
-                        // a volume does not grow through fallocate.
-                        let grows = end > vsize && mode & libc::FALLOC_FL_KEEP_SIZE == 0;
-                        return if grows { Err(Errno::EFBIG) } else { Ok(()) };
-                    }
-                    let len = end.min(vsize).saturating_sub(offset);
-                    if len == 0 {
-                        return Ok(());
-                    }
-                    let r = if punch {
-                        pool.discard(id, offset, len)
-                    } else {
-                        pool.write_zeroes(id, offset, len)
-                    };
-                    r.map_err(|e| errno(&e))
-                });
-            if punch || zero {
-                self.sh.dirty.store(true, Ordering::SeqCst);
+        let vsize = self.sh.pool.read_engine().volume_size(id);
+        let res = vsize.and_then(|vsize| {
+            let end = offset.saturating_add(length);
+            if !punch && !zero {
+                // Plain allocation: every block of a thin volume is "allocated"
+                // in the sense that writes within the size are accepted.
+                return if end > vsize && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                    Err(Error::InvalidArgument(
+                        "volumes cannot grow through fallocate".into(),
+                    ))
+                } else {
+                    Ok(())
+                };
             }
-            r
-        };
+            let len = end.min(vsize).saturating_sub(offset);
+            if len == 0 {
+                return Ok(());
+            }
+            // Both unmap: unmapped blocks read as zeros.
+            self.sh.pool.discard(id, offset, len)
+        });
         match res {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+            Err(Error::InvalidArgument(_)) => reply.error(Errno::EFBIG),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -385,7 +374,7 @@ impl Filesystem for ThinFs {
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let vols = self.sh.lock_pool().volume_names();
+        let vols = self.sh.pool.read_engine().volume_names();
         let entries = [
             (ROOT, FileType::Directory, ".".to_string()),
             (ROOT, FileType::Directory, "..".to_string()),
@@ -406,7 +395,7 @@ impl Filesystem for ThinFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // f_bsize is the pool block size: the loop device takes it as its
         // discard granularity, so fstrim sends whole pool blocks.
-        let info = self.sh.lock_pool().info();
+        let info = self.sh.pool.read_engine().info();
         match info {
             Ok(i) => {
                 let bs = i.block_size as u64;

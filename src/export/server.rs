@@ -23,7 +23,7 @@ use super::sys::{self, Frozen};
 use super::ExportError;
 use crate::control::{execute, Request, Response};
 use crate::error::{Error, Result};
-use crate::pool::{Pool, VolumeId};
+use crate::pool::{Pool, SharedPool, VolumeId};
 
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(50);
@@ -122,6 +122,9 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
 pub struct Server {
     sh: Arc<Shared>,
     session: Option<thread::JoinHandle<std::io::Result<()>>>,
+    /// The acceptor and the ticker: joined on exit, so that the pool (and
+    /// its lock) is let go of by the time `wait` returns.
+    helpers: Vec<thread::JoinHandle<()>>,
     _cleanup: Cleanup,
 }
 
@@ -160,13 +163,12 @@ impl Server {
         };
 
         let sh = Arc::new(Shared {
-            pool: Mutex::new(pool),
+            pool: SharedPool::new(pool),
             pool_path: pool_path.clone(),
             dir: dir.clone(),
             background: opts.background,
             started: SystemTime::now(),
             block_size,
-            dirty: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             ended: AtomicBool::new(false),
             opens: Mutex::new(HashMap::new()),
@@ -213,21 +215,27 @@ impl Server {
         let session = thread::Builder::new()
             .name("fuse".into())
             .spawn(move || session.run())?;
+        let mut helpers = Vec::new();
         {
             let sh = sh.clone();
-            thread::Builder::new()
-                .name("control".into())
-                .spawn(move || accept_loop(listener, sh))?;
+            helpers.push(
+                thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || accept_loop(listener, sh))?,
+            );
         }
         {
             let sh = sh.clone();
-            thread::Builder::new()
-                .name("ticker".into())
-                .spawn(move || ticker(sh))?;
+            helpers.push(
+                thread::Builder::new()
+                    .name("ticker".into())
+                    .spawn(move || ticker(sh))?,
+            );
         }
         Ok(Server {
             sh,
             session: Some(session),
+            helpers,
             _cleanup: cleanup,
         })
     }
@@ -239,7 +247,7 @@ impl Server {
 
     /// Run `f` on the served pool (under the engine lock).
     pub fn with_pool<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
-        f(&mut self.sh.lock_pool())
+        self.sh.pool.with(f)
     }
 
     /// Stop once no volume is open any more (detach them first), commit,
@@ -259,6 +267,7 @@ impl Server {
         };
         self.end();
         let commit = self.sh.commit();
+        self.join_helpers();
         res.map_err(ExportError::Session)?;
         commit?;
         Ok(())
@@ -280,6 +289,12 @@ impl Server {
             eprintln!("thinpool: stopped serving {}", sh.pool_path.display());
         }
     }
+
+    fn join_helpers(&mut self) {
+        for h in self.helpers.drain(..) {
+            let _ = h.join();
+        }
+    }
 }
 
 impl Drop for Server {
@@ -291,6 +306,7 @@ impl Drop for Server {
             let _ = t.join();
         }
         self.end();
+        self.join_helpers();
     }
 }
 
@@ -345,7 +361,7 @@ fn ticker(sh: Arc<Shared>) {
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             last_commit = Instant::now();
-            if sh.dirty.load(Ordering::SeqCst) {
+            if sh.pool.is_dirty() {
                 if let Err(e) = sh.commit() {
                     eprintln!("thinpool: periodic commit failed: {e}");
                 }
@@ -427,7 +443,7 @@ fn handle_line(sh: &Shared, line: &str) -> Reply {
 
 fn status(sh: &Shared) -> ServerStatus {
     let opens: Vec<(VolumeId, u32)> = sh.lock_opens().iter().map(|(k, v)| (*k, *v)).collect();
-    let pool = sh.lock_pool();
+    let pool = sh.pool.read_engine();
     let mut open: Vec<(String, u32)> = opens
         .into_iter()
         .map(|(id, n)| (pool.volume_name(id).unwrap_or_else(|_| format!("#{id}")), n))
@@ -481,36 +497,33 @@ fn handle_request(sh: &Shared, req: Request) -> Result<Response> {
     match req {
         Request::Remove { ref name } | Request::Rename { old: ref name, .. } => {
             let name = name.clone();
-            let resp = {
-                let mut pool = sh.lock_pool();
+            let resp = sh.pool.with(|pool| {
                 let id = pool.lookup(&name)?;
                 if sh.in_use(id) {
                     return Err(in_use(sh, &name));
                 }
-                execute(&mut pool, req)?
-            };
+                execute(pool, req)
+            })?;
             sh.notify(|n| n.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&name)));
             Ok(resp)
         }
         Request::Snapshot { ref source, .. } => {
             let source = source.clone();
-            let id = sh.lock_pool().lookup(&source)?;
+            let id = sh.pool.read_engine().lookup(&source)?;
             // Hold the freeze (if any) across the snapshot; thawed on drop.
             let _frozen = if sh.in_use(id) {
                 quiesce(sh, &source)?
             } else {
                 None
             };
-            let mut pool = sh.lock_pool();
-            execute(&mut pool, req)
+            sh.pool.with(|pool| execute(pool, req))
         }
         Request::Resize { ref name, .. } => {
             let name = name.clone();
-            let resp = {
-                let mut pool = sh.lock_pool();
-                let r = execute(&mut pool, req)?;
-                (r, pool.lookup(&name)?)
-            };
+            let resp = sh.pool.with(|pool| -> Result<_> {
+                let r = execute(pool, req)?;
+                Ok((r, pool.lookup(&name)?))
+            })?;
             sh.notify(|n| n.inval_inode(ino_of(resp.1), 0, 0));
             Ok(resp.0)
         }
@@ -518,10 +531,15 @@ fn handle_request(sh: &Shared, req: Request) -> Result<Response> {
             sh.commit()?;
             Ok(Response::Ok)
         }
-        other => {
-            let mut pool = sh.lock_pool();
-            execute(&mut pool, other)
+        Request::Info => {
+            let mut info = sh.pool.read_engine().info()?;
+            info.commits = Some(sh.pool.stats());
+            Ok(Response::Info(info))
         }
+        // Neither holds the engine lock for its whole walk.
+        Request::List => Ok(Response::List(sh.pool.list()?)),
+        Request::Check => Ok(Response::Check(sh.pool.check()?)),
+        other => sh.pool.with(|pool| execute(pool, other)),
     }
 }
 

@@ -3,25 +3,23 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use fuser::Notifier;
 
 use crate::error::Result;
-use crate::pool::{Pool, VolumeId};
+use crate::pool::{SharedPool, VolumeId};
 
 /// State shared by the FUSE workers, the control socket and the ticker.
 pub(crate) struct Shared {
-    pub pool: Mutex<Pool>,
+    pub pool: SharedPool,
     pub pool_path: PathBuf,
     pub dir: PathBuf,
     pub background: bool,
     pub started: SystemTime,
     pub block_size: u32,
-    /// Something was written since the last commit.
-    pub dirty: AtomicBool,
     /// Shutting down: refuse new opens and requests.
     pub stopping: AtomicBool,
     /// The server has stopped: its helper threads exit.
@@ -33,28 +31,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn lock_pool(&self) -> MutexGuard<'_, Pool> {
-        // A panic in one request must not wedge the export, but it may have
-        // stopped half way through a change: fail the pool so that nothing
-        // half-done is committed; it reopens at its last commit.
-        self.pool.lock().unwrap_or_else(|p| {
-            let mut pool = p.into_inner();
-            pool.fail("a request panicked while holding the pool");
-            self.pool.clear_poison();
-            pool
-        })
-    }
-
     pub fn lock_opens(&self) -> MutexGuard<'_, HashMap<VolumeId, u32>> {
         self.opens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Commit if needed and make it durable. The one place a commit happens.
+    /// Commit if needed and make it durable (group commit: see `SharedPool::flush`).
     pub fn commit(&self) -> Result<()> {
-        let mut pool = self.lock_pool();
-        self.dirty.store(false, Ordering::SeqCst);
-        pool.commit()
-            .inspect_err(|_| self.dirty.store(true, Ordering::SeqCst))
+        self.pool.flush()
     }
 
     pub fn opened(&self, id: VolumeId) {

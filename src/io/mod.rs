@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use std::io;
 
 #[allow(clippy::len_without_is_empty)] // a file's length, not a collection
-pub trait Storage: Send {
+pub trait Storage: Send + Sync {
     /// Fill `buf` from `offset`; reading past the end is an `UnexpectedEof` error.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write all of `buf` at `offset` (not durable until `sync`).

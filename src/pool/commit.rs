@@ -12,10 +12,36 @@ use super::geometry::refcounts_per_page;
 use super::Pool;
 use crate::error::{Error, Result};
 use crate::format::SUPERBLOCK_SLOT_SIZE;
+use crate::io::Storage;
+
+/// What the first half of a commit left for the second.
+pub(crate) enum Seal {
+    /// Nothing changed since the last commit.
+    Nothing,
+    /// Only data written in place: one fdatasync makes it durable.
+    SyncOnly,
+    /// Pages written; the superblock makes them the new commit.
+    Pages(Sealed),
+}
+
+/// A commit whose pages are written but not yet durable.
+pub(crate) struct Sealed {
+    sb: Vec<u8>,
+    slot: u64,
+}
+
+/// The middle of a commit, needing only the storage (no engine lock):
+/// sync the pages, write the superblock into its slot, sync again.
+pub(crate) fn write_sealed(storage: &dyn Storage, s: &Sealed) -> Result<()> {
+    storage.sync()?;
+    storage.write_at(&s.sb, s.slot)?;
+    storage.sync()?;
+    Ok(())
+}
 
 impl Pool {
     pub(super) fn update_reserve(&mut self) {
-        let n = self.rc_layout.worst_case_pages() + self.catalog.layout.worst_case_pages() + 4;
+        let n = self.rc_layout.worst_case_pages() + self.catalog.layout().worst_case_pages() + 4;
         self.space.set_commit_reserve(n);
     }
 
@@ -32,50 +58,93 @@ impl Pool {
     }
 
     pub(super) fn commit_inner(&mut self, force: bool) -> Result<()> {
-        let meta_dirty = self.nodes.has_dirty()
-            || !self.space.dirty_pages().is_empty()
-            || !self.catalog.dirty_pages().is_empty();
-        if self.read_only {
-            if meta_dirty || force || self.data_dirty {
-                return Err(Error::PoolReadOnly(self.path.clone()));
-            }
-            return Ok(());
-        }
-        if !meta_dirty && !force {
-            if self.data_dirty {
-                self.storage.sync()?;
-                self.data_dirty = false;
-            }
-            return Ok(());
-        }
-        match self.write_commit() {
-            Ok(()) => {
-                self.data_dirty = false;
-                let freed = self.space.end_transaction();
-                self.catalog.clear_dirty();
-                self.punch(freed);
-                // The catalog or the pool may have grown: so may the reserve.
-                self.update_reserve();
-                Ok(())
-            }
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                Err(e)
+        match self.seal(force, || false)? {
+            Seal::Nothing => Ok(()),
+            Seal::SyncOnly => self.sync_data(),
+            Seal::Pages(sealed) => {
+                let written = write_sealed(&*self.storage, &sealed);
+                self.finish(written)
             }
         }
     }
 
-    fn write_commit(&mut self) -> Result<()> {
+    /// Something changed since the last commit (metadata, or data in place).
+    pub(crate) fn has_changes(&self) -> bool {
+        self.data_dirty
+            || self.nodes.has_dirty()
+            || !self.space.dirty_pages().is_empty()
+            || !self.catalog.dirty_pages().is_empty()
+    }
+
+    /// A data-only commit: in-place writes need only reach the disk.
+    pub(crate) fn sync_data(&mut self) -> Result<()> {
+        self.storage.sync().map_err(|e| {
+            // After a failed fdatasync the kernel may have dropped the pages.
+            self.failed = Some(format!("data sync failed: {e}"));
+            e.into()
+        })
+    }
+
+    /// First half of a commit, under the engine lock: wait for the writes
+    /// whose mappings it will make durable, then write every dirty page to
+    /// a block the last commit does not use. From here on, changes belong
+    /// to the next transaction. `data_written()` tells whether data was
+    /// written in place since the last commit (read once the fills are done).
+    pub(crate) fn seal(
+        &mut self,
+        force: bool,
+        data_written: impl FnOnce() -> bool,
+    ) -> Result<Seal> {
+        self.check_ok()?;
+        self.space.inflight().wait_no_fills();
+        if self.space.inflight().writes_failed() {
+            // The maps point at blocks whose data never arrived.
+            self.fail("a data write failed");
+            self.check_ok()?;
+        }
+        let data_dirty = std::mem::take(&mut self.data_dirty) | data_written();
+        let meta_dirty = self.nodes.has_dirty()
+            || !self.space.dirty_pages().is_empty()
+            || !self.catalog.dirty_pages().is_empty();
+        if self.read_only {
+            if meta_dirty || force || data_dirty {
+                return Err(Error::PoolReadOnly(self.path.clone()));
+            }
+            return Ok(Seal::Nothing);
+        }
+        if !meta_dirty && !force {
+            return Ok(if data_dirty {
+                Seal::SyncOnly
+            } else {
+                Seal::Nothing
+            });
+        }
+        self.write_pages().map(Seal::Pages).inspect_err(|e| {
+            self.failed = Some(e.to_string());
+        })
+    }
+
+    /// Last half: the superblock is durable (or failed to be). The sealed
+    /// transaction's frees become free, and their space goes back to the host.
+    pub(crate) fn finish(&mut self, written: Result<()>) -> Result<()> {
+        if let Err(e) = written {
+            self.failed = Some(e.to_string());
+            return Err(e);
+        }
+        let freed = self.space.finish();
+        self.punch(freed);
+        // The catalog or the pool may have grown: so may the reserve.
+        self.update_reserve();
+        Ok(())
+    }
+
+    fn write_pages(&mut self) -> Result<Sealed> {
         let generation = self.sb.generation + 1;
         self.nodes.write_dirty(&*self.storage, generation)?;
         // Shadowing a page allocates, which dirties refcount pages: repeat
         // until every dirty page has a home the last commit does not use.
         loop {
-            let cat_dirty = self.catalog.dirty_pages().clone();
-            let a = self
-                .catalog
-                .layout
-                .shadow(&cat_dirty, &mut self.space, &*self.storage)?;
+            let a = self.catalog.shadow(&mut self.space, &*self.storage)?;
             let rc_dirty = self.space.dirty_pages().clone();
             let b = self
                 .rc_layout
@@ -97,19 +166,19 @@ impl Pool {
                 LE::write_u32_into(&rc[first..first + n], &mut buf[..4 * n]);
             },
         )?;
-        self.storage.sync()?;
-        let mut sb = self.sb.clone();
-        sb.generation = generation;
-        sb.metadata_blocks = self.space.meta();
-        sb.catalog_slots = self.catalog.n_slots();
-        sb.rc_index = self.rc_layout.index_pointers().to_vec();
-        sb.cat_index = self.catalog.layout.index_pointers().to_vec();
-        let slot = (generation % 2) * SUPERBLOCK_SLOT_SIZE as u64;
-        self.storage.write_at(&sb.encode(), slot)?;
-        self.storage.sync()?;
-        self.sb = sb;
+        self.sb.generation = generation;
+        self.sb.metadata_blocks = self.space.meta();
+        self.sb.catalog_slots = self.catalog.n_slots();
+        self.sb.rc_index = self.rc_layout.index_pointers().to_vec();
+        self.sb.cat_index = self.catalog.layout().index_pointers().to_vec();
+        // Pages of this generation are ours to read back from now on.
         self.nodes.set_generation(generation);
-        Ok(())
+        self.catalog.clear_dirty();
+        self.space.seal();
+        Ok(Sealed {
+            sb: self.sb.encode(),
+            slot: (generation % 2) * SUPERBLOCK_SLOT_SIZE as u64,
+        })
     }
 
     /// Give freed blocks' space back to the host file system (best effort).

@@ -4,10 +4,10 @@
 use super::{Pool, VolumeId};
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
-use crate::io::is_zero;
+use crate::io::{is_zero, Storage};
 use crate::map;
 use crate::pdata::alloc_block;
-use crate::space::{Budget, Kind};
+use crate::space::{Budget, InFlight, Kind, Ticket};
 
 impl Pool {
     pub(super) fn check_writable(&self, id: VolumeId) -> Result<()> {
@@ -33,58 +33,88 @@ impl Pool {
 
     /// Read `buf.len()` bytes at `offset`; unmapped blocks read as zeros.
     pub fn read(&mut self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let plan = self.plan_read(id, offset, buf.len())?;
+        plan.run(&*self.storage, self.space.inflight(), buf)
+    }
+
+    /// Where the bytes of a read come from, with its blocks pinned: the
+    /// pread itself needs no engine lock.
+    pub(crate) fn plan_read(&self, id: VolumeId, offset: u64, len: usize) -> Result<ReadPlan> {
         self.check_ok()?;
-        let r = self.check_range(id, offset, buf.len() as u64)?;
+        let r = self.check_range(id, offset, len as u64)?;
         let (root, depth) = (r.root, r.depth);
         let bs = self.block_size() as u64;
-        // Coalesce physically contiguous blocks into one read.
-        let mut run: Option<(u64, usize, usize)> = None; // (file offset, buf start, len)
+        let view = self.view();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut zeros: Vec<(usize, usize)> = Vec::new();
+        let mut blocks = Vec::new();
         let mut pos = 0usize;
-        while pos < buf.len() {
+        while pos < len {
             let at = offset + pos as u64;
             let (vb, within) = (at / bs, (at % bs) as usize);
-            let n = (bs as usize - within).min(buf.len() - pos);
-            match self.view().lookup(root, depth, vb)? {
-                None => {
-                    self.flush_run(&mut run, buf)?;
-                    buf[pos..pos + n].fill(0);
-                }
+            let n = (bs as usize - within).min(len - pos);
+            match view.lookup(root, depth, vb)? {
+                None => zeros.push((pos, n)),
                 Some(p) => {
-                    let phys = p * bs + within as u64;
-                    match &mut run {
-                        Some((o, _, l)) if *o + *l as u64 == phys => *l += n,
-                        _ => {
-                            self.flush_run(&mut run, buf)?;
-                            run = Some((phys, pos, n));
-                        }
-                    }
+                    blocks.push(p);
+                    push_run(&mut runs, p * bs + within as u64, pos, n);
                 }
             }
             pos += n;
         }
-        self.flush_run(&mut run, buf)
-    }
-
-    fn flush_run(&self, run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]) -> Result<()> {
-        if let Some((o, start, len)) = run.take() {
-            crate::io::read_pointed(&*self.storage, &mut buf[start..start + len], o, || {
-                format!("data at byte {o}")
-            })?;
-        }
-        Ok(())
+        let ticket = self.space.inflight().begin(blocks, Vec::new(), false);
+        Ok(ReadPlan {
+            runs,
+            zeros,
+            ticket,
+        })
     }
 
     /// Write at `offset`, copying shared blocks on first write.
     pub fn write(&mut self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
-        self.check_mutable()?;
-        self.check_writable(id)?;
-        self.check_range(id, offset, data.len() as u64)?;
-        let bs = self.block_size() as u64;
-        // Bytes that go straight from `data` to the file, merged into runs
-        // that are contiguous in both: (file offset, data start, length).
-        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+        let mut pos = 0;
+        let mut committed = false;
+        loop {
+            let (plan, placed) = self.plan_write(id, offset + pos as u64, &data[pos..]);
+            let planned = plan.planned;
+            if let Err(e) = plan.run(&*self.storage, self.space.inflight(), &data[pos..]) {
+                self.fail(&format!("data write failed: {e}"));
+                return Err(e);
+            }
+            pos += planned;
+            match placed {
+                // Frees may be waiting for a commit: commit, and try again
+                // before reporting ENOSPC.
+                Err(Error::NoSpace | Error::HostFull)
+                    if self.space.has_pending() && (planned > 0 || !committed) =>
+                {
+                    self.commit()?;
+                    committed = true;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Map the blocks of a write (copying shared ones: a partial write to a
+    /// block that must be copied is merged and written here, under the lock)
+    /// and plan the rest of its bytes, which need no engine lock. The plan
+    /// covers `planned` bytes from the start of `data`; blocks it maps must
+    /// get their data whatever the result says (it stops at the first error).
+    pub(crate) fn plan_write(
+        &mut self,
+        id: VolumeId,
+        offset: u64,
+        data: &[u8],
+    ) -> (WritePlan, Result<()>) {
+        let mut runs: Vec<Run> = Vec::new();
+        let (mut blocks, mut fills) = (Vec::new(), Vec::new());
         let mut pos = 0usize;
+        let bs = self.block_size() as u64;
         let result = (|| {
+            self.check_mutable()?;
+            self.check_writable(id)?;
+            self.check_range(id, offset, data.len() as u64)?;
             while pos < data.len() {
                 let at = offset + pos as u64;
                 let (vb, within) = (at / bs, (at % bs) as usize);
@@ -93,58 +123,38 @@ impl Pool {
                 if n == bs as usize && is_zero(chunk) {
                     // A whole block of zeros reads the same unmapped
                     // (qcow2's detect-zeroes=unmap): map nothing, or drop
-                    // this volume's reference to what was there.
-                    match self.unmap_if_mapped(id, vb) {
-                        Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
-                            self.write_runs(data, &mut runs)?;
-                            self.commit()?;
-                            self.unmap_if_mapped(id, vb)?
-                        }
-                        r => r?,
-                    }
+                    // this volume's reference to what was there. A block
+                    // with I/O in flight stays pinned until that is done.
+                    self.unmap_if_mapped(id, vb)?;
                     pos += n;
                     continue;
                 }
-                let placed = match self.place_block(id, vb, within, chunk) {
-                    // Frees may be waiting for a commit: write what is placed,
-                    // commit, and try once more before reporting ENOSPC.
-                    Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
-                        self.write_runs(data, &mut runs)?;
-                        self.commit()?;
-                        self.place_block(id, vb, within, chunk)?
+                match self.place_block(id, vb, within, chunk)? {
+                    Placed::Merged => {}
+                    Placed::InPlace(b) => {
+                        blocks.push(b);
+                        push_run(&mut runs, b * bs + within as u64, pos, n);
                     }
-                    r => r?,
-                };
-                if let Some(phys) = placed {
-                    match runs.last_mut() {
-                        Some((o, start, len))
-                            if *o + *len as u64 == phys && *start + *len == pos =>
-                        {
-                            *len += n
-                        }
-                        _ => runs.push((phys, pos, n)),
+                    Placed::Fresh(b) => {
+                        blocks.push(b);
+                        fills.push(b);
+                        push_run(&mut runs, b * bs, pos, n);
                     }
                 }
                 pos += n;
             }
             Ok(())
         })();
-        // Blocks already mapped must get their data whatever happened after.
-        self.write_runs(data, &mut runs)?;
-        self.fail_on_corrupt(result)
-    }
-
-    /// Write the planned runs. The maps already point at these blocks, so an
-    /// I/O error here leaves the open transaction unusable: fail the pool
-    /// back to its last commit rather than expose stale block contents.
-    fn write_runs(&mut self, data: &[u8], runs: &mut Vec<(u64, usize, usize)>) -> Result<()> {
-        for (o, start, len) in runs.drain(..) {
-            if let Err(e) = self.storage.write_at(&data[start..start + len], o) {
-                self.failed = Some(format!("data write failed: {e}"));
-                return Err(e.into());
-            }
-        }
-        Ok(())
+        // A map that fails validation stops the pool: nothing half done
+        // may be committed.
+        let result = self.fail_on_corrupt(result);
+        let ticket = self.space.inflight().begin(blocks, fills, true);
+        let plan = WritePlan {
+            runs,
+            ticket,
+            planned: pos,
+        };
+        (plan, result)
     }
 
     /// A full pool may only look full because frees wait for the commit:
@@ -160,22 +170,19 @@ impl Pool {
     }
 
     /// Map `chunk` of virtual block `vb` to a block this volume may write.
-    /// Returns the file offset where `chunk` goes when it can be written
-    /// as is (in place, or a whole new block); a partial write to a block
-    /// that must be copied is merged and written here, returning None.
     fn place_block(
         &mut self,
         id: VolumeId,
         vb: u64,
         within: usize,
         chunk: &[u8],
-    ) -> Result<Option<u64>> {
+    ) -> Result<Placed> {
         let bs = self.block_size() as usize;
         let rec = self.catalog.get(id)?;
         let (root, depth) = (rec.root, rec.depth);
         if let Some(b) = self.view().lookup_private(root, depth, vb)? {
             self.data_dirty = true;
-            return Ok(Some(b * bs as u64 + within as u64));
+            return Ok(Placed::InPlace(b));
         }
         let leaf = self
             .leaf_for_update(id, vb, true)?
@@ -184,7 +191,7 @@ impl Pool {
         let old = self.nodes.get_mut(leaf)?[s];
         self.data_dirty = true;
         if old != 0 && self.space.can_overwrite(old) {
-            return Ok(Some(old * bs as u64 + within as u64));
+            return Ok(Placed::InPlace(old));
         }
         let bs64 = bs as u64;
         let new = alloc_block(
@@ -196,7 +203,7 @@ impl Pool {
         )?;
         let placed = if chunk.len() == bs {
             // A whole block needs no read of the old one.
-            Some(new * bs as u64)
+            Placed::Fresh(new)
         } else {
             let mut buf = vec![0u8; bs];
             let merged = (|| {
@@ -210,7 +217,7 @@ impl Pool {
                 self.space.dec(new, Kind::Data)?;
                 return Err(e.into());
             }
-            None
+            Placed::Merged
         };
         self.nodes.get_mut(leaf)?[s] = new;
         if old != 0 {
@@ -322,5 +329,100 @@ impl Pool {
             .into_iter()
             .map(|(v, _)| v)
             .collect())
+    }
+}
+
+/// Where one chunk of a write went.
+enum Placed {
+    /// Merged with the old contents and written (under the lock).
+    Merged,
+    /// Into a block this volume alone holds: overwritten in place.
+    InPlace(u64),
+    /// Into a block just allocated, which gets its first contents.
+    Fresh(u64),
+}
+
+/// Bytes `start..start + len` of a request at byte `at` of the pool file.
+#[derive(Debug)]
+struct Run {
+    at: u64,
+    start: usize,
+    len: usize,
+}
+
+/// Extend the last run if both the file and the request continue it.
+fn push_run(runs: &mut Vec<Run>, at: u64, start: usize, len: usize) {
+    match runs.last_mut() {
+        Some(r) if r.at + r.len as u64 == at && r.start + r.len == start => r.len += len,
+        _ => runs.push(Run { at, start, len }),
+    }
+}
+
+/// A read planned under the engine lock; [`ReadPlan::run`] does the I/O.
+pub(crate) struct ReadPlan {
+    runs: Vec<Run>,
+    zeros: Vec<(usize, usize)>,
+    ticket: Ticket,
+}
+
+impl ReadPlan {
+    /// Fill `buf`: zeros for unmapped blocks, preads for the rest (once any
+    /// write giving them their first contents is done).
+    pub(crate) fn run(
+        self,
+        storage: &dyn Storage,
+        inflight: &InFlight,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        if !self.runs.is_empty() {
+            inflight.wait_filled(self.ticket.pins());
+            if inflight.writes_failed() {
+                inflight.end(self.ticket);
+                return Err(Error::Corrupt(
+                    "a data write failed; reopen the pool to continue from its last commit".into(),
+                ));
+            }
+        }
+        for &(start, len) in &self.zeros {
+            buf[start..start + len].fill(0);
+        }
+        let mut result = Ok(());
+        for r in &self.runs {
+            result =
+                crate::io::read_pointed(storage, &mut buf[r.start..r.start + r.len], r.at, || {
+                    format!("data at byte {}", r.at)
+                });
+            if result.is_err() {
+                break;
+            }
+        }
+        inflight.end(self.ticket);
+        result
+    }
+}
+
+/// A write planned under the engine lock; [`WritePlan::run`] does the I/O.
+pub(crate) struct WritePlan {
+    runs: Vec<Run>,
+    ticket: Ticket,
+    /// Bytes of the request the plan covers (all of it unless planning failed).
+    pub planned: usize,
+}
+
+impl WritePlan {
+    /// Write the planned runs of `data`. The maps already point at these
+    /// blocks, so on an I/O error the caller must fail the pool back to its
+    /// last commit rather than expose stale block contents.
+    pub(crate) fn run(self, storage: &dyn Storage, inflight: &InFlight, data: &[u8]) -> Result<()> {
+        let mut result = Ok(());
+        for r in &self.runs {
+            if let Err(e) = storage.write_at(&data[r.start..r.start + r.len], r.at) {
+                inflight.write_failed();
+                result = Err(e.into());
+                break;
+            }
+        }
+        inflight.end(self.ticket);
+        result
     }
 }

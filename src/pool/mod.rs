@@ -16,9 +16,13 @@ mod data;
 mod geometry;
 pub(crate) mod open;
 mod settings;
+mod shared;
 mod volumes;
 
+pub use shared::{CommitStats, SharedPool};
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +97,10 @@ pub struct PoolInfo {
     pub low_water_pct: u32,
     /// Free space is below the low-water mark.
     pub low_space: bool,
+    /// Flushes and commits since the pool was opened, when it is served
+    /// (`thinpool info --json` asks the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<CommitStats>,
 }
 
 /// Low-water mark of a pool created without one.
@@ -102,7 +110,7 @@ pub use crate::format::MAX_VOLUME_SIZE;
 
 pub struct Pool {
     path: PathBuf,
-    storage: Box<dyn Storage>,
+    storage: Arc<dyn Storage>,
     /// The last committed superblock, updated in memory for the next commit.
     sb: Superblock,
     space: SpaceMap,
@@ -119,7 +127,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub(super) fn check_ok(&self) -> Result<()> {
+    pub(crate) fn check_ok(&self) -> Result<()> {
         match &self.failed {
             None => Ok(()),
             Some(m) => Err(Error::Corrupt(format!(
@@ -150,6 +158,11 @@ impl Pool {
         &*self.storage
     }
 
+    /// The storage, shared with I/O done outside the engine lock.
+    pub(crate) fn storage_arc(&self) -> Arc<dyn Storage> {
+        self.storage.clone()
+    }
+
     /// Refcounts and free space (read-only: only the engine changes them).
     pub(crate) fn space(&self) -> &SpaceMap {
         &self.space
@@ -178,7 +191,7 @@ impl Pool {
     /// Blocks holding the refcount and catalog tables (data and index pages).
     pub(crate) fn table_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let rc = &self.rc_layout;
-        let cat = &self.catalog.layout;
+        let cat = self.catalog.layout();
         rc.page_locations()
             .iter()
             .chain(rc.index_pointers())

@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -197,7 +198,7 @@ impl Pool {
         };
         let mut pool = Pool {
             path: path.to_path_buf(),
-            storage,
+            storage: storage.into(),
             sb,
             space: SpaceMap::new(total, reserved, per_rc)?,
             rc_layout,
@@ -232,6 +233,19 @@ impl Pool {
 
     /// Open at a given commit's superblock (repair tries the older slot).
     pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
+        Pool::open_shared(storage.into(), path, sb)
+    }
+
+    /// The last commit of `storage`, for inspection only, beside the pool
+    /// that owns the storage (which must not commit meanwhile).
+    pub(crate) fn open_committed(storage: Arc<dyn Storage>, path: &Path) -> Result<Pool> {
+        let sb = Pool::read_superblock(&*storage, path)?;
+        let mut pool = Pool::open_shared(storage, path, sb)?;
+        pool.read_only = true;
+        Ok(pool)
+    }
+
+    fn open_shared(storage: Arc<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
         let bs = sb.block_size;
         let total = sb.total_blocks;
         let per_rc = refcounts_per_page(bs);

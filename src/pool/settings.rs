@@ -13,7 +13,7 @@ impl Pool {
         uuid_string(&self.sb.uuid)
     }
 
-    pub fn info(&mut self) -> Result<PoolInfo> {
+    pub fn info(&self) -> Result<PoolInfo> {
         let bs = self.block_size() as u64;
         let meta = self.space.meta();
         let used = self.space.used();
@@ -32,6 +32,7 @@ impl Pool {
             volumes: self.catalog.len(),
             low_water_pct: self.low_water_pct(),
             low_space: (usable - used) * 100 < usable * self.low_water_pct() as u64,
+            commits: None,
         })
     }
 

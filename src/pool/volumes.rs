@@ -17,7 +17,8 @@ pub(super) fn now() -> u64 {
 }
 
 impl Pool {
-    fn record_info(&mut self, r: &VolumeRecord) -> Result<VolumeInfo> {
+    /// What `list` shows of one volume (walks its exclusive map nodes).
+    pub(crate) fn record_info(&self, r: &VolumeRecord) -> Result<VolumeInfo> {
         let n_blocks = r.size.div_ceil(self.block_size() as u64);
         let excl = self.view().exclusive_blocks(r.root, r.depth, n_blocks)?;
         let parent = (r.parent_id != 0)
@@ -114,6 +115,8 @@ impl Pool {
             return Err(Error::VolumeExists(name.to_string()));
         }
         let src = self.catalog.get_by_name(source)?.clone();
+        // A snapshot must not change once taken: let writes in flight land.
+        self.space.inflight().wait_no_writes();
         let id = self.new_volume_id()?;
         self.catalog.insert(VolumeRecord {
             id,

@@ -3,7 +3,12 @@
 //! the open transaction is still referenced by the last commit, so it is not
 //! handed out again until that transaction commits.
 
+mod inflight;
+
+pub use inflight::{InFlight, Ticket};
+
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use bitvec::prelude::*;
 
@@ -81,6 +86,18 @@ pub struct SpaceMap {
     /// Data blocks whose count reached zero in this transaction: free after
     /// the commit, and their space goes back to the host.
     pending_data: Vec<u64>,
+    /// The last transaction's frees, `pending_meta` and `pending_data` as
+    /// they were when it was sealed: its commit is being written, so they
+    /// wait for it.
+    sealed_meta: Vec<u64>,
+    sealed_data: Vec<u64>,
+    /// `was_shared` of the sealed transaction: until its commit is durable,
+    /// the commit before it is the one a crash goes back to.
+    sealed_shared: HashSet<u64>,
+    /// Freed while I/O on them was in flight: free once unpinned (with
+    /// whether they still hold their host space).
+    held: Vec<(u64, bool)>,
+    inflight: Arc<InFlight>,
     /// Refcount pages (index into the persistent array) changed in this transaction.
     dirty_pages: BTreeSet<usize>,
     per_page: usize,
@@ -121,6 +138,11 @@ impl SpaceMap {
             kept_floor: 0,
             pending_meta: Vec::new(),
             pending_data: Vec::new(),
+            sealed_meta: Vec::new(),
+            sealed_data: Vec::new(),
+            sealed_shared: HashSet::new(),
+            held: Vec::new(),
+            inflight: Arc::new(InFlight::default()),
             dirty_pages: BTreeSet::new(),
             per_page,
             reserved,
@@ -170,19 +192,29 @@ impl SpaceMap {
     pub fn dirty_pages(&self) -> &BTreeSet<usize> {
         &self.dirty_pages
     }
+    /// Frees wait for a commit (or for I/O in flight) before they can be used.
     pub fn has_pending(&self) -> bool {
-        !self.pending_meta.is_empty() || !self.pending_data.is_empty()
+        !self.pending_meta.is_empty()
+            || !self.pending_data.is_empty()
+            || !self.sealed_meta.is_empty()
+            || !self.sealed_data.is_empty()
+            || !self.held.is_empty()
+    }
+
+    /// The registry of blocks with I/O in flight (shared with the data path).
+    pub fn inflight(&self) -> &Arc<InFlight> {
+        &self.inflight
     }
 
     /// A data block may be overwritten in place only if this volume alone
     /// holds it now and the last commit did not share it.
     pub fn can_overwrite(&self, b: u64) -> bool {
-        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared.contains(&b))
+        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared(b))
     }
 
     /// The last commit may reach `b` through a path that is not the caller's.
     pub fn was_shared(&self, b: u64) -> bool {
-        self.was_shared.contains(&b)
+        self.was_shared.contains(&b) || self.sealed_shared.contains(&b)
     }
 
     /// Mark `b` as reachable from the last commit through another path
@@ -300,8 +332,13 @@ impl SpaceMap {
         Ok(())
     }
 
-    /// `b` is free again; `holds_space`: it still has its host space.
+    /// `b` is free again, unless I/O on it is still in flight (then once it
+    /// is done); `holds_space`: it still has its host space.
     fn release(&mut self, b: u64, holds_space: bool) {
+        if self.inflight.is_pinned(b) {
+            self.held.push((b, holds_space));
+            return;
+        }
         if holds_space {
             self.kept.insert(b);
         } else {
@@ -311,20 +348,42 @@ impl SpaceMap {
         self.free_count += 1;
     }
 
-    /// After a successful commit: the deferred frees become free. Returns
-    /// the data blocks among them, whose space the caller gives back to the host.
-    pub fn end_transaction(&mut self) -> Vec<u64> {
-        for b in std::mem::take(&mut self.pending_meta) {
+    /// The transaction's commit is being written: what changes from now on
+    /// belongs to the next one. Its frees wait for [`finish`](Self::finish).
+    pub fn seal(&mut self) {
+        debug_assert!(self.sealed_meta.is_empty() && self.sealed_data.is_empty());
+        debug_assert!(self.sealed_shared.is_empty());
+        self.sealed_meta = std::mem::take(&mut self.pending_meta);
+        self.sealed_data = std::mem::take(&mut self.pending_data);
+        self.sealed_shared = std::mem::take(&mut self.was_shared);
+        self.txn_new.fill(false);
+        self.dirty_pages.clear();
+    }
+
+    /// The sealed transaction's commit is durable: its frees become free
+    /// (those with I/O in flight once it is done). Returns the data blocks
+    /// freed, whose space the caller gives back to the host.
+    pub fn finish(&mut self) -> Vec<u64> {
+        for (b, holds_space) in std::mem::take(&mut self.held) {
+            self.release(b, holds_space);
+        }
+        for b in std::mem::take(&mut self.sealed_meta) {
             self.release(b, true);
         }
-        let data = std::mem::take(&mut self.pending_data);
+        let mut data = std::mem::take(&mut self.sealed_data);
         for &b in &data {
             self.release(b, false);
         }
-        self.txn_new.fill(false);
-        self.was_shared.clear();
-        self.dirty_pages.clear();
+        self.sealed_shared.clear();
+        // Those still pinned are held: their I/O may still need the space.
+        data.retain(|&b| self.free[b as usize]);
         data
+    }
+
+    /// Seal and finish at once (a commit with nothing running beside it).
+    pub fn end_transaction(&mut self) -> Vec<u64> {
+        self.seal();
+        self.finish()
     }
 
     /// Grow the pool to `total` blocks.

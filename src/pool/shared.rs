@@ -1,0 +1,336 @@
+//! A pool shared by many threads (the export server): data I/O outside the
+//! engine lock, and group commit.
+//!
+//! Locking rules (docs/DESIGN.md has the why):
+//!
+//! 1. The engine (`RwLock<Pool>`) is held only to plan: map lookups take it
+//!    shared; allocation, refcounts, shadowing and every metadata change
+//!    take it exclusive; so do the host-space reservation (fallocate) of a
+//!    block just allocated and the unmapping of a whole block written with
+//!    zeros. Preads and pwrites of data blocks happen after it
+//!    is released, on blocks the plan pinned (`space::InFlight`): a pinned
+//!    block that loses its last reference is not reused or punched until
+//!    the I/O is done.
+//! 2. A block given its first contents is *filling* until its pwrite is
+//!    done: readers wait for it, and a commit waits for every fill before it
+//!    writes the map that points there. Partial writes to blocks that must
+//!    be copied are merged under the lock.
+//! 3. One commit at a time (`commit_lock`, taken before the engine lock).
+//!    A commit seals under the engine lock (pages written to the page
+//!    cache), then syncs and writes the superblock *without* it, then
+//!    finishes under it. Management requests take `commit_lock` too, since
+//!    they commit before returning.
+//! 4. A flush needs a commit that sealed after it arrived. Flushes that
+//!    arrive while one is being written wait for the next and share it; a
+//!    flush with nothing written since the last seal waits only for the
+//!    commit in flight, if any.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::commit::{write_sealed, Seal};
+use super::{Pool, VolumeId, VolumeInfo};
+use crate::check::CheckReport;
+use crate::error::{Error, Result};
+use crate::io::Storage;
+use crate::space::InFlight;
+
+/// Commits and flushes of a served pool since it was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitStats {
+    /// Flush requests (fsync, close, the ticker, `thinpool flush`).
+    pub flushes: u64,
+    /// Flushes that found nothing to wait for.
+    pub flushes_free: u64,
+    /// Flushes served by a commit another flush ran.
+    pub flushes_shared: u64,
+    /// Commits that wrote metadata (two fdatasyncs each).
+    pub commits: u64,
+    /// Data-only commits (one fdatasync each).
+    pub data_syncs: u64,
+    /// fdatasyncs of the pool file issued by flushes.
+    pub fdatasyncs: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    flushes: AtomicU64,
+    flushes_free: AtomicU64,
+    flushes_shared: AtomicU64,
+    commits: AtomicU64,
+    data_syncs: AtomicU64,
+}
+
+/// Commit sequence numbers: `started` commits began sealing, `done` ended.
+#[derive(Default)]
+struct Group {
+    started: u64,
+    done: u64,
+}
+
+pub struct SharedPool {
+    engine: RwLock<Pool>,
+    storage: Arc<dyn Storage>,
+    inflight: Arc<InFlight>,
+    /// Data written (or discarded) since the last seal.
+    dirty: AtomicBool,
+    commit_lock: Mutex<()>,
+    group: Mutex<Group>,
+    /// `group.started`, readable without the lock.
+    started: AtomicU64,
+    /// Per volume: the first commit that covers everything written to it
+    /// so far (a flush of the volume waits for that one, no later).
+    needs: Mutex<HashMap<VolumeId, u64>>,
+    counters: Counters,
+}
+
+impl SharedPool {
+    pub fn new(pool: Pool) -> SharedPool {
+        let changed = pool.has_changes();
+        SharedPool {
+            storage: pool.storage_arc(),
+            inflight: pool.space().inflight().clone(),
+            engine: RwLock::new(pool),
+            // What the pool had not committed yet: the first flush covers it.
+            dirty: AtomicBool::new(changed),
+            commit_lock: Mutex::new(()),
+            group: Mutex::new(Group::default()),
+            started: AtomicU64::new(0),
+            needs: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The engine, shared: for lookups (a panic elsewhere fails the pool).
+    pub fn read_engine(&self) -> RwLockReadGuard<'_, Pool> {
+        if self.engine.is_poisoned() {
+            drop(self.write_engine());
+        }
+        self.engine.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_engine(&self) -> RwLockWriteGuard<'_, Pool> {
+        self.engine.write().unwrap_or_else(|p| {
+            // A request panicked half way through a change: nothing half
+            // done may be committed; the pool reopens at its last commit.
+            let mut pool = p.into_inner();
+            pool.fail("a request panicked while holding the pool");
+            self.engine.clear_poison();
+            pool
+        })
+    }
+
+    fn lock_commits(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_group(&self) -> MutexGuard<'_, Group> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a management change (it may commit) with the engine to itself.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
+        let _commits = self.lock_commits();
+        f(&mut self.write_engine())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (unmapped blocks read as zeros).
+    pub fn read(&self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let plan = self.read_engine().plan_read(id, offset, buf.len())?;
+        plan.run(&*self.storage, &self.inflight, buf)
+    }
+
+    /// Write at `offset`; returns once the data is in the pool file (durable
+    /// at the next commit, see [`flush`](Self::flush)).
+    pub fn write(&self, id: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        let mut pos = 0;
+        let mut flushed = false;
+        loop {
+            let (plan, placed) =
+                self.write_engine()
+                    .plan_write(id, offset + pos as u64, &data[pos..]);
+            let planned = plan.planned;
+            let ran = plan.run(&*self.storage, &self.inflight, &data[pos..]);
+            self.written(id);
+            if let Err(e) = ran {
+                self.write_engine().fail(&format!("data write failed: {e}"));
+                return Err(e);
+            }
+            pos += planned;
+            match placed {
+                // Frees may be waiting for a commit: commit, and try again
+                // before reporting ENOSPC.
+                // A full host (no space for the pool file to grow) is
+                // ENOSPC of this request, not a failure of the pool.
+                Err(e @ (Error::NoSpace | Error::HostFull)) if planned > 0 || !flushed => {
+                    if !self.read_engine().space().has_pending() {
+                        return Err(e);
+                    }
+                    self.flush()?;
+                    flushed = true;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Unmap the whole blocks of the range, zero the rest.
+    pub fn discard(&self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
+        let r = self.with(|p| p.discard(id, offset, len));
+        self.written(id);
+        r
+    }
+
+    /// Note a write (or discard) of `id` whose data is in the pool file.
+    fn written(&self, id: VolumeId) {
+        // Set after the data is in: a commit that seals after this covers
+        // it, and the next one to start (`started + 1`) does seal after.
+        self.dirty.store(true, Ordering::SeqCst);
+        let need = self.started.load(Ordering::SeqCst) + 1;
+        let mut needs = self.needs.lock().unwrap_or_else(|p| p.into_inner());
+        let n = needs.entry(id).or_insert(0);
+        *n = (*n).max(need);
+    }
+
+    /// Make every write acknowledged before this call durable, sharing the
+    /// commit with every other flush waiting for one (group commit).
+    pub fn flush(&self) -> Result<()> {
+        let fresh = self.dirty.load(Ordering::SeqCst);
+        // Nothing new: only a commit already under way may be needed.
+        let target = self.started.load(Ordering::SeqCst) + fresh as u64;
+        self.flush_to(target)
+    }
+
+    /// Make every write to volume `id` acknowledged before this call durable
+    /// (fsync of one volume): a commit that started after the last of them
+    /// covers them, even if it started for another volume's flush.
+    pub fn flush_volume(&self, id: VolumeId) -> Result<()> {
+        let target = {
+            let needs = self.needs.lock().unwrap_or_else(|p| p.into_inner());
+            needs.get(&id).copied().unwrap_or(0)
+        };
+        self.flush_to(target)
+    }
+
+    /// Wait for commit number `target` to be done, running it if nobody is.
+    fn flush_to(&self, target: u64) -> Result<()> {
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        {
+            let g = self.lock_group();
+            if g.done >= target {
+                drop(g);
+                self.counters.flushes_free.fetch_add(1, Ordering::Relaxed);
+                return self.read_engine().check_ok();
+            }
+        }
+        let _commits = self.lock_commits();
+        let mine = {
+            let mut g = self.lock_group();
+            if g.done >= target {
+                drop(g);
+                self.counters.flushes_shared.fetch_add(1, Ordering::Relaxed);
+                return self.read_engine().check_ok();
+            }
+            g.started += 1;
+            self.started.store(g.started, Ordering::SeqCst);
+            g.started
+        };
+        let r = self.commit_now();
+        self.lock_group().done = mine;
+        r
+    }
+
+    /// One commit; the caller holds `commit_lock`.
+    fn commit_now(&self) -> Result<()> {
+        let seal = self
+            .write_engine()
+            .seal(false, || self.dirty.swap(false, Ordering::SeqCst))?;
+        match seal {
+            Seal::Nothing => Ok(()),
+            Seal::SyncOnly => {
+                self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.storage.sync() {
+                    self.write_engine().fail(&format!("data sync failed: {e}"));
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            Seal::Pages(sealed) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                // The engine is free meanwhile: reads and writes go on.
+                let written = write_sealed(&*self.storage, &sealed);
+                self.write_engine().finish(written)
+            }
+        }
+    }
+
+    /// Every volume; each one's usage walk takes the engine lock on its own,
+    /// so writes go on between volumes.
+    pub fn list(&self) -> Result<Vec<VolumeInfo>> {
+        let ids: Vec<VolumeId> = {
+            let p = self.read_engine();
+            p.check_ok()?;
+            p.records().map(|r| r.id).collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            // The record as it is now: its map may have moved since.
+            let p = self.read_engine();
+            let Ok(r) = p.record_by_id(id).cloned() else {
+                continue; // removed while we were listing
+            };
+            out.push(p.record_info(&r)?);
+        }
+        Ok(out)
+    }
+
+    /// Commit, then check that commit as it is in the pool file, without
+    /// the engine lock: commits wait meanwhile (their frees could reuse the
+    /// pages being read), reads and writes do not.
+    pub fn check(&self) -> Result<CheckReport> {
+        self.flush()?;
+        let _commits = self.lock_commits();
+        let path = self.read_engine().path().to_path_buf();
+        let mut committed = Pool::open_committed(self.storage.clone(), &path)?;
+        let report = committed.check();
+        committed.fail("inspection only");
+        report
+    }
+
+    /// Counters of flushes and commits (`info --json` of a served pool).
+    pub fn stats(&self) -> CommitStats {
+        let c = &self.counters;
+        let commits = c.commits.load(Ordering::Relaxed);
+        let data_syncs = c.data_syncs.load(Ordering::Relaxed);
+        CommitStats {
+            flushes: c.flushes.load(Ordering::Relaxed),
+            flushes_free: c.flushes_free.load(Ordering::Relaxed),
+            flushes_shared: c.flushes_shared.load(Ordering::Relaxed),
+            commits,
+            data_syncs,
+            fdatasyncs: 2 * commits + data_syncs,
+        }
+    }
+
+    /// Data written since the last commit.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Stop using the pool (see [`Pool::fail`]).
+    pub fn fail(&self, why: &str) {
+        self.write_engine().fail(why);
+    }
+
+    /// Commit what is left and hand the pool back.
+    pub fn into_inner(self) -> Pool {
+        self.engine.into_inner().unwrap_or_else(|p| {
+            let mut pool = p.into_inner();
+            pool.fail("a request panicked while holding the pool");
+            pool
+        })
+    }
+}

@@ -14,7 +14,7 @@ pub enum Error {
     #[error("{path}: not a thinpool pool file (bad magic)")]
     NotAPool { path: PathBuf },
 
-    #[error("{path}: pool format version {found} is not supported by this build (it reads version {supported}); use a newer thinpool")]
+    #[error("{path}: pool format version {found} is not supported by this build (it reads versions 1 to {supported}); use a newer thinpool")]
     UnsupportedVersion {
         path: PathBuf,
         found: u32,

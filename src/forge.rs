@@ -507,6 +507,59 @@ pub fn variants(base: &[u8]) -> Vec<Variant> {
             },
         ),
         (
+            "sb annot_len without pages",
+            Superblock {
+                annot_len: 100,
+                annot_pages: 0,
+                annot_index: vec![],
+                ..sb.clone()
+            },
+        ),
+        (
+            "sb annot_len u64::MAX",
+            Superblock {
+                annot_len: u64::MAX,
+                annot_pages: 1,
+                annot_index: sb.cat_index.clone(),
+                ..sb.clone()
+            },
+        ),
+        (
+            "sb annot_pages 2^31",
+            Superblock {
+                annot_pages: 1 << 31,
+                annot_index: vec![],
+                ..sb.clone()
+            },
+        ),
+        (
+            "sb annot_index 64 copies",
+            Superblock {
+                annot_len: 16,
+                annot_pages: 1,
+                annot_index: vec![sb.cat_index[0]; 64],
+                ..sb.clone()
+            },
+        ),
+        (
+            "sb annot_index = cat index",
+            Superblock {
+                annot_len: 16,
+                annot_pages: 1,
+                annot_index: sb.cat_index.clone(),
+                ..sb.clone()
+            },
+        ),
+        (
+            "sb annot_index -> map node",
+            Superblock {
+                annot_len: 16,
+                annot_pages: 1,
+                annot_index: vec![nodes[0]],
+                ..sb.clone()
+            },
+        ),
+        (
             "sb generation 0",
             Superblock {
                 generation: 0,
@@ -810,7 +863,7 @@ pub fn mutate(base: &[u8], data: &[u8]) -> Vec<u8> {
         match what % 6 {
             0 => {
                 let sb = &mut f.sb;
-                match which % 8 {
+                match which % 11 {
                     0 => sb.total_blocks = value,
                     1 => sb.catalog_slots = value,
                     2 => sb.metadata_blocks = value,
@@ -823,6 +876,13 @@ pub fn mutate(base: &[u8], data: &[u8]) -> Vec<u8> {
                     6 if !sb.cat_index.is_empty() => {
                         let i = (raw as usize) % sb.cat_index.len();
                         sb.cat_index[i] = value;
+                    }
+                    7 => sb.annot_len = value,
+                    8 => sb.annot_pages = value as u32,
+                    9 if sb.annot_index.is_empty() => sb.annot_index.push(value),
+                    9 => {
+                        let i = (raw as usize) % sb.annot_index.len();
+                        sb.annot_index[i] = value;
                     }
                     _ => sb.low_water_pct = value as u32 % 101,
                 }

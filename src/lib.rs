@@ -15,6 +15,7 @@
 //! - [`control`]: the request set shared by the CLI and the control socket.
 //! - [`export`]: FUSE export, loop devices, control socket server.
 
+pub mod annotations;
 pub mod catalog;
 pub mod check;
 pub mod control;
@@ -31,6 +32,7 @@ pub mod pdata;
 pub mod pool;
 pub mod repair;
 pub mod size;
+pub mod snapshotter;
 pub mod space;
 
 pub use check::CheckReport;

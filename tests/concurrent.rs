@@ -11,7 +11,8 @@
 //! - readers: read the base snapshot (never changes) and the untouched lane;
 //! - a manager: snapshots the shared clone (each snapshot's untouched lane
 //!   must be the base's too), creates, writes and removes scratch clones (so
-//!   blocks are freed and reused while I/O is in flight), lists, flushes.
+//!   blocks are freed and reused while I/O is in flight; the clones through
+//!   `SharedPool::change`, annotated), lists, flushes.
 //!
 //! Afterwards every volume must match its model and `check` must be clean,
 //! before and after a reopen. Run at 4 KiB and at the default 64 KiB blocks.
@@ -177,18 +178,25 @@ fn run(s: Setup) {
                     let old = format!("snap{}", i - 2);
                     pool.with(|p| p.remove_volume(&old)).unwrap();
                 }
+                // Scratch clones as the containerd snapshotter makes them:
+                // staged under the engine lock, synced without it.
                 let scratch = format!("scratch{i}");
-                let cid = pool.with(|p| p.snapshot("base", &scratch, true)).unwrap();
+                let note = i.to_le_bytes().to_vec();
+                let cid = pool
+                    .change(|p| p.stage_snapshot("base", &scratch, true, Some(note.clone())))
+                    .unwrap();
+                assert_eq!(pool.read_engine().annotation(cid), Some(&note[..]));
                 let d = pattern(300, i, (2 * bs) as usize);
                 let at = rng.below(blocks - 2) * bs;
                 pool.write(cid, at, &d).unwrap();
                 let mut back = vec![0u8; d.len()];
                 pool.read(cid, at, &mut back).unwrap();
                 assert!(back == d, "scratch clone reads back its write");
-                pool.with(|p| p.remove_volume(&scratch)).unwrap();
+                pool.change(|p| p.stage_remove(&scratch)).unwrap();
                 assert!(pool.list().unwrap().len() >= 4);
                 pool.flush().unwrap();
             }
+            2 * i // commits by `change`
         })
     };
     let own_models: Vec<(VolumeId, Vec<u8>)> =
@@ -199,7 +207,7 @@ fn run(s: Setup) {
     for h in readers {
         h.join().unwrap();
     }
-    manager.join().unwrap();
+    let changes = manager.join().unwrap();
 
     let verify = |read: &mut dyn FnMut(VolumeId, u64, &mut [u8])| {
         for (id, model) in &own_models {
@@ -225,7 +233,7 @@ fn run(s: Setup) {
     let report = pool.check().unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     let s = pool.stats();
-    assert!(s.commits > 0 && s.flushes >= s.commits);
+    assert!(s.commits > 0 && s.flushes + changes >= s.commits);
     let pool = Arc::into_inner(pool).expect("threads are done");
     pool.into_inner().close().unwrap();
     let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();

@@ -391,6 +391,16 @@ fn a_superblock_with_valid_checksum_but_hostile_geometry_is_refused() {
             next_volume_id: 0,
             ..sb.clone()
         },
+        // An annotation table claiming terabytes, or more bytes than pages.
+        thinpool::format::Superblock {
+            annot_len: u64::MAX,
+            annot_pages: u32::MAX,
+            ..sb.clone()
+        },
+        thinpool::format::Superblock {
+            annot_len: 1 << 40,
+            ..sb.clone()
+        },
     ];
     for (i, lie) in lies.iter().enumerate() {
         let mut bad = img.clone();

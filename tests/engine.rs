@@ -657,3 +657,85 @@ fn a_pool_open_read_only_refuses_changes_with_erofs() {
         assert_eq!(e.errno(), libc::EROFS);
     }
 }
+
+/// Rewrite both superblock slots as format version 1 (annotation fields
+/// zero, as version 1 kept them), re-sealing the checksums.
+fn make_version_1(m: &MemStorage) {
+    use thinpool::io::Storage;
+    for slot in [0u64, 4096] {
+        let mut b = vec![0u8; 4096];
+        m.read_at(&mut b, slot).unwrap();
+        // The salt is whatever makes the stored checksum right.
+        let stored = u32::from_le_bytes(b[12..16].try_into().unwrap());
+        let salt = stored ^ crc32fast::hash(&b[16..]);
+        assert!(
+            b[2656..2800].iter().all(|&x| x == 0),
+            "annotation fields in use"
+        );
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[16..]) ^ salt;
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        m.write_at(&b, slot).unwrap();
+    }
+}
+
+fn slot_versions(m: &MemStorage) -> [u32; 2] {
+    use thinpool::io::Storage;
+    [0u64, 4096].map(|slot| {
+        let mut b = [0u8; 4];
+        m.read_at(&mut b, slot + 8).unwrap();
+        u32::from_le_bytes(b)
+    })
+}
+
+#[test]
+fn a_version_1_pool_opens_and_is_upgraded_by_its_first_commit() {
+    let (m, mut p) = mem_pool(64 * MIB, 4096);
+    let id = p.create_volume("v", MIB).unwrap();
+    p.write(id, 0, &pattern(8192, 3)).unwrap();
+    p.close().unwrap();
+    make_version_1(&m);
+    assert_eq!(slot_versions(&m), [1, 1]);
+    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    let mut buf = vec![0u8; 8192];
+    p.read(id, 0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(8192, 3));
+    assert_clean(&mut p);
+    // The first commit writes version 2 into its slot.
+    p.snapshot("v", "s", false).unwrap();
+    assert!(slot_versions(&m).contains(&2));
+    let mut p = reopen(&m, p);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn annotations_are_committed_with_their_volume() {
+    let (m, mut p) = mem_pool(64 * MIB, 4096);
+    p.create_volume("base", MIB).unwrap();
+    let a = p
+        .snapshot_annotated("base", "a", true, Some(b"record a".to_vec()))
+        .unwrap();
+    // Larger than a page: the stream spans pages.
+    let big = pattern(10_000, 7);
+    let b = p
+        .snapshot_annotated("base", "b", false, Some(big.clone()))
+        .unwrap();
+    let mut p = reopen(&m, p);
+    assert_eq!(p.annotation(a), Some(&b"record a"[..]));
+    assert_eq!(p.annotation(b), Some(&big[..]));
+    assert_clean(&mut p);
+    // Replace + freeze in one commit; removing a volume drops its annotation.
+    p.annotate(a, Some(b"now committed".to_vec()), true)
+        .unwrap();
+    p.remove_volume("b").unwrap();
+    let mut p = reopen(&m, p);
+    assert_eq!(p.annotation(a), Some(&b"now committed"[..]));
+    assert!(p.is_read_only(a).unwrap());
+    assert_eq!(p.annotated(), vec![a]);
+    assert_clean(&mut p);
+    assert!(matches!(
+        p.snapshot_annotated("base", "c", true, Some(vec![0; 2 << 20])),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(p.lookup("c").is_err(), "a refused snapshot leaves nothing");
+}

@@ -905,7 +905,14 @@ fn server_killed_mid_workload_loses_nothing_fsynced() {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 // Errors are expected once the server is gone.
-                if try_write_file(&m.join(format!("busy{}", i % 64)), i, MIB, i % 3 == 0).is_err() {
+                if try_write_file(
+                    &m.join(format!("busy{}", i % 64)),
+                    i,
+                    MIB,
+                    i.is_multiple_of(3),
+                )
+                .is_err()
+                {
                     break;
                 }
                 i += 1;

@@ -262,6 +262,7 @@ fn every_forged_variant_is_checksum_valid() {
         PageType::Catalog,
         PageType::Refcount,
         PageType::Index,
+        PageType::Annotations,
     ];
     for v in forge::variants(base_image()) {
         for slot in v.image[..8192].chunks(4096) {

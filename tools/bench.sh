@@ -6,9 +6,15 @@
 #
 #   tools/bench.sh                 # ~15-25 min on 2 vCPUs
 #   tools/bench.sh --backends thinpool,qcow2
+#   tools/bench.sh --containerd    # the containerd scenario instead (~10-15 min):
+#                                  # a Debian image pulled and run on thinpool,
+#                                  # overlayfs and native snapshotters
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tools/bench-setup.sh
 cargo build --release --workspace
+if [ "${1:-}" = "--containerd" ]; then
+    exec target/release/cowbench "$@"
+fi
 exec target/release/cowbench --full --out docs/bench "$@"

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Host tools the test suite uses: losetup/mount (util-linux), mkfs.ext4/e2fsck
 # (e2fsprogs), mkfs.xfs (xfsprogs), fio; umoci and skopeo for the image tests
-# (tools/install-image-tools.sh).
+# (tools/install-image-tools.sh); containerd, runc, Debian's docker-registry and
+# busybox-static for the containerd snapshotter tests (a private containerd and
+# registry, images built from busybox).
 # Idempotent and quiet: installs only what is missing (Debian/Ubuntu, as root).
 set -eu
 
@@ -15,6 +17,11 @@ have e2fsck || need="$need e2fsprogs"
 have mkfs.xfs || need="$need xfsprogs"
 have fio || need="$need fio"
 have sha256sum || need="$need coreutils"
+have containerd || need="$need containerd"
+have ctr || need="$need containerd"
+have runc || need="$need runc"
+have docker-registry || need="$need docker-registry"
+dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 
 here=$(dirname "$0")
 if [ -z "$need" ]; then

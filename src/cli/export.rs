@@ -24,6 +24,32 @@ pub struct ServeArgs {
     pub background: bool,
 }
 
+/// Serve POOL to containerd as a snapshotter: a proxy plugin answering
+/// containerd's snapshots API on a Unix socket, plus everything `serve`
+/// does (FUSE export, control socket for the other verbs).
+///
+/// containerd's config (version 2) names it:
+///   [proxy_plugins.thinpool]
+///     type = "snapshot"
+///     address = "/run/thinpool/snapshotter.sock"
+/// then `ctr image pull --snapshotter thinpool …`. The first start formats
+/// an ext4 template in the pool; every layer and container is an O(1) clone.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotterArgs {
+    /// Pool file (made with `thinpool create`)
+    pub pool: PathBuf,
+    /// Unix socket to answer containerd on
+    #[arg(long, default_value = "/run/thinpool/snapshotter.sock")]
+    pub address: PathBuf,
+    /// Directory for the FUSE export (default: next to the pool)
+    #[arg(long)]
+    pub export_dir: Option<PathBuf>,
+    /// Size of every container's root file system (the ext4 template's
+    /// virtual size; used when the template is first made), e.g. 10G
+    #[arg(long, value_parser = super::size_arg, default_value = "10G")]
+    pub volume_size: u64,
+}
+
 /// Attach a volume as a loop device and print /dev/loopN.
 #[derive(clap::Args, Debug)]
 pub struct AttachArgs {
@@ -96,6 +122,17 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         threads: a.threads,
     };
     export::serve(&a.pool, &a.dir, &opts).with_context(|| format!("serve {}", a.pool.display()))?;
+    Ok(())
+}
+
+pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
+    let opts = thinpool::snapshotter::SnapshotterOptions {
+        address: a.address,
+        export_dir: a.export_dir,
+        volume_size: a.volume_size,
+    };
+    thinpool::snapshotter::run(&a.pool, &opts)
+        .with_context(|| format!("snapshotter {}", a.pool.display()))?;
     Ok(())
 }
 

@@ -135,6 +135,8 @@ enum Command {
     Attach(export::AttachArgs),
     /// Detach a loop device attached by `thinpool attach`
     Detach(export::DetachArgs),
+    /// Serve the pool to containerd as a snapshotter (proxy plugin over gRPC)
+    Snapshotter(export::SnapshotterArgs),
     /// Attach a volume and mount the filesystem on it
     Mount(export::MountArgs),
     /// Unmount a directory mounted by `thinpool mount` and detach its loop device
@@ -378,6 +380,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => export::serve(a),
         Command::Attach(a) => export::attach(a),
         Command::Detach(a) => export::detach(a),
+        Command::Snapshotter(a) => export::snapshotter(a),
         Command::Mount(a) => export::mount(a),
         Command::Umount(a) => export::umount(a),
     }

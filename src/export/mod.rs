@@ -14,13 +14,13 @@ pub mod control;
 mod fs;
 pub mod server;
 mod state;
-mod sys;
+pub(crate) mod sys;
 
 pub use client::{
     attach, attach_file, default_export_dir, detach, mount, mount_served, umount, Mkfs,
     MountOptions, StartServer,
 };
-pub use server::{serve, ServeOptions, Server};
+pub use server::{serve, serve_with, ServeOptions, Server, ServerHandle};
 
 use std::path::{Path, PathBuf};
 

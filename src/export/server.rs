@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLockReadGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -93,6 +93,18 @@ impl Drop for Cleanup {
 /// Serve every volume of `pool_path` as a file under `dir` until it is
 /// unmounted or the process is signalled (`thinpool serve`).
 pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
+    serve_with(pool_path, dir, opts, |_| Ok(()))
+}
+
+/// `serve`, calling `on_ready` with a handle on the running server (FUSE
+/// requests are already being served) before waiting for it to stop: the
+/// containerd snapshotter starts its gRPC service there.
+pub fn serve_with(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
     let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
     if let Some(Ok(st)) = super::control::status(&pool_path) {
         return Err(ExportError::AlreadyServed {
@@ -106,6 +118,10 @@ pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), Ex
     let server = Server::start(pool, dir, opts)?;
     let background = opts.background;
     let dir = server.dir().to_path_buf();
+    if let Err(e) = on_ready(server.handle()) {
+        let _ = server.stop();
+        return Err(e);
+    }
     server.wait()?;
     if background {
         // A clean exit leaves nothing to look at; failures keep their log.
@@ -245,6 +261,11 @@ impl Server {
         &self.sh.dir
     }
 
+    /// A handle for other threads of this process.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle(self.sh.clone())
+    }
+
     /// Run `f` on the served pool (under the engine lock).
     pub fn with_pool<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> R {
         self.sh.pool.with(f)
@@ -294,6 +315,49 @@ impl Server {
         for h in self.helpers.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+/// A running server, for code that shares its process (the containerd
+/// snapshotter): the pool under the server's lock and the control socket's rules.
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Shared>);
+
+impl ServerHandle {
+    /// The pool, for lookups (the engine lock, shared).
+    pub fn pool(&self) -> RwLockReadGuard<'_, Pool> {
+        self.0.pool.read_engine()
+    }
+
+    /// A management change (`Pool::stage_*`), committed before it returns
+    /// without holding the engine lock across the fdatasyncs.
+    pub fn change<R>(&self, f: impl FnOnce(&mut Pool) -> Result<R>) -> Result<R> {
+        self.0.pool.change(f)
+    }
+
+    /// Where the volumes are exported as files.
+    pub fn export_dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Is the volume's exported file open (a loop device holds it)?
+    pub fn in_use(&self, id: VolumeId) -> bool {
+        self.0.in_use(id)
+    }
+
+    /// A control-socket request, under the same rules (in-use checks, cache
+    /// invalidation) as one coming from the CLI.
+    pub fn execute(&self, req: Request) -> Result<Response> {
+        handle_request(&self.0, req)
+    }
+
+    /// Ask the server to stop (as a signal would).
+    pub fn stop(&self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::SeqCst)
     }
 }
 
@@ -497,13 +561,25 @@ fn handle_request(sh: &Shared, req: Request) -> Result<Response> {
     match req {
         Request::Remove { ref name } | Request::Rename { old: ref name, .. } => {
             let name = name.clone();
-            let resp = sh.pool.with(|pool| {
+            let check = |pool: &mut Pool| -> Result<()> {
                 let id = pool.lookup(&name)?;
                 if sh.in_use(id) {
                     return Err(in_use(sh, &name));
                 }
-                execute(pool, req)
-            })?;
+                Ok(())
+            };
+            let resp = match req {
+                // The release walk under the engine lock, the syncs after it.
+                Request::Remove { .. } => sh.pool.change(|pool| {
+                    check(pool)?;
+                    pool.stage_remove(&name)?;
+                    Ok(Response::Ok)
+                })?,
+                _ => sh.pool.with(|pool| {
+                    check(pool)?;
+                    execute(pool, req)
+                })?,
+            };
             sh.notify(|n| n.inval_entry(fuser::INodeNo(1), std::ffi::OsStr::new(&name)));
             Ok(resp)
         }

@@ -7,12 +7,20 @@ mod superblock;
 
 pub use page::{decode_page, encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 pub use record::{digest_hex, VolumeRecord, MAX_VOLUME_SIZE, NAME_MAX, RECORD_SIZE};
-pub use superblock::{SlotError, Superblock, CAT_INDEX_MAX, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE};
+pub use superblock::{
+    SlotError, Superblock, ANNOT_INDEX_MAX, CAT_INDEX_MAX, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
+};
 
 /// "THINPOOL" — the first eight bytes of both superblock slots.
 pub const MAGIC: [u8; 8] = *b"THINPOOL";
-/// Format version written by this build and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written by this build. Every format change bumps it; a
+/// build reads every version from `OLDEST_READABLE_VERSION` to its own, and
+/// the first commit of an older pool writes this version (which older builds
+/// then refuse by name). History: 1 = the original format; 2 = adds the
+/// annotation table (per-volume metadata such as containerd snapshot records).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build opens.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Bytes reserved at the start of the file for the two superblock slots.
 pub const SUPERBLOCK_AREA: u64 = 2 * SUPERBLOCK_SLOT_SIZE as u64;
 pub const MIN_BLOCK_SIZE: u32 = 4096;

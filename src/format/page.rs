@@ -27,15 +27,18 @@ pub enum PageType {
     Refcount,
     /// Data page of the volume catalog (fixed-size records).
     Catalog,
+    /// Data page of the annotation stream (per-volume opaque bytes).
+    Annotations,
 }
 
 impl PageType {
     pub fn magic(self) -> u32 {
         match self {
-            PageType::MapNode => 0x4e4d_5054,  // "TPMN"
-            PageType::Index => 0x5849_5054,    // "TPIX"
-            PageType::Refcount => 0x4352_5054, // "TPRC"
-            PageType::Catalog => 0x5443_5054,  // "TPCT"
+            PageType::MapNode => 0x4e4d_5054,     // "TPMN"
+            PageType::Index => 0x5849_5054,       // "TPIX"
+            PageType::Refcount => 0x4352_5054,    // "TPRC"
+            PageType::Catalog => 0x5443_5054,     // "TPCT"
+            PageType::Annotations => 0x4e41_5054, // "TPAN"
         }
     }
 
@@ -45,6 +48,7 @@ impl PageType {
             PageType::Index => 0x5a0f_77e3,
             PageType::Refcount => 0x2b84_a1c9,
             PageType::Catalog => 0x7e12_c05b,
+            PageType::Annotations => 0x61d3_4b8f,
         }
     }
 
@@ -54,6 +58,7 @@ impl PageType {
             PageType::Index => "index page",
             PageType::Refcount => "refcount page",
             PageType::Catalog => "catalog page",
+            PageType::Annotations => "annotation page",
         }
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!    0    8   magic "THINPOOL"
-//!    8    4   format version (1)
+//!    8    4   format version (2; version 1 pools are read too)
 //!   12    4   checksum crc32(slot[16..4096]) XOR SB_SALT
 //!   16    8   generation (commit number, starts at 1)
 //!   24    4   block size in bytes
@@ -20,21 +20,29 @@
 //!   92    4   catalog index pages in use (m <= 64)
 //!   96 2048   refcount index page pointers (256 x u64; unused = 0)
 //! 2144  512   catalog index page pointers (64 x u64; unused = 0)
-//! 2656 1440   reserved, zero
+//! 2656    8   annotation stream length in bytes (version 2; 0 in version 1)
+//! 2664    4   annotation index pages in use (k <= 16)
+//! 2668    4   annotation data pages
+//! 2672  128   annotation index page pointers (16 x u64; unused = 0)
+//! 2800 1296   reserved, zero
 //! ```
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::{FORMAT_VERSION, MAGIC};
+use super::{FORMAT_VERSION, MAGIC, OLDEST_READABLE_VERSION};
 
 pub const SUPERBLOCK_SLOT_SIZE: usize = 4096;
 pub const RC_INDEX_MAX: usize = 256;
 pub const CAT_INDEX_MAX: usize = 64;
+pub const ANNOT_INDEX_MAX: usize = 16;
 const SB_SALT: u32 = 0x3e5a_9d17;
 
 const OFF_RC_INDEX: usize = 96;
 const OFF_CAT_INDEX: usize = OFF_RC_INDEX + 8 * RC_INDEX_MAX;
-const OFF_END: usize = OFF_CAT_INDEX + 8 * CAT_INDEX_MAX;
+const OFF_ANNOT_LEN: usize = OFF_CAT_INDEX + 8 * CAT_INDEX_MAX;
+const OFF_ANNOT_N: usize = OFF_ANNOT_LEN + 8;
+const OFF_ANNOT_INDEX: usize = OFF_ANNOT_N + 8;
+const OFF_END: usize = OFF_ANNOT_INDEX + 8 * ANNOT_INDEX_MAX;
 const _: () = assert!(OFF_END <= SUPERBLOCK_SLOT_SIZE);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +58,10 @@ pub struct Superblock {
     pub catalog_slots: u64,
     pub rc_index: Vec<u64>,
     pub cat_index: Vec<u64>,
+    /// Length of the annotation stream (bytes) and its index pages.
+    pub annot_len: u64,
+    pub annot_pages: u32,
+    pub annot_index: Vec<u64>,
 }
 
 /// Why a slot could not be used.
@@ -84,6 +96,12 @@ impl Superblock {
         for (i, p) in self.cat_index.iter().enumerate() {
             LE::write_u64(&mut b[OFF_CAT_INDEX + 8 * i..][..8], *p);
         }
+        LE::write_u64(&mut b[OFF_ANNOT_LEN..][..8], self.annot_len);
+        LE::write_u32(&mut b[OFF_ANNOT_N..][..4], self.annot_index.len() as u32);
+        LE::write_u32(&mut b[OFF_ANNOT_N + 4..][..4], self.annot_pages);
+        for (i, p) in self.annot_index.iter().enumerate() {
+            LE::write_u64(&mut b[OFF_ANNOT_INDEX + 8 * i..][..8], *p);
+        }
         let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
         LE::write_u32(&mut b[12..16], crc);
         b
@@ -98,19 +116,21 @@ impl Superblock {
         let crc = crc32fast::hash(&b[16..SUPERBLOCK_SLOT_SIZE]) ^ SB_SALT;
         if LE::read_u32(&b[12..16]) != crc {
             // A future version may checksum differently: report the version first.
-            if version != FORMAT_VERSION {
+            if !readable(version) {
                 return Err(SlotError::Version(version));
             }
             return Err(SlotError::Checksum);
         }
-        if version != FORMAT_VERSION {
+        if !readable(version) {
             return Err(SlotError::Version(version));
         }
         let n_rc = LE::read_u32(&b[88..92]) as usize;
         let n_cat = LE::read_u32(&b[92..96]) as usize;
-        if n_rc > RC_INDEX_MAX || n_cat > CAT_INDEX_MAX {
+        // Version 1 kept these bytes reserved (zero): no annotation table.
+        let n_annot = LE::read_u32(&b[OFF_ANNOT_N..][..4]) as usize;
+        if n_rc > RC_INDEX_MAX || n_cat > CAT_INDEX_MAX || n_annot > ANNOT_INDEX_MAX {
             return Err(SlotError::Geometry(format!(
-                "index counts {n_rc}/{n_cat} exceed {RC_INDEX_MAX}/{CAT_INDEX_MAX}"
+                "index counts {n_rc}/{n_cat}/{n_annot} exceed {RC_INDEX_MAX}/{CAT_INDEX_MAX}/{ANNOT_INDEX_MAX}"
             )));
         }
         let sb = Superblock {
@@ -128,6 +148,11 @@ impl Superblock {
                 .collect(),
             cat_index: (0..n_cat)
                 .map(|i| LE::read_u64(&b[OFF_CAT_INDEX + 8 * i..][..8]))
+                .collect(),
+            annot_len: LE::read_u64(&b[OFF_ANNOT_LEN..][..8]),
+            annot_pages: LE::read_u32(&b[OFF_ANNOT_N + 4..][..4]),
+            annot_index: (0..n_annot)
+                .map(|i| LE::read_u64(&b[OFF_ANNOT_INDEX + 8 * i..][..8]))
                 .collect(),
         };
         sb.check_geometry().map_err(SlotError::Geometry)?;
@@ -147,11 +172,18 @@ impl Superblock {
             return Err(format!("invalid low-water mark {}%", self.low_water_pct));
         }
         let in_range = |p: &u64| *p < self.total_blocks;
-        if !self.rc_index.iter().all(in_range) || !self.cat_index.iter().all(in_range) {
+        if !self.rc_index.iter().all(in_range)
+            || !self.cat_index.iter().all(in_range)
+            || !self.annot_index.iter().all(in_range)
+        {
             return Err("index pointer past the end of the pool".into());
         }
         Ok(())
     }
+}
+
+fn readable(version: u32) -> bool {
+    (OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version)
 }
 
 #[cfg(test)]
@@ -171,7 +203,24 @@ mod tests {
             catalog_slots: 10,
             rc_index: vec![2],
             cat_index: vec![3],
+            annot_len: 100,
+            annot_pages: 1,
+            annot_index: vec![4],
         }
+    }
+
+    #[test]
+    fn reads_version_1() {
+        // A version 1 slot is a version 2 slot with the annotation fields zero.
+        let mut s = sample();
+        s.annot_len = 0;
+        s.annot_pages = 0;
+        s.annot_index = vec![];
+        let mut b = s.encode();
+        LE::write_u32(&mut b[8..12], 1);
+        let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
+        LE::write_u32(&mut b[12..16], crc);
+        assert_eq!(Superblock::decode(&b).unwrap(), s);
     }
 
     #[test]

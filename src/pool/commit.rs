@@ -2,7 +2,7 @@
 //!
 //! Two-phase, shadowing: metadata reachable from the last committed
 //! superblock is never overwritten. A commit writes every dirty map node,
-//! gives every dirty refcount/catalog page a fresh location and writes it,
+//! gives every dirty refcount/catalog/annotation page a fresh location and writes it,
 //! syncs, writes the superblock slot `generation % 2`, and syncs again.
 //! Blocks freed during the transaction become allocatable only afterwards.
 
@@ -41,7 +41,10 @@ pub(crate) fn write_sealed(storage: &dyn Storage, s: &Sealed) -> Result<()> {
 
 impl Pool {
     pub(super) fn update_reserve(&mut self) {
-        let n = self.rc_layout.worst_case_pages() + self.catalog.layout().worst_case_pages() + 4;
+        let n = self.rc_layout.worst_case_pages()
+            + self.catalog.layout().worst_case_pages()
+            + self.annotations.layout().worst_case_pages()
+            + 4;
         self.space.set_commit_reserve(n);
     }
 
@@ -105,7 +108,8 @@ impl Pool {
         let data_dirty = std::mem::take(&mut self.data_dirty) | data_written();
         let meta_dirty = self.nodes.has_dirty()
             || !self.space.dirty_pages().is_empty()
-            || !self.catalog.dirty_pages().is_empty();
+            || !self.catalog.dirty_pages().is_empty()
+            || !self.annotations.dirty_pages().is_empty();
         if self.read_only {
             if meta_dirty || force || data_dirty {
                 return Err(Error::PoolReadOnly(self.path.clone()));
@@ -145,15 +149,17 @@ impl Pool {
         // until every dirty page has a home the last commit does not use.
         loop {
             let a = self.catalog.shadow(&mut self.space, &*self.storage)?;
+            let c = self.annotations.shadow(&mut self.space, &*self.storage)?;
             let rc_dirty = self.space.dirty_pages().clone();
             let b = self
                 .rc_layout
                 .shadow(&rc_dirty, &mut self.space, &*self.storage)?;
-            if !a && !b {
+            if !a && !b && !c {
                 break;
             }
         }
         self.catalog.write_dirty(&*self.storage, generation)?;
+        self.annotations.write_dirty(&*self.storage, generation)?;
         let per_rc = refcounts_per_page(self.block_size());
         let rc = self.space.refcounts();
         self.rc_layout.write(
@@ -171,9 +177,13 @@ impl Pool {
         self.sb.catalog_slots = self.catalog.n_slots();
         self.sb.rc_index = self.rc_layout.index_pointers().to_vec();
         self.sb.cat_index = self.catalog.layout().index_pointers().to_vec();
+        self.sb.annot_len = self.annotations.stream_len();
+        self.sb.annot_pages = self.annotations.layout().n_pages() as u32;
+        self.sb.annot_index = self.annotations.layout().index_pointers().to_vec();
         // Pages of this generation are ours to read back from now on.
         self.nodes.set_generation(generation);
         self.catalog.clear_dirty();
+        self.annotations.clear_dirty();
         self.space.seal();
         Ok(Sealed {
             sb: self.sb.encode(),

@@ -6,9 +6,11 @@
 //! - `data`: the volume data path (read, write, discard, write-zeroes);
 //! - `volumes`: volume management (create, snapshot, clone, remove, ...);
 //! - `settings`: pool-wide settings and usage (info, low-water, grow);
+//! - `annotate`: per-volume annotations (the containerd snapshotter's records);
 //! - `shared`: the pool shared by many threads (the export server), with
 //!   data I/O outside the engine lock and group commit.
 
+mod annotate;
 mod commit;
 #[cfg(feature = "test-support")]
 pub mod damage;
@@ -26,6 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::annotations::Annotations;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::format::{Superblock, VolumeRecord};
@@ -116,6 +119,7 @@ pub struct Pool {
     space: SpaceMap,
     rc_layout: PagedArray,
     catalog: Catalog,
+    annotations: Annotations,
     nodes: Nodes,
     /// Data was written in place since the last sync.
     data_dirty: bool,
@@ -188,15 +192,18 @@ impl Pool {
         self.catalog.get(id)
     }
 
-    /// Blocks holding the refcount and catalog tables (data and index pages).
+    /// Blocks holding the refcount, catalog and annotation tables (data and index pages).
     pub(crate) fn table_pages(&self) -> impl Iterator<Item = u64> + '_ {
         let rc = &self.rc_layout;
         let cat = self.catalog.layout();
+        let ann = self.annotations.layout();
         rc.page_locations()
             .iter()
             .chain(rc.index_pointers())
             .chain(cat.page_locations())
             .chain(cat.index_pointers())
+            .chain(ann.page_locations())
+            .chain(ann.index_pointers())
             .copied()
             .filter(|&p| p != 0)
     }

@@ -11,6 +11,7 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use super::geometry::{check_memory, refcounts_per_page};
 use super::volumes::now;
 use super::{CreateOptions, Pool, DEFAULT_LOW_WATER_PCT};
+use crate::annotations::Annotations;
 use crate::catalog::{Catalog, RecordLimits};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -195,6 +196,9 @@ impl Pool {
             catalog_slots: 0,
             rc_index: Vec::new(),
             cat_index: Vec::new(),
+            annot_len: 0,
+            annot_pages: 0,
+            annot_index: Vec::new(),
         };
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -203,6 +207,7 @@ impl Pool {
             space: SpaceMap::new(total, reserved, per_rc)?,
             rc_layout,
             catalog: Catalog::new(bs)?,
+            annotations: Annotations::new(bs)?,
             nodes: Nodes::new(bs, total, reserved, 0),
             data_dirty: false,
             failed: None,
@@ -302,6 +307,20 @@ impl Pool {
             first_block: reserved,
             next_volume_id: sb.next_volume_id,
         })?;
+        let annotations = Annotations::load(
+            bs,
+            sb.annot_len,
+            sb.annot_pages,
+            &sb.annot_index,
+            &*storage,
+            total,
+            sb.generation,
+        )?;
+        if let Some(id) = annotations.ids().find(|&id| catalog.get(id).is_err()) {
+            return Err(Error::corrupt(format!(
+                "annotation for volume {id}, which does not exist"
+            )));
+        }
         let committed = sb.generation;
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -310,6 +329,7 @@ impl Pool {
             space,
             rc_layout,
             catalog,
+            annotations,
             nodes: Nodes::new(bs, total, reserved, committed),
             data_dirty: false,
             failed: None,

@@ -227,13 +227,29 @@ impl SharedPool {
             }
         }
         let _commits = self.lock_commits();
+        if self.lock_group().done >= target {
+            self.counters.flushes_shared.fetch_add(1, Ordering::Relaxed);
+            return self.read_engine().check_ok();
+        }
+        self.commit_numbered()
+    }
+
+    /// A management change committed before it returns, like one made with
+    /// `with`, but made and sealed under the engine lock and synced without
+    /// it: `f` must leave its change uncommitted (`Pool::stage_*`). The
+    /// commit counts as a group commit, so waiting flushes share it.
+    pub fn change<R>(&self, f: impl FnOnce(&mut Pool) -> Result<R>) -> Result<R> {
+        let _commits = self.lock_commits();
+        let r = f(&mut self.write_engine())?;
+        self.commit_numbered()?;
+        Ok(r)
+    }
+
+    /// Take the next commit number and run that commit; the caller holds
+    /// `commit_lock`.
+    fn commit_numbered(&self) -> Result<()> {
         let mine = {
             let mut g = self.lock_group();
-            if g.done >= target {
-                drop(g);
-                self.counters.flushes_shared.fetch_add(1, Ordering::Relaxed);
-                return self.read_engine().check_ok();
-            }
             g.started += 1;
             self.started.store(g.started, Ordering::SeqCst);
             g.started

@@ -47,7 +47,7 @@ impl Pool {
         recs.iter().map(|r| self.record_info(r)).collect()
     }
 
-    pub fn volume_info(&mut self, name: &str) -> Result<VolumeInfo> {
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         self.check_ok()?;
         let r = self.catalog.get_by_name(name)?.clone();
         self.record_info(&r)
@@ -82,6 +82,13 @@ impl Pool {
 
     /// Create an empty thin volume of `size` bytes (commits).
     pub fn create_volume(&mut self, name: &str, size: u64) -> Result<VolumeId> {
+        let id = self.stage_create(name, size)?;
+        self.commit()?;
+        Ok(id)
+    }
+
+    /// `create_volume` without the commit (see `SharedPool::change`).
+    pub fn stage_create(&mut self, name: &str, size: u64) -> Result<VolumeId> {
         self.check_mutable()?;
         validate_name(name)?;
         if size == 0 || size > MAX_VOLUME_SIZE {
@@ -103,13 +110,43 @@ impl Pool {
             name: name.to_string(),
             ..Default::default()
         })?;
-        self.commit()?;
         Ok(id)
     }
 
     /// O(1) snapshot (`writable == false`) or clone (`true`) of `source` (commits).
     pub fn snapshot(&mut self, source: &str, name: &str, writable: bool) -> Result<VolumeId> {
+        self.snapshot_annotated(source, name, writable, None)
+    }
+
+    /// `snapshot`, with the new volume's annotation in the same commit.
+    pub fn snapshot_annotated(
+        &mut self,
+        source: &str,
+        name: &str,
+        writable: bool,
+        annotation: Option<Vec<u8>>,
+    ) -> Result<VolumeId> {
+        let id = self.stage_snapshot(source, name, writable, annotation)?;
+        self.commit()?;
+        Ok(id)
+    }
+
+    /// `snapshot_annotated` without the commit: a served pool commits it
+    /// outside the engine lock (`SharedPool::change`).
+    pub fn stage_snapshot(
+        &mut self,
+        source: &str,
+        name: &str,
+        writable: bool,
+        annotation: Option<Vec<u8>>,
+    ) -> Result<VolumeId> {
         self.check_mutable()?;
+        if annotation
+            .as_ref()
+            .is_some_and(|a| a.len() > crate::annotations::ANNOTATION_MAX)
+        {
+            return Err(Error::InvalidArgument("annotation too large".into()));
+        }
         validate_name(name)?;
         if self.catalog.id_of(name).is_ok() {
             return Err(Error::VolumeExists(name.to_string()));
@@ -118,7 +155,11 @@ impl Pool {
         // A snapshot must not change once taken: let writes in flight land.
         self.space.inflight().wait_no_writes();
         let id = self.new_volume_id()?;
-        self.catalog.insert(VolumeRecord {
+        if annotation.is_some() {
+            // First: the one step here that can fail for its size.
+            self.annotations.set(id, annotation)?;
+        }
+        if let Err(e) = self.catalog.insert(VolumeRecord {
             id,
             parent_id: src.id,
             created: now(),
@@ -128,13 +169,15 @@ impl Pool {
             diff_digest: [0; 32],
             chain_digest: [0; 32],
             ..src.clone()
-        })?;
+        }) {
+            self.annotations.set(id, None)?;
+            return Err(e);
+        }
         if src.root != 0 {
             // The whole tree is shared by one more owner: one increment.
             let r = self.space.inc(src.root);
             self.fail_on_corrupt(r)?;
         }
-        self.commit()?;
         Ok(id)
     }
 
@@ -149,14 +192,21 @@ impl Pool {
 
     /// Remove a volume, freeing blocks only it held (commits).
     pub fn remove_volume(&mut self, name: &str) -> Result<()> {
+        self.stage_remove(name)?;
+        self.commit()
+    }
+
+    /// `remove_volume` without the commit (see `SharedPool::change`).
+    pub fn stage_remove(&mut self, name: &str) -> Result<()> {
         self.check_mutable()?;
         let id = self.catalog.id_of(name)?;
         let rec = self.catalog.remove(id)?;
+        self.annotations.set(id, None)?;
         if rec.root != 0 {
             let r = self.ctx().release(rec.root, rec.depth - 1);
             self.fail_on_corrupt(r)?;
         }
-        self.commit()
+        Ok(())
     }
 
     pub fn rename_volume(&mut self, old: &str, new: &str) -> Result<()> {

@@ -54,6 +54,8 @@ struct Vol {
     id: Option<VolumeId>,
     size: u64,
     read_only: bool,
+    /// The volume's annotation (committed with it).
+    annotation: Option<Vec<u8>>,
     /// Absent blocks read as zeros.
     blocks: BTreeMap<u64, Block>,
 }
@@ -137,6 +139,19 @@ enum Op {
     Grow {
         vol: String,
         blocks: u64,
+    },
+    /// A snapshot with an annotation, as the containerd snapshotter makes one.
+    SnapshotAnnotated {
+        src: String,
+        name: String,
+        writable: bool,
+        annotation: Vec<u8>,
+    },
+    /// Replace a volume's annotation (and maybe freeze it) in one commit.
+    Annotate {
+        vol: String,
+        annotation: Option<Vec<u8>>,
+        freeze: bool,
     },
     Commit,
 }
@@ -230,7 +245,26 @@ fn gen_op(rng: &mut Rng, model: &Model) -> Op {
                 let blocks = model[&vol].size / BS + rng.below(600);
                 return Op::Grow { vol, blocks };
             }
-            18..=19 => return Op::Commit,
+            18 if !free.is_empty() && !names.is_empty() => {
+                let n = rng.below(300) as usize;
+                return Op::SnapshotAnnotated {
+                    src: names[rng.below(names.len() as u64) as usize].clone(),
+                    name: free[rng.below(free.len() as u64) as usize].clone(),
+                    writable: rng.chance(2, 3),
+                    annotation: (0..n).map(|_| rng.next_u64() as u8).collect(),
+                };
+            }
+            19 if !names.is_empty() && rng.chance(1, 2) => {
+                let n = rng.below(6000) as usize;
+                return Op::Annotate {
+                    vol: names[rng.below(names.len() as u64) as usize].clone(),
+                    annotation: rng
+                        .chance(4, 5)
+                        .then(|| (0..n).map(|_| rng.next_u64() as u8).collect()),
+                    freeze: rng.chance(1, 4),
+                };
+            }
+            19 => return Op::Commit,
             _ => {}
         }
     }
@@ -246,6 +280,7 @@ fn model_apply(model: &mut Model, op: &Op, id: Option<VolumeId>) {
                     id,
                     size: blocks * BS,
                     read_only: false,
+                    annotation: None,
                     blocks: BTreeMap::new(),
                 },
             );
@@ -258,9 +293,33 @@ fn model_apply(model: &mut Model, op: &Op, id: Option<VolumeId>) {
             let v = Vol {
                 id,
                 read_only: !writable,
+                annotation: None,
                 ..model[src].clone()
             };
             model.insert(name.clone(), v);
+        }
+        Op::SnapshotAnnotated {
+            src,
+            name,
+            writable,
+            annotation,
+        } => {
+            let v = Vol {
+                id,
+                read_only: !writable,
+                annotation: Some(annotation.clone()),
+                ..model[src].clone()
+            };
+            model.insert(name.clone(), v);
+        }
+        Op::Annotate {
+            vol,
+            annotation,
+            freeze,
+        } => {
+            let v = model.get_mut(vol).unwrap();
+            v.annotation = annotation.clone();
+            v.read_only |= *freeze;
         }
         Op::Write { vol, offset, data } => model_change(
             model.get_mut(vol).unwrap(),
@@ -311,6 +370,21 @@ fn pool_apply(p: &mut Pool, op: &Op) -> thinpool::Result<Option<VolumeId>> {
         }
         Op::Grow { vol, blocks } => {
             p.resize_volume(vol, blocks * BS)?;
+            None
+        }
+        Op::SnapshotAnnotated {
+            src,
+            name,
+            writable,
+            annotation,
+        } => Some(p.snapshot_annotated(src, name, *writable, Some(annotation.clone()))?),
+        Op::Annotate {
+            vol,
+            annotation,
+            freeze,
+        } => {
+            let id = p.lookup(vol)?;
+            p.annotate(id, annotation.clone(), *freeze)?;
             None
         }
         Op::Commit => {
@@ -478,6 +552,11 @@ impl Verifier<'_> {
             }
             assert_eq!(info.virtual_size, v.size, "{vctx}: size");
             assert_eq!(info.read_only, v.read_only, "{vctx}: read-only flag");
+            assert_eq!(
+                p.annotation(info.id),
+                v.annotation.as_deref(),
+                "{vctx}: annotation"
+            );
             let mine: Vec<&&Event> = later.iter().filter(|e| Some(e.vid) == v.id).collect();
             let mut to_check: BTreeSet<u64> = v.blocks.keys().copied().collect();
             to_check.extend(p.mapped_blocks(info.id).unwrap());
@@ -497,6 +576,7 @@ impl Verifier<'_> {
                     id: None,
                     size: v.size,
                     read_only: false,
+                    annotation: None,
                     blocks: BTreeMap::new(),
                 };
                 scratch.blocks.insert(vb, Arc::new(versions[0].clone()));
@@ -528,7 +608,7 @@ impl Verifier<'_> {
             }
         }
         // A sample of images must stay usable: write, commit, check again.
-        if self.points % 8 == 0 {
+        if self.points.is_multiple_of(8) {
             self.reused += 1;
             if let Some(info) = listed.iter().find(|v| !v.read_only) {
                 p.write(info.id, 0, &[0xa5; BS as usize])

@@ -3,9 +3,12 @@
 //! by qemu-storage-daemon, and btrfs snapshots, on the same image content.
 //!
 //! Run as root. `cowbench --quick` (small sizes, one run), `cowbench --full
-//! --out docs/bench` (the committed comparison).
+//! --out docs/bench` (the committed comparison), `cowbench --containerd` (a real
+//! Debian image pulled and run through containerd on thinpool's snapshotter,
+//! overlayfs and native).
 
 mod backends;
+mod containerd;
 mod content;
 mod model;
 mod report;
@@ -34,6 +37,23 @@ struct Args {
     /// Full sizes (1 GiB file, 100 x 1 MiB, 10,000 small files), 3 runs, every backend.
     #[arg(long)]
     full: bool,
+    /// The containerd scenario instead: a two-layer Debian image from a local registry,
+    /// pulled and run on each snapshotter (default out: docs/bench/containerd).
+    #[arg(long, conflicts_with_all = ["quick", "full"])]
+    containerd: bool,
+    /// With --containerd: comma-separated snapshotters: thinpool,overlayfs,native.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "thinpool,overlayfs,native"
+    )]
+    snapshotters: Vec<String>,
+    /// With --containerd: containers run after the first one, per cycle.
+    #[arg(long, default_value_t = 20)]
+    containers: usize,
+    /// With --containerd: an OCI layout with tag `app` (default: tools/build-debian-image.sh).
+    #[arg(long)]
+    image: Option<PathBuf>,
     /// Comma-separated backends: thinpool,overlayfs,fullcopy,qcow2,btrfs.
     #[arg(long, value_delimiter = ',')]
     backends: Option<Vec<String>>,
@@ -96,6 +116,9 @@ fn real_main(args: Args) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("cowbench needs root (mounts, loop devices, drop_caches)");
+    }
+    if args.containerd {
+        return containerd_main(args);
     }
     let quick = !args.full;
     let backends: Vec<String> = match &args.backends {
@@ -222,6 +245,38 @@ fn real_main(args: Args) -> Result<()> {
         bail!("interrupted; partial results written");
     }
     Ok(())
+}
+
+fn containerd_main(args: Args) -> Result<()> {
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("docs/bench/containerd"));
+    // The page two levels up (docs/bench/containerd -> docs/BENCHMARKS.md), if there is one.
+    let doc = args.doc.clone().or_else(|| {
+        out.parent()
+            .and_then(Path::parent)
+            .map(|p| p.join("BENCHMARKS.md"))
+            .filter(|p| p.is_file())
+    });
+    containerd::main(containerd::Opts {
+        snapshotters: args
+            .snapshotters
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        runs: args.runs.unwrap_or(3).max(1),
+        more: args.containers.max(1),
+        image: args.image.clone(),
+        thinpool_bin: match &args.thinpool_bin {
+            Some(p) => p.canonicalize().unwrap_or_else(|_| p.clone()),
+            None => default_thinpool_bin(),
+        },
+        workdir: args.workdir.clone(),
+        out,
+        doc,
+    })
 }
 
 fn run_backend(

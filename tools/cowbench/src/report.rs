@@ -113,13 +113,85 @@ pub fn write_all(r: &Report, out: &Path, doc: Option<&Path>) -> Result<()> {
     std::fs::write(out.join("results.md"), md_local)?;
     if let Some(doc) = doc {
         let md = markdown(r, &rel, &plots);
-        update_doc(doc, &md)?;
+        update_doc(doc, BEGIN, END, &md)?;
     }
     Ok(())
 }
 
 /// `out` relative to `base` when `out` is below it (good enough for docs/bench vs docs).
-fn pathdiff(out: &Path, base: &Path) -> Option<String> {
+/// One row per metric any backend has, one column per backend; each cell is
+/// the median (and range), then the ratio to backend `base` unless the metric
+/// is in `no_ratio`.
+pub(crate) fn metric_table(
+    cols: &[BackendResult],
+    rows: &[(&str, &str)],
+    base: &str,
+    no_ratio: &[&str],
+) -> String {
+    let base = cols
+        .iter()
+        .find(|b| b.name == base && !b.metrics.is_empty());
+    let mut s = String::from("| figure |");
+    for b in cols {
+        let _ = write!(s, " {} |", b.name);
+    }
+    s.push_str("\n|---|");
+    for _ in cols {
+        s.push_str("---|");
+    }
+    s.push('\n');
+    for (k, label) in rows {
+        if !cols.iter().any(|b| b.metrics.contains_key(*k)) {
+            continue;
+        }
+        let _ = write!(s, "| {label} |");
+        for b in cols {
+            let cell = match (b.status.clone(), b.metrics.get(*k)) {
+                (Status::Skipped, _) => "skipped".to_string(),
+                (_, None) => "—".to_string(),
+                (_, Some(st)) => {
+                    let mut cell = fmt_stat(st);
+                    let other = base.filter(|t| t.name != b.name && !no_ratio.contains(k));
+                    if let Some(t) = other.and_then(|t| t.metrics.get(*k)) {
+                        if let Some(rt) = ratio(st.median, t.median) {
+                            let _ = write!(cell, " · {rt}");
+                        }
+                    }
+                    cell
+                }
+            };
+            let _ = write!(s, " {cell} |");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Each backend's status and how its space is measured, then its notes.
+pub(crate) fn status_table(what: &str, backends: &[BackendResult]) -> String {
+    let mut s = format!("| {what} | status | how space is measured |\n|---|---|---|\n");
+    for b in backends {
+        let st = match b.status {
+            Status::Ok => "ok".to_string(),
+            Status::Skipped => format!("skipped: {}", b.reason.clone().unwrap_or_default()),
+            Status::Failed => format!(
+                "**failed**: {}",
+                b.reason.clone().unwrap_or_default().replace('|', "/")
+            ),
+        };
+        let _ = writeln!(s, "| {} | {} | {} |", b.name, st, b.space_method);
+    }
+    s.push('\n');
+    for b in backends {
+        for n in &b.notes {
+            let _ = writeln!(s, "- **{}**: {}", b.name, n);
+        }
+    }
+    s.push('\n');
+    s
+}
+
+pub(crate) fn pathdiff(out: &Path, base: &Path) -> Option<String> {
     let o = std::path::absolute(out).ok()?;
     let b = std::path::absolute(base).ok()?;
     o.strip_prefix(&b)
@@ -127,11 +199,12 @@ fn pathdiff(out: &Path, base: &Path) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn update_doc(doc: &Path, section: &str) -> Result<()> {
+/// Replace the text between `begin` and `end` in `doc` (append both when missing).
+pub(crate) fn update_doc(doc: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let old = std::fs::read_to_string(doc).unwrap_or_default();
-    let block = format!("{BEGIN}\n{section}\n{END}");
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + END.len()..]),
+    let block = format!("{begin}\n{section}\n{end}");
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &old[..a], block, &old[b + end.len()..]),
         _ if old.is_empty() => format!("# Benchmarks\n\n{block}\n"),
         _ => format!("{}\n\n{block}\n", old.trim_end()),
     };
@@ -167,7 +240,7 @@ pub fn fmt_bytes(b: f64) -> String {
     }
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
@@ -198,23 +271,25 @@ fn fmt_val(v: f64, unit: &str) -> String {
     match unit {
         "B" => fmt_bytes(v),
         "containers" => format!("{v:.0}"),
+        "" => fmt_num(v),
         u => format!("{} {u}", fmt_num(v)),
     }
 }
 
-fn fmt_stat(s: &Stat) -> String {
-    if s.samples.len() > 1 && (s.max - s.min).abs() > f64::EPSILON {
-        let range = match s.unit.as_str() {
-            "B" => format!("{}–{}", fmt_bytes(s.min), fmt_bytes(s.max)),
-            _ => format!("{}–{}", fmt_num(s.min), fmt_num(s.max)),
-        };
-        format!("{} ({range})", fmt_val(s.median, &s.unit))
+pub(crate) fn fmt_stat(s: &Stat) -> String {
+    let (lo, hi) = match s.unit.as_str() {
+        "B" => (fmt_bytes(s.min), fmt_bytes(s.max)),
+        _ => (fmt_num(s.min), fmt_num(s.max)),
+    };
+    // A range that prints as one number says nothing.
+    if s.samples.len() > 1 && lo != hi {
+        format!("{} ({lo}–{hi})", fmt_val(s.median, &s.unit))
     } else {
         fmt_val(s.median, &s.unit)
     }
 }
 
-fn ratio(v: f64, base: f64) -> Option<String> {
+pub(crate) fn ratio(v: f64, base: f64) -> Option<String> {
     if base.abs() < 1e-12 || v.abs() < 1e-12 {
         return None;
     }
@@ -259,32 +334,7 @@ fn markdown(r: &Report, plot_dir: &str, plots: &[(&str, &str)]) -> String {
         c.runs,
         r.total_seconds
     );
-    let _ = writeln!(
-        s,
-        "| backend | status | how space is measured |\n|---|---|---|"
-    );
-    for b in &r.backends {
-        let st = match b.status {
-            Status::Ok => "ok".to_string(),
-            Status::Skipped => format!("skipped: {}", b.reason.clone().unwrap_or_default()),
-            Status::Failed => format!(
-                "**failed**: {}",
-                b.reason.clone().unwrap_or_default().replace('|', "/")
-            ),
-        };
-        let _ = writeln!(s, "| {} | {} | {} |", b.name, st, b.space_method);
-    }
-    s.push('\n');
-    for b in &r.backends {
-        for n in &b.notes {
-            let _ = writeln!(s, "- **{}**: {}", b.name, n);
-        }
-    }
-    s.push('\n');
-    let thin = r
-        .backends
-        .iter()
-        .find(|b| b.name == "thinpool" && !b.metrics.is_empty());
+    s.push_str(&status_table("backend", &r.backends));
     let cols: Vec<&BackendResult> = r.backends.iter().collect();
     for (title, expl, metrics) in TABLES {
         if !metrics
@@ -294,40 +344,7 @@ fn markdown(r: &Report, plot_dir: &str, plots: &[(&str, &str)]) -> String {
             continue;
         }
         let _ = writeln!(s, "### {title}\n\n{expl}\n");
-        let _ = write!(s, "| figure |");
-        for b in &cols {
-            let _ = write!(s, " {} |", b.name);
-        }
-        let _ = write!(s, "\n|---|");
-        for _ in &cols {
-            let _ = write!(s, "---|");
-        }
-        s.push('\n');
-        for (k, label) in metrics.iter() {
-            if !cols.iter().any(|b| b.metrics.contains_key(*k)) {
-                continue;
-            }
-            let _ = write!(s, "| {label} |");
-            for b in &cols {
-                let cell = match (b.status.clone(), b.metrics.get(*k)) {
-                    (Status::Skipped, _) => "skipped".to_string(),
-                    (_, None) => "—".to_string(),
-                    (_, Some(st)) => {
-                        let mut cell = fmt_stat(st);
-                        if b.name != "thinpool" {
-                            if let Some(t) = thin.and_then(|t| t.metrics.get(*k)) {
-                                if let Some(rt) = ratio(st.median, t.median) {
-                                    cell.push_str(&format!(" · {rt}"));
-                                }
-                            }
-                        }
-                        cell
-                    }
-                };
-                let _ = write!(s, " {cell} |");
-            }
-            s.push('\n');
-        }
+        s.push_str(&metric_table(&r.backends, metrics, "thinpool", &[]));
         if *title == "Create 100 containers" {
             if let Some(fc) = r.backends.iter().find(|b| b.name == "fullcopy") {
                 if let Some(n) = fc.metrics.get("many_extrapolated_from") {
@@ -356,6 +373,8 @@ const COLORS: [RGBColor; 5] = [
 ];
 
 fn color_of(name: &str) -> RGBColor {
+    // containerd's native snapshotter is a full copy, like the fullcopy backend.
+    let name = if name == "native" { "fullcopy" } else { name };
     let i = crate::backends::ALL
         .iter()
         .position(|b| *b == name)
@@ -363,7 +382,7 @@ fn color_of(name: &str) -> RGBColor {
     COLORS[i % COLORS.len()]
 }
 
-type Series<'a> = Vec<(&'a str, Vec<Option<f64>>)>;
+pub(crate) type Series<'a> = Vec<(&'a str, Vec<Option<f64>>)>;
 
 fn collect<'a>(r: &'a Report, keys: &[&str]) -> Series<'a> {
     r.backends
@@ -382,7 +401,7 @@ fn collect<'a>(r: &'a Report, keys: &[&str]) -> Series<'a> {
 }
 
 /// Grouped bar chart on one drawing area: one group per metric, one bar per backend.
-fn bars<DB: DrawingBackend>(
+pub(crate) fn bars<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     y_desc: &str,

@@ -70,7 +70,7 @@ impl Annotations {
                 "annotation stream of {len} bytes in {n_pages} pages"
             )));
         }
-        let mut bytes = vec![0u8; len as usize];
+        let mut bytes = crate::space::try_vec(len as usize, 0u8, "annotation table")?;
         let payload = a.payload;
         let layout = PagedArray::new(PageType::Annotations, block_size, 0, ANNOT_INDEX_MAX)?.load(
             n_pages,
@@ -99,8 +99,12 @@ impl Annotations {
 
     /// Give every dirty page a block the last commit does not use (see
     /// `PagedArray::shadow`); true if it allocated anything.
-    pub fn shadow(&mut self, space: &mut crate::space::SpaceMap) -> Result<bool> {
-        self.layout.shadow(&self.dirty, space)
+    pub fn shadow(
+        &mut self,
+        space: &mut crate::space::SpaceMap,
+        storage: &dyn Storage,
+    ) -> Result<bool> {
+        self.layout.shadow(&self.dirty, space, storage)
     }
 
     pub fn get(&self, id: u64) -> Option<&[u8]> {

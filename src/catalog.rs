@@ -4,9 +4,21 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Error, Result};
-use crate::format::{PageType, VolumeRecord, CAT_INDEX_MAX, NAME_MAX, RECORD_SIZE};
+use crate::format::{
+    PageType, VolumeRecord, CAT_INDEX_MAX, MAX_VOLUME_SIZE, NAME_MAX, RECORD_SIZE,
+};
 use crate::io::Storage;
 use crate::pdata::PagedArray;
+
+/// What a volume record is checked against at open.
+pub struct RecordLimits {
+    pub block_size: u32,
+    pub fanout: usize,
+    pub total_blocks: u64,
+    /// First block after the superblock area.
+    pub first_block: u64,
+    pub next_volume_id: u64,
+}
 
 pub struct Catalog {
     slots: Vec<Option<VolumeRecord>>,
@@ -69,8 +81,7 @@ impl Catalog {
         let per_page = (block_size as usize - crate::format::PAGE_HEADER_SIZE) / RECORD_SIZE;
         let n_slots = usize::try_from(n_slots).map_err(|_| Error::corrupt("catalog size"))?;
         let n_pages = n_slots.div_ceil(per_page);
-        let mut slots: Vec<Option<VolumeRecord>> = Vec::new();
-        // Check the table's shape before allocating for it.
+        // Check the table's shape before reading it.
         PagedArray::check_shape(
             PageType::Catalog,
             block_size,
@@ -78,7 +89,15 @@ impl Catalog {
             index.len(),
             CAT_INDEX_MAX,
         )?;
-        slots.resize(n_slots, None);
+        // Every catalog page of a real pool has been written (a slot is only
+        // added by writing a record into it), so slots grow only as pages are
+        // read: memory follows what the file holds, not what its header claims.
+        let mut slots: Vec<Option<VolumeRecord>> = Vec::new();
+        let unwritten = |page: usize| {
+            Error::corrupt(format!(
+                "catalog page {page} of {n_pages} was never written"
+            ))
+        };
         let layout = PagedArray::new(PageType::Catalog, block_size, 0, CAT_INDEX_MAX)?.load(
             n_pages,
             index,
@@ -86,23 +105,75 @@ impl Catalog {
             total_blocks,
             generation,
             |page, bytes| {
-                for j in 0..per_page {
+                if slots.len() != page * per_page {
+                    return Err(unwritten(slots.len() / per_page));
+                }
+                for j in 0..per_page.min(n_slots - page * per_page) {
                     let slot = page * per_page + j;
-                    if slot >= n_slots {
-                        break;
-                    }
-                    slots[slot] = VolumeRecord::decode(&bytes[j * RECORD_SIZE..][..RECORD_SIZE])
+                    let rec = VolumeRecord::decode(&bytes[j * RECORD_SIZE..][..RECORD_SIZE])
                         .map_err(|e| Error::corrupt(format!("catalog slot {slot}: {e}")))?;
+                    slots.push(rec);
                 }
                 Ok(())
             },
         )?;
+        if slots.len() != n_slots {
+            return Err(unwritten(slots.len() / per_page));
+        }
         let c = Catalog::with_layout(layout, slots);
         let live = c.slots.iter().flatten().count();
         if c.by_name.len() != live || c.by_id.len() != live {
             return Err(Error::corrupt("catalog has duplicate volume names or ids"));
         }
         Ok(c)
+    }
+
+    /// Every record must be one this build could have written: a forged
+    /// record is refused before anything walks its map or follows its parent.
+    pub fn validate(&self, g: &RecordLimits) -> Result<()> {
+        for r in self.iter() {
+            // The name comes from the file: escape it, it may hold anything.
+            let bad =
+                |what: String| Error::corrupt(format!("volume {:?}: {what}", r.name.as_str()));
+            if validate_name(&r.name).is_err() {
+                return Err(bad("a name this build would refuse".into()));
+            }
+            if r.size == 0 || r.size > MAX_VOLUME_SIZE {
+                return Err(bad(format!("virtual size {} is not in 1..=2^63", r.size)));
+            }
+            let n_blocks = r.size.div_ceil(g.block_size as u64);
+            let need = crate::map::depth_for(n_blocks, g.fanout);
+            if r.depth != need {
+                return Err(bad(format!(
+                    "map depth {} (a volume of {n_blocks} blocks has depth {need})",
+                    r.depth
+                )));
+            }
+            if r.root != 0 && (r.root < g.first_block || r.root >= g.total_blocks) {
+                return Err(bad(format!("map root {} is outside the pool", r.root)));
+            }
+            if r.mapped_blocks > n_blocks {
+                return Err(bad(format!(
+                    "records {} mapped blocks but has only {n_blocks}",
+                    r.mapped_blocks
+                )));
+            }
+            if r.id >= g.next_volume_id {
+                return Err(bad(format!(
+                    "id {} is not below the next volume id {}",
+                    r.id, g.next_volume_id
+                )));
+            }
+            // A parent is always created first, so its id is lower: this also
+            // rules out cycles. A lower id that is gone was removed, which is fine.
+            if r.parent_id != 0 && r.parent_id >= r.id {
+                return Err(bad(format!(
+                    "parent id {} is not older than the volume (id {})",
+                    r.parent_id, r.id
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Where the catalog's pages live.
@@ -112,8 +183,12 @@ impl Catalog {
 
     /// Give every dirty page a block the last commit does not use (see
     /// `PagedArray::shadow`); true if it allocated anything.
-    pub fn shadow(&mut self, space: &mut crate::space::SpaceMap) -> Result<bool> {
-        self.layout.shadow(&self.dirty, space)
+    pub fn shadow(
+        &mut self,
+        space: &mut crate::space::SpaceMap,
+        storage: &dyn crate::io::Storage,
+    ) -> Result<bool> {
+        self.layout.shadow(&self.dirty, space, storage)
     }
 
     pub fn n_slots(&self) -> u64 {

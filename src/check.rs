@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::format::{Superblock, SUPERBLOCK_SLOT_SIZE};
 use crate::map::View;
 use crate::pool::Pool;
+use crate::space::try_vec;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CheckReport {
@@ -61,6 +62,9 @@ pub enum IssueKind {
     MappedPastEnd,
     /// One block used both as data and as metadata.
     DataIsMetadata,
+    /// A map node reached at two different places (level or virtual
+    /// block): a real pool shares a node only where it was shadowed from.
+    MisplacedNode,
 }
 
 impl IssueKind {
@@ -124,11 +128,18 @@ pub(crate) struct Census {
 /// Per distinct node: (mapped entries below it, highest mapped block offset + 1).
 type Summary = (u64, u64);
 
+/// Where a node was first reached, and what lies below it (None: unreadable).
+struct Seen {
+    level: u8,
+    base: u64,
+    summary: Option<Summary>,
+}
+
 struct Walk<'a> {
     expected: Vec<u32>,
     is_meta: Vec<bool>,
     is_data: Vec<bool>,
-    memo: HashMap<u64, Option<Summary>>,
+    memo: HashMap<u64, Seen>,
     issues: &'a mut Vec<Issue>,
     fanout: u128,
     volume: String,
@@ -162,9 +173,9 @@ impl Pool {
         self.check_superblocks(&mut report.notes);
         let mut issues = Vec::new();
         let mut w = Walk {
-            expected: vec![0; total],
-            is_meta: vec![false; total],
-            is_data: vec![false; total],
+            expected: try_vec(total, 0, "check's reference counts")?,
+            is_meta: try_vec(total, false, "check's block kinds")?,
+            is_data: try_vec(total, false, "check's block kinds")?,
             memo: HashMap::new(),
             issues: &mut issues,
             fanout: self.fanout() as u128,
@@ -172,7 +183,7 @@ impl Pool {
         };
         w.expected[..reserved].fill(1);
         for p in self.table_pages() {
-            w.expected[p as usize] += 1;
+            w.expected[p as usize] = w.expected[p as usize].saturating_add(1);
             w.is_meta[p as usize] = true;
         }
         let bs = self.block_size() as u64;
@@ -184,7 +195,7 @@ impl Pool {
             w.volume = r.name.clone();
             let mut count_end = (0, 0);
             if r.root != 0 {
-                w.expected[r.root as usize] += 1;
+                w.expected[r.root as usize] = w.expected[r.root as usize].saturating_add(1);
                 let ctx = self.view();
                 let mut path = Vec::new();
                 count_end = w
@@ -344,7 +355,16 @@ impl Walk<'_> {
         path: &mut Vec<usize>,
     ) -> Option<Summary> {
         if let Some(s) = self.memo.get(&node) {
-            return *s;
+            if (s.level, s.base) == (level, base) {
+                return s.summary;
+            }
+            let what = format!(
+                "map node at block {node} is reached at level {level}, virtual block {base}, \
+                 and also at level {}, virtual block {}",
+                s.level, s.base
+            );
+            self.problem_at(IssueKind::MisplacedNode, path, Some(base), node, what);
+            return None;
         }
         self.is_meta[node as usize] = true;
         if self.is_data[node as usize] {
@@ -365,7 +385,14 @@ impl Walk<'_> {
                     (base as u128 + span).min(u64::MAX as u128)
                 );
                 self.problem_at(IssueKind::BadNode, path, None, node, what);
-                self.memo.insert(node, None);
+                self.memo.insert(
+                    node,
+                    Seen {
+                        level,
+                        base,
+                        summary: None,
+                    },
+                );
                 return None;
             }
         };
@@ -375,7 +402,7 @@ impl Walk<'_> {
             if c == 0 {
                 continue;
             }
-            self.expected[c as usize] += 1;
+            self.expected[c as usize] = self.expected[c as usize].saturating_add(1);
             let off = (i as u128 * span) as u64;
             path.push(i);
             if level == 0 {
@@ -399,7 +426,15 @@ impl Walk<'_> {
             }
             path.pop();
         }
-        self.memo.insert(node, Some((count, end)));
-        Some((count, end))
+        let summary = Some((count, end));
+        self.memo.insert(
+            node,
+            Seen {
+                level,
+                base,
+                summary,
+            },
+        );
+        summary
     }
 }

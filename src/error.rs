@@ -29,11 +29,20 @@ pub enum Error {
     )]
     NoSpace,
 
+    /// The file system holding the pool file has no room for a block the
+    /// pool is about to use; the pool itself is consistent.
+    #[error("the file system holding the pool is full (free space there and retry; the pool is unharmed)")]
+    HostFull,
+
     #[error("volume '{0}' already exists")]
     VolumeExists(String),
 
     #[error("no volume named '{0}'")]
     NoSuchVolume(String),
+
+    /// The pool was opened for inspection only (info, list, check).
+    #[error("pool {} is open read-only", .0.display())]
+    PoolReadOnly(PathBuf),
 
     #[error("volume '{0}' is a read-only snapshot")]
     ReadOnly(String),
@@ -61,8 +70,8 @@ impl Error {
     /// The errno a kernel caller (FUSE) should see for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::NoSpace => libc::ENOSPC,
-            Error::ReadOnly(_) => libc::EROFS,
+            Error::NoSpace | Error::HostFull => libc::ENOSPC,
+            Error::ReadOnly(_) | Error::PoolReadOnly(_) => libc::EROFS,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::NoSuchVolume(_) => libc::ENOENT,
             Error::VolumeExists(_) => libc::EEXIST,

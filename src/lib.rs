@@ -21,6 +21,9 @@ pub mod check;
 pub mod control;
 pub mod error;
 pub mod export;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod forge;
 pub mod format;
 pub mod io;
 pub mod layer;

@@ -3,16 +3,21 @@
 //! make sense: overlayfs copies the whole file on the first write, thinpool
 //! copies about one block; a thinpool container costs almost nothing to create.
 //!
-//! Needs root (mounts, loop devices, FUSE); skipped otherwise.
+//! Needs root (mounts, loop devices, FUSE); fails with a message otherwise.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-fn is_root() -> bool {
+/// Without root the test fails with a message instead of passing unrun.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    assert!(
+        unsafe { libc::geteuid() == 0 },
+        "cowbench needs root (mounts, loop devices, FUSE): run the test as root, \
+         e.g. `sudo -E cargo test --test bench_quick` (CI runs the suite as root)"
+    );
 }
 
 /// Build the harness (a workspace member) with the same profile as this test's
@@ -50,10 +55,7 @@ fn metric(b: &Value, key: &str) -> f64 {
 
 #[test]
 fn cowbench_quick_mode() {
-    if !is_root() {
-        eprintln!("skipped: cowbench needs root");
-        return;
-    }
+    require_root();
     let thinpool = PathBuf::from(env!("CARGO_BIN_EXE_thinpool"));
     let exe = build_cowbench(&thinpool);
     let out = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
 //! Engine tests through the library API, on an in-memory storage and on files.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use thinpool::io::MemStorage;
 use thinpool::{CreateOptions, Error, Pool};
@@ -330,7 +332,13 @@ impl thinpool::io::Storage for TearSuperblock {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         if off < 8192 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            self.inner.write_at(&buf[..buf.len() / 2], off)?;
+            // Half the slot lands, the other half is garbage: a slot whose
+            // old second half happened to equal the new one would be a
+            // complete write, not a torn one (commits reuse page locations).
+            let half = buf.len() / 2;
+            self.inner.write_at(&buf[..half], off)?;
+            self.inner
+                .write_at(&vec![0xa5; buf.len() - half], off + half as u64)?;
             return Err(std::io::Error::other("power cut"));
         }
         self.inner.write_at(buf, off)
@@ -384,21 +392,270 @@ fn torn_superblock_write_opens_at_previous_commit() {
 
 #[test]
 fn snapshot_cost_does_not_depend_on_mapped_size() {
-    // Counting work, not time: a snapshot writes the same number of metadata
-    // blocks whatever the origin's size.
-    let (_m, mut p) = mem_pool(256 * MIB, 4096);
+    // Counting work, not time: a snapshot writes the same pages (its catalog
+    // page, the refcount page of the root, their index pages, a superblock)
+    // and changes one refcount, whatever the origin's size. A snapshot that
+    // touched every block's count would dirty the refcount pages of all of
+    // them: 128 MiB of 4 KiB blocks span 33 refcount pages.
+    let c = Host::new(4096);
+    let opts = CreateOptions {
+        size: 256 * MIB,
+        block_size: 4096,
+    };
+    let mut p = Pool::create_with(Box::new(c.clone()), Path::new("mem"), &opts).unwrap();
     p.create_volume("small", MIB).unwrap();
+    let small = p.lookup("small").unwrap();
+    p.write(small, 0, &[1u8; 4096]).unwrap();
     let big = p.create_volume("big", 128 * MIB).unwrap();
     p.write(big, 0, &vec![3u8; 128 * MIB as usize]).unwrap();
     p.commit().unwrap();
-    let meta = |p: &mut Pool| p.info().unwrap().metadata_used_bytes;
-    let m0 = meta(&mut p);
-    p.snapshot("small", "s1", false).unwrap();
-    let m1 = meta(&mut p);
-    p.snapshot("big", "s2", false).unwrap();
-    let m2 = meta(&mut p);
-    assert_eq!(m1 - m0, m2 - m1);
+    let written = |p: &mut Pool, from: &str, to: &str| {
+        let before = c.writes.load(Ordering::SeqCst);
+        let rc_before = refcounts(&c.inner);
+        p.snapshot(from, to, false).unwrap();
+        let changed = refcounts(&c.inner)
+            .iter()
+            .zip(rc_before)
+            .filter(|(a, b)| **a != *b)
+            .count();
+        (c.writes.load(Ordering::SeqCst) - before, changed)
+    };
+    let (w_small, rc_small) = written(&mut p, "small", "s1");
+    let (w_big, rc_big) = written(&mut p, "big", "s2");
+    assert_eq!(
+        (w_small, rc_small),
+        (w_big, rc_big),
+        "a snapshot of 1 block and of 32,768 blocks wrote (pages, refcounts changed) \
+         ({w_small}, {rc_small}) and ({w_big}, {rc_big})"
+    );
+    // One count goes up (the root's); the rest are the commit's own pages
+    // moving (each freed old page and newly allocated one).
+    assert!(w_big <= 8, "a snapshot wrote {w_big} blocks");
     assert_clean(&mut p);
+}
+
+/// Every block's reference count as committed in a pool image.
+fn refcounts(m: &MemStorage) -> Vec<u32> {
+    let f = thinpool::forge::Forge::new(m.snapshot()).unwrap();
+    (0..f.sb.total_blocks)
+        .map(|b| f.refcount(b).unwrap_or(0))
+        .collect()
+}
+
+//------------------------------------------------------------------------------
+// Zero writes stay unmapped (qcow2's detect-zeroes=unmap)
+
+fn mapped(p: &mut Pool, name: &str) -> Vec<u64> {
+    let id = p.lookup(name).unwrap();
+    p.mapped_blocks(id).unwrap()
+}
+
+#[test]
+fn a_zero_block_written_to_an_unmapped_block_maps_nothing() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    let g = p.generation();
+    let used = p.info().unwrap().data_used_bytes;
+    p.write(v, 0, &vec![0u8; 64 * 4096]).unwrap();
+    assert!(mapped(&mut p, "v").is_empty());
+    // Not even a map node: the commit has nothing to write.
+    p.commit().unwrap();
+    assert_eq!(p.generation(), g);
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    // A partial block of zeros is an ordinary write (it may sit next to data).
+    p.write(v, 4096 + 100, &[0u8; 100]).unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![1]);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn a_zero_block_written_over_an_owned_block_unmaps_it() {
+    let (m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    p.write(v, 0, &pattern(8 * 4096, 1)).unwrap();
+    p.commit().unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    // Blocks 2..5 zeroed, in one write with data around them.
+    let mut buf = pattern(8 * 4096, 2);
+    buf[2 * 4096..6 * 4096].fill(0);
+    p.write(v, 0, &buf).unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![0, 1, 6, 7]);
+    p.commit().unwrap();
+    assert_eq!(p.info().unwrap().data_used_bytes, used - 4 * 4096);
+    let mut p = reopen(&m, p);
+    let mut back = vec![1u8; 8 * 4096];
+    p.read(v, 0, &mut back).unwrap();
+    assert_eq!(back, buf);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn a_zero_block_written_over_a_shared_block_drops_only_the_reference() {
+    let (_m, mut p) = mem_pool(16 * MIB, 4096);
+    let v = p.create_volume("v", MIB).unwrap();
+    let data = pattern(4 * 4096, 3);
+    p.write(v, 0, &data).unwrap();
+    p.snapshot("v", "snap", false).unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    p.write(v, 4096, &vec![0u8; 2 * 4096]).unwrap();
+    p.commit().unwrap();
+    assert_eq!(mapped(&mut p, "v"), vec![0, 3]);
+    assert_eq!(mapped(&mut p, "snap"), vec![0, 1, 2, 3]);
+    // Nothing was copied; the snapshot now holds blocks 1 and 2 alone.
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    let snap = p.volume_info("snap").unwrap();
+    assert_eq!(snap.exclusive_bytes, 2 * 4096);
+    let s = p.lookup("snap").unwrap();
+    let mut back = vec![0u8; 4 * 4096];
+    p.read(s, 0, &mut back).unwrap();
+    assert_eq!(back, data);
+    p.read(v, 0, &mut back).unwrap();
+    assert_eq!(&back[4096..3 * 4096], &vec![0u8; 2 * 4096][..]);
+    assert_eq!(&back[3 * 4096..], &data[3 * 4096..]);
+    assert_clean(&mut p);
+}
+
+//------------------------------------------------------------------------------
+// A full host file system
+
+/// A memory storage that counts the writes through it (what a commit
+/// costs), and whose "host" can be full: a block has host space once it was
+/// written or reserved, until punched; while `full`, reserving or writing any
+/// other block fails with ENOSPC, as on a full file system.
+#[derive(Clone)]
+struct Host {
+    inner: MemStorage,
+    bs: u64,
+    writes: Arc<AtomicU64>,
+    with_space: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Host {
+    fn new(bs: u64) -> Host {
+        Host {
+            inner: MemStorage::new(),
+            bs,
+            writes: Default::default(),
+            with_space: Default::default(),
+            full: Default::default(),
+        }
+    }
+
+    fn blocks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        offset / self.bs..(offset + len).div_ceil(self.bs)
+    }
+
+    /// Give the range host space (ENOSPC while full, unless it has it).
+    fn take_space(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut s = self.with_space.lock().unwrap();
+        let blocks = self.blocks(offset, len);
+        if self.full.load(Ordering::SeqCst) && blocks.clone().any(|b| !s.contains(&b)) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        s.extend(blocks);
+        Ok(())
+    }
+}
+
+impl thinpool::io::Storage for Host {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.take_space(offset, buf.len() as u64)?;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut s = self.with_space.lock().unwrap();
+        for b in offset / self.bs..(offset + len) / self.bs {
+            s.remove(&b);
+        }
+        self.inner.punch(offset, len)
+    }
+    fn reserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.take_space(offset, len)
+    }
+}
+
+#[test]
+fn a_full_host_fails_the_write_not_the_pool() {
+    let host = Host::new(4096);
+    let opts = CreateOptions {
+        size: 32 * MIB,
+        block_size: 4096,
+    };
+    let mut p = Pool::create_with(Box::new(host.clone()), Path::new("mem"), &opts).unwrap();
+    let v = p.create_volume("v", 16 * MIB).unwrap();
+    let first = pattern(MIB as usize, 1);
+    p.write(v, 0, &first).unwrap();
+    p.commit().unwrap();
+    // Churn a little so that commits have freed metadata pages to reuse.
+    for i in 0..4 {
+        p.write(v, i * 4096, &pattern(4096, i as u8)).unwrap();
+        p.commit().unwrap();
+    }
+    p.write(v, 0, &first).unwrap();
+    p.commit().unwrap();
+
+    host.full.store(true, Ordering::SeqCst);
+    let e = p
+        .write(v, 4 * MIB, &pattern(2 * MIB as usize, 2))
+        .unwrap_err();
+    assert!(matches!(e, Error::HostFull), "{e}");
+    assert_eq!(e.errno(), libc::ENOSPC);
+    // The pool is not failed: what was written before the error commits,
+    // in-place overwrites still work, reads and check are fine.
+    p.commit().unwrap();
+    p.write(v, 0, &pattern(4096, 9)).unwrap();
+    p.commit().unwrap();
+    let mut back = vec![0u8; 4096];
+    p.read(v, 4096, &mut back).unwrap();
+    assert_eq!(back, first[4096..8192]);
+    assert_clean(&mut p);
+
+    host.full.store(false, Ordering::SeqCst);
+    let later = pattern(2 * MIB as usize, 3);
+    p.write(v, 4 * MIB, &later).unwrap();
+    p.commit().unwrap();
+    p.close().unwrap();
+    let mut p = Pool::open_with(Box::new(host.clone()), Path::new("mem")).unwrap();
+    let mut back = vec![0u8; 2 * MIB as usize];
+    p.read(v, 4 * MIB, &mut back).unwrap();
+    assert_eq!(back, later);
+    assert_clean(&mut p);
+}
+
+#[test]
+fn a_pool_open_read_only_refuses_changes_with_erofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let opts = CreateOptions {
+        size: 16 * MIB,
+        block_size: 4096,
+    };
+    let mut p = Pool::create(&path, &opts).unwrap();
+    p.create_volume("v", MIB).unwrap();
+    p.close().unwrap();
+    let mut p = Pool::open_read_only(&path).unwrap();
+    let v = p.lookup("v").unwrap();
+    for e in [
+        p.discard(v, 0, 4096).unwrap_err(),
+        p.write(v, 0, b"x").unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::PoolReadOnly(_)), "{e}");
+        assert_eq!(e.errno(), libc::EROFS);
+    }
 }
 
 /// Rewrite both superblock slots as format version 1 (annotation fields

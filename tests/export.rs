@@ -1,7 +1,7 @@
 //! Live export tests: FUSE files, loop devices and ext4 on top, for real.
 //!
-//! They need root, /dev/fuse and loop devices (CI has them) and skip with a
-//! printed reason otherwise. Every test cleans up what it set up through a
+//! They need root, /dev/fuse and loop devices (CI has them) and fail with a
+//! message saying so otherwise. Every test cleans up what it set up through a
 //! `Drop` guard, also when it fails: filesystems under its temporary directory
 //! are unmounted, loop devices over its export detached, its server stopped.
 
@@ -25,19 +25,21 @@ const MIB: u64 = 1 << 20;
 //------------------------------------------------------------------------------
 // Harness
 
-fn can_run() -> bool {
+/// These tests mount FUSE and attach loop devices: without root they fail
+/// with a message instead of passing without having run.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: the export tests need root (FUSE mount, loop devices)");
-        return false;
-    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the export tests need root (FUSE mounts, loop devices): run them as root, \
+         e.g. `sudo -E cargo test --test export` (CI runs the suite as root)"
+    );
     for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            eprintln!("skipped: {dev} is missing");
-            return false;
-        }
+        assert!(
+            Path::new(dev).exists(),
+            "{dev} is missing: the export tests need FUSE and loop devices (modprobe fuse loop)"
+        );
     }
-    true
 }
 
 fn run_tp<S: AsRef<OsStr>>(args: &[S]) -> Output {
@@ -94,11 +96,16 @@ struct Env {
 
 impl Env {
     fn new(pool_size: &str) -> Env {
+        Env::with_pool(pool_size, None)
+    }
+
+    /// A pool file at `pool` instead of in the test's directory.
+    fn with_pool(pool_size: &str, pool: Option<PathBuf>) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("tp-export-")
             .tempdir_in("/tmp")
             .unwrap();
-        let pool = tmp.path().join("pool");
+        let pool = pool.unwrap_or_else(|| tmp.path().join("pool"));
         tp(&[
             "create".as_ref(),
             pool.as_os_str(),
@@ -348,9 +355,7 @@ fn assert_no_leftovers(env: &Env) {
 /// snapshot still reads the originals; both filesystems check clean.
 #[test]
 fn snapshot_and_clone_of_an_ext4_volume() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("4G");
     env.volume("base", "1G");
     let m1 = env.dir("m1");
@@ -405,9 +410,7 @@ fn snapshot_and_clone_of_an_ext4_volume() {
 /// (the server freezes ext4 around each one).
 #[test]
 fn snapshots_under_a_busy_writer_are_consistent() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("4G");
     env.volume("live", "512M");
     let m = env.dir("m");
@@ -480,9 +483,7 @@ fn nearly_full_pool() -> Env {
 /// again once space is freed.
 #[test]
 fn full_pool_fails_writes_cleanly_and_recovers() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = nearly_full_pool();
 
     let dev = env.attach("big", &[]);
@@ -561,13 +562,13 @@ fn full_pool_fails_writes_cleanly_and_recovers() {
 }
 
 /// Filling a pool through a mounted ext4: the writer gets an error (fsync
-/// fails with ENOSPC), the pool stays consistent, and once another volume is
-/// removed new writes succeed and the filesystem checks clean.
+/// fails with ENOSPC, or EROFS when the ENOSPC hit one of ext4's journal
+/// writes and ext4 turned itself read-only, as it does on any device
+/// error), the pool stays consistent, and once another volume is removed
+/// and the filesystem remounted, new writes succeed and it checks clean.
 #[test]
 fn full_pool_through_mounted_ext4() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = nearly_full_pool();
 
     let m = env.dir("m");
@@ -587,12 +588,16 @@ fn full_pool_through_mounted_ext4() {
     assert!(!out.status.success(), "200 MiB fitted into a 64 MiB pool");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("No space left") || err.contains("Input/output error"),
+        err.contains("No space left")
+            || err.contains("Input/output error")
+            || err.contains("Read-only file system"),
         "dd failed with: {err}"
     );
     tp(&["check", env.p()]);
 
     tp(&["remove", env.p(), "other"]);
+    env.umount(&m);
+    env.mount("big", &m, &[]);
     fs::remove_file(&fill).unwrap();
     let sum = write_file(&m.join("after"), 3, 16 * MIB, true);
     env.umount(&m);
@@ -606,13 +611,169 @@ fn full_pool_through_mounted_ext4() {
     assert_no_leftovers(&env);
 }
 
+/// A small ext4 of its own, loop-mounted, for a pool file to fill up.
+/// Unmounted (and its loop device, set up with autoclear, detached) on drop.
+struct HostFs {
+    _tmp: TempDir,
+    dir: PathBuf,
+}
+
+impl HostFs {
+    fn new(size_mib: u64) -> HostFs {
+        let tmp = tempfile::Builder::new()
+            .prefix("tp-hostfs-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let img = tmp.path().join("host.img");
+        fs::File::create(&img)
+            .unwrap()
+            .set_len(size_mib * MIB)
+            .unwrap();
+        sh("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
+        sh(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()],
+        );
+        HostFs { _tmp: tmp, dir }
+    }
+}
+
+impl Drop for HostFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// The file system under the pool file fills up: the writer gets ENOSPC
+/// (the pool reserves host space when it allocates a block, so the data and
+/// commit writes after that cannot fail), the pool keeps serving and stays
+/// consistent, and once host space is freed writes work again.
+#[test]
+fn full_host_file_system_fails_the_writer_not_the_pool() {
+    require_root();
+    let host = HostFs::new(320);
+    let env = Env::with_pool("4G", Some(host.dir.join("pool")));
+    env.volume("raw", "1G");
+    env.volume("v", "1G");
+    let ballast = host.dir.join("ballast");
+    write_file(&ballast, 2, 64 * MIB, true);
+
+    // A writer on the served, attached device.
+    let dev = env.attach("raw", &[]);
+    let first = env.dir("probe").join("first");
+    write_file(&first, 5, 8 * MIB, false);
+    let dd = |from: &Path, seek_mib: u64, count: u64| {
+        Command::new("dd")
+            .args([
+                &format!("if={}", from.display()),
+                &format!("of={dev}"),
+                "bs=1M",
+                &format!("seek={seek_mib}"),
+                &format!("count={count}"),
+                "oflag=direct",
+                "conv=fsync",
+                "status=none",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(dd(&first, 0, 8).status.success());
+    let out = dd(Path::new("/dev/urandom"), 8, 600);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "600 MiB fitted on a 320 MiB host file system"
+    );
+    assert!(
+        err.contains("No space left") || err.contains("Input/output error"),
+        "dd failed with: {err}"
+    );
+    // Still served and consistent: the server answers, checks clean, and
+    // what was written before reads back.
+    tp(&["list", env.p()]);
+    tp(&["check", env.p()]);
+    let read_back = |seek_mib: u64| {
+        Command::new("dd")
+            .args([
+                &format!("if={dev}"),
+                "bs=1M",
+                &format!("skip={seek_mib}"),
+                "count=8",
+                "iflag=direct",
+                "status=none",
+            ])
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert!(read_back(0) == fs::read(&first).unwrap());
+
+    // Host space freed: the same device takes writes again, no restart.
+    fs::remove_file(&ballast).unwrap();
+    assert!(
+        dd(&first, 900, 8).status.success(),
+        "write after freeing host space failed"
+    );
+    assert!(read_back(900) == fs::read(&first).unwrap());
+    tp(&["detach", &dev]);
+    // Removing the volume punches its blocks out: the host gets them back.
+    tp(&["remove", env.p(), "raw"]);
+
+    // Through a mounted ext4: the writer fails (ext4 may also turn itself
+    // read-only when a journal write fails: its choice on any device error);
+    // after a remount, with host space freed, it works again and checks clean.
+    write_file(&ballast, 6, 48 * MIB, true);
+    let m = env.dir("m");
+    env.mount("v", &m, &["--mkfs", "ext4"]);
+    let before = write_file(&m.join("before"), 1, 8 * MIB, true);
+    let r = try_write_file(&m.join("fill"), 3, 600 * MIB, true);
+    let err = r.expect_err("600 MiB fitted on a 320 MiB host file system");
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EIO) | Some(libc::EROFS)
+        ),
+        "the writer failed with {err}"
+    );
+    tp(&["check", env.p()]);
+    env.umount(&m);
+    fs::remove_file(&ballast).unwrap();
+    env.mount("v", &m, &[]);
+    let _ = fs::remove_file(m.join("fill"));
+    let after = write_file(&m.join("after"), 4, 16 * MIB, true);
+    assert_eq!(sha256_file(&m.join("before")), before);
+    env.umount(&m);
+    tp(&["check", env.p()]);
+    let dev = env.attach("v", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    env.mount("v", &m, &["--read-only"]);
+    assert_eq!(sha256_file(&m.join("before")), before);
+    assert_eq!(sha256_file(&m.join("after")), after);
+    env.umount(&m);
+    assert_no_leftovers(&env);
+    drop(env);
+    drop(host);
+}
+
 /// A snapshot of a mounted xfs (taken frozen) mounts read-only beside its
 /// origin, whose UUID it shares, and holds what was written before it.
 #[test]
 fn live_xfs_snapshot_mounts_read_only_beside_its_origin() {
-    if !can_run() || Command::new("mkfs.xfs").arg("-V").output().is_err() {
-        return;
-    }
+    require_root();
+    // tools/install-deps.sh installs xfsprogs.
+    assert!(
+        Command::new("mkfs.xfs").arg("-V").output().is_ok(),
+        "mkfs.xfs is missing: run tools/install-deps.sh"
+    );
     let env = Env::new("2G");
     env.volume("x", "1G");
     let m = env.dir("m");
@@ -630,11 +791,68 @@ fn live_xfs_snapshot_mounts_read_only_beside_its_origin() {
 }
 
 /// Deleting files and running fstrim gives the space back to the pool.
+/// A container writing zeros (dd from /dev/zero, a database zero-filling
+/// its log segments) maps nothing: whole blocks of zeros reach the pool as
+/// writes and stay unmapped, and zeros written over data unmap it.
+#[test]
+fn zeros_written_through_ext4_take_no_pool_space() {
+    require_root();
+    let env = Env::new("2G");
+    env.volume("fs", "1G");
+    let m = env.dir("m");
+    env.mount("fs", &m, &["--mkfs", "ext4"]);
+    let dd = |name: &str, from: &str, extra: &[&str]| {
+        let of = format!("of={}", m.join(name).display());
+        let mut args = vec![format!("if={from}"), of, "bs=1M".into(), "count=64".into()];
+        args.extend(["oflag=direct".to_string(), "conv=fsync".to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        sh("dd", &args);
+    };
+    let base = env.data_used();
+    dd("zeros", "/dev/zero", &[]);
+    let after_zeros = env.data_used();
+    dd("data", "/dev/urandom", &[]);
+    let after_data = env.data_used();
+    // The same file overwritten in place with zeros gives its blocks back.
+    dd("data", "/dev/zero", &["conv=notrunc"]);
+    let after_rezero = env.data_used();
+    eprintln!(
+        "pool data: {base} after mkfs, {after_zeros} after 64 MiB of zeros, \
+         {after_data} after 64 MiB of data, {after_rezero} after zeroing that data"
+    );
+    // What it does take is ext4's own: journal commits, the extent tree.
+    assert!(
+        after_zeros - base < 12 * MIB,
+        "64 MiB of zeros took {} bytes",
+        after_zeros - base
+    );
+    assert!(after_data - after_zeros >= 64 * MIB);
+    assert!(
+        after_data - after_rezero >= 60 * MIB,
+        "zeroing 64 MiB of data gave back only {} bytes",
+        after_data - after_rezero
+    );
+    sh(
+        "cmp",
+        &[
+            "-n",
+            "67108864",
+            m.join("data").to_str().unwrap(),
+            "/dev/zero",
+        ],
+    );
+    env.umount(&m);
+    let dev = env.attach("fs", &[]);
+    e2fsck_clean(&dev);
+    tp(&["detach", &dev]);
+    let r = run_tp(&["check", env.p()]);
+    assert!(r.status.success(), "{}", describe("check", &["check"], &r));
+    assert_no_leftovers(&env);
+}
+
 #[test]
 fn fstrim_returns_space_to_the_pool() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("2G");
     env.volume("v", "1G");
     let m = env.dir("m");
@@ -663,9 +881,7 @@ fn fstrim_returns_space_to_the_pool() {
 /// fsynced before the kill is intact and the filesystem checks clean.
 #[test]
 fn server_killed_mid_workload_loses_nothing_fsynced() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("2G");
     env.volume("v", "512M");
     let m = env.dir("m");
@@ -741,9 +957,7 @@ fn server_killed_mid_workload_loses_nothing_fsynced() {
 /// read-only, attached volumes cannot be removed, SIGTERM stops it cleanly.
 #[test]
 fn serve_exports_volumes_as_files() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let mut env = Env::new("1G");
     env.volume("a", "16M");
     let dir = env.dir("export");
@@ -789,6 +1003,25 @@ fn serve_exports_volumes_as_files() {
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).unwrap();
     assert_eq!(tail.len(), 10);
+    // At and past the end a read returns 0 bytes (end of file), not EINVAL.
+    let mut past = vec![0u8; 4096];
+    assert_eq!(f.read_at(&mut past, 16 * MIB).unwrap(), 0);
+    assert_eq!(f.read_at(&mut past, 16 * MIB + 5 * 4096).unwrap(), 0);
+    // A volume does not grow through fallocate: EFBIG.
+    // SAFETY: fallocate on an open fd.
+    let r = unsafe {
+        libc::fallocate(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            (32 * MIB) as i64,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EFBIG)
+    );
 
     // Punch a hole over whole blocks and partial ones: reads as zeros.
     // SAFETY: fallocate on an open fd with in-range arguments.
@@ -870,9 +1103,7 @@ fn serve_exports_volumes_as_files() {
 /// Errors of the export verbs are clear and leave nothing behind.
 #[test]
 fn export_errors_clean_up() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let env = Env::new("1G");
     env.volume("v", "64M");
     let m = env.dir("m");

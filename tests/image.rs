@@ -1,6 +1,6 @@
 //! Real OCI images, built with umoci and skopeo, imported as block layers,
 //! mounted and compared file by file with `umoci unpack`. Needs root (loop
-//! devices, mounts); skipped otherwise. Installs the tools with
+//! devices, mounts); fails with a message otherwise. Installs the tools with
 //! tools/install-image-tools.sh when they are missing.
 
 use std::collections::BTreeMap;
@@ -11,9 +11,14 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinpool");
 
-fn is_root() -> bool {
+/// Without root the test fails with a message instead of passing unrun.
+fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    assert!(
+        unsafe { libc::geteuid() == 0 },
+        "the image tests need root (loop devices, mounts): run them as root, \
+         e.g. `sudo -E cargo test --test image` (CI runs the suite as root)"
+    );
 }
 
 fn sh(script: &str, dir: &Path) {
@@ -225,14 +230,11 @@ fn volumes(pool: &str) -> BTreeMap<String, serde_json::Value> {
 
 #[test]
 fn oci_images_import_share_layers_and_match_umoci_unpack() {
-    if !is_root() {
-        eprintln!("skipped: needs root for loop devices and mounts");
-        return;
-    }
-    if !ensure_tools() {
-        eprintln!("skipped: umoci/skopeo/mkfs.ext4 not available");
-        return;
-    }
+    require_root();
+    assert!(
+        ensure_tools(),
+        "umoci, skopeo or mkfs.ext4 missing and not installable: run tools/install-deps.sh"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     build_images(d);

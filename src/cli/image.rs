@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
+use thinpool::io::is_zero;
 use thinpool::{Pool, VolumeId};
 
 use super::data::fill;
@@ -143,13 +144,6 @@ fn data_runs(buf: &[u8], bs: usize) -> Vec<(usize, usize)> {
         }
     }
     runs
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    // OR-folding fixed-size pieces vectorises; stopping per piece keeps the
-    // early exit for data blocks.
-    b.chunks(512)
-        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
 }
 
 /// A byte progress bar on stderr, only when a person is watching it.

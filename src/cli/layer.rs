@@ -220,10 +220,13 @@ pub(crate) fn send(a: SendArgs) -> Result<()> {
     let rep = match &a.output {
         Some(path) => {
             let f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+            // A partial stream in a regular file is removed on failure; a
+            // device (`-o /dev/null`) or a pipe never is.
+            let ours = f.metadata().is_ok_and(|m| m.is_file());
             let mut w = BufWriter::new(f);
             let r = stream::send(&mut p, &a.name, a.from.as_deref(), &mut w, &mut tick)
                 .and_then(|r| w.flush().map(|_| r).map_err(Into::into));
-            if r.is_err() {
+            if r.is_err() && ours {
                 let _ = fs::remove_file(path);
             }
             r?

@@ -60,7 +60,7 @@ pub fn default_export_dir(pool: &Path) -> PathBuf {
 }
 
 fn canonical(p: &Path) -> Result<PathBuf, ExportError> {
-    fs::canonicalize(p).map_err(|e| ExportError::Msg(format!("{}: {e}", p.display())))
+    fs::canonicalize(p).map_err(ExportError::path(p))
 }
 
 //------------------------------------------------------------------------------
@@ -86,15 +86,14 @@ pub fn ensure_server(pool: &Path, start: StartServer) -> Result<(ServerStatus, b
 
 fn start_background(pool: &Path, start: StartServer) -> Result<ServerStatus, ExportError> {
     let dir = default_export_dir(pool);
-    fs::create_dir_all(RUN_DIR).map_err(|e| ExportError::Msg(format!("{RUN_DIR}: {e}")))?;
+    fs::create_dir_all(RUN_DIR).map_err(ExportError::path(Path::new(RUN_DIR)))?;
     let log_path = dir.with_extension("log");
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| ExportError::Msg(format!("{}: {e}", log_path.display())))?;
-    let mut child = start(pool, &dir, log)
-        .map_err(|e| ExportError::Msg(format!("cannot start the pool server: {e}")))?;
+        .map_err(ExportError::path(&log_path))?;
+    let mut child = start(pool, &dir, log).map_err(ExportError::ServerSpawn)?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         match control::status(pool) {
@@ -115,14 +114,16 @@ fn start_background(pool: &Path, start: StartServer) -> Result<ServerStatus, Exp
             let tail = fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(ExportError::Msg(format!(
-                "the pool server for {} did not start{} (log: {}){}{}",
-                pool.display(),
-                if exited { "" } else { " in time" },
-                log_path.display(),
-                if tail.is_empty() { "" } else { ":\n  " },
-                tail.join("\n  ")
-            )));
+            return Err(ExportError::ServerDidNotStart {
+                pool: pool.to_path_buf(),
+                exited,
+                log: log_path,
+                log_tail: if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(":\n  {}", tail.join("\n  "))
+                },
+            });
         }
         thread::sleep(Duration::from_millis(25));
     }
@@ -134,10 +135,7 @@ fn wait_gone(pool: &Path, pid: Option<u32>, timeout: Duration) -> Result<(), Exp
     let deadline = Instant::now() + timeout;
     while control::status(pool).is_some() || pid.is_some_and(alive) {
         if Instant::now() > deadline {
-            return Err(ExportError::Msg(format!(
-                "the server of {} did not stop in time",
-                pool.display()
-            )));
+            return Err(ExportError::ServerDidNotStop(pool.to_path_buf()));
         }
         thread::sleep(Duration::from_millis(25));
     }
@@ -198,7 +196,7 @@ pub fn attach_file(dir: &Path, name: &str, read_only: bool) -> Result<PathBuf, E
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(crate::Error::NoSuchVolume(name.to_string()).into())
         }
-        Err(e) => return Err(ExportError::Msg(format!("{}: {e}", file.display()))),
+        Err(e) => return Err(ExportError::path(&file)(e)),
     };
     // Snapshots are 0444: attach them read-only rather than fail.
     let read_only =
@@ -219,12 +217,7 @@ fn attachment(device: &Path) -> Result<Attachment, ExportError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let not_ours = || {
-        ExportError::Msg(format!(
-            "{} is not a loop device attached by thinpool",
-            device.display()
-        ))
-    };
+    let not_ours = || ExportError::NotOurDevice(device.to_path_buf());
     if !name.starts_with("loop") {
         return Err(not_ours());
     }
@@ -335,10 +328,7 @@ pub fn mount_served(
 fn mount_point(dir: &Path, opts: &MountOptions) -> Result<PathBuf, ExportError> {
     let dir = canonical(dir)?;
     if !dir.is_dir() {
-        return Err(ExportError::Msg(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(ExportError::NotADirectory(dir));
     }
     if opts.mkfs.is_some() && opts.read_only {
         return Err(crate::Error::InvalidArgument(
@@ -410,12 +400,7 @@ fn no_recovery_options(dev: &Path) -> Option<&'static str> {
 /// background server if nothing else of its pool is in use.
 pub fn umount(dir: &Path) -> Result<(), ExportError> {
     let dir = canonical(dir)?;
-    let not_ours = || {
-        ExportError::Msg(format!(
-            "{} is not mounted from a thinpool volume",
-            dir.display()
-        ))
-    };
+    let not_ours = || ExportError::NotOurMount(dir.clone());
     let m = sys::mount_at(&dir).ok_or_else(not_ours)?;
     let a = attachment(Path::new(&m.source)).map_err(|_| not_ours())?;
     sys::run(Command::new("umount").arg(&dir))?;

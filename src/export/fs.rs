@@ -241,6 +241,10 @@ impl Filesystem for ThinFs {
             let vsize = pool.read_engine().volume_size(id);
             let res = vsize.and_then(|vsize| {
                 let n = vsize.saturating_sub(offset).min(size as u64) as usize;
+                if n == 0 {
+                    // At or past the end of the file: 0 bytes, as for any file.
+                    return Ok(0);
+                }
                 if buf.len() < n {
                     buf.resize(n, 0);
                 }

@@ -22,13 +22,89 @@ pub use client::{
 };
 pub use server::{serve, serve_with, ServeOptions, Server, ServerHandle};
 
-/// Errors of the export verbs: the pool's own, or the host's (tools, mounts).
+use std::path::{Path, PathBuf};
+
+/// Errors of the export verbs: the pool's own, or the host's (paths, tools,
+/// loop devices, mounts, the pool server).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExportError {
     #[error(transparent)]
     Pool(#[from] crate::Error),
-    #[error("{0}")]
-    Msg(String),
+    /// A file or directory the verb works on could not be used.
+    #[error("{}: {source}", path.display())]
+    Path {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// An external tool (losetup, mount, mkfs...) could not be started.
+    #[error("cannot run {command}: {source}")]
+    ToolMissing {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    ToolFailed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("losetup printed no device for {}: '{output}'", file.display())]
+    NoLoopDevice { file: PathBuf, output: String },
+    #[error("{} is not a loop device attached by thinpool", .0.display())]
+    NotOurDevice(PathBuf),
+    #[error("{} is not mounted from a thinpool volume", .0.display())]
+    NotOurMount(PathBuf),
+    #[error("serving needs root (it mounts FUSE without fusermount)")]
+    NeedsRoot,
+    #[error("{} is already served by process {pid} on {}", pool.display(), dir.display())]
+    AlreadyServed {
+        pool: PathBuf,
+        pid: u32,
+        dir: PathBuf,
+    },
+    #[error("cannot start the pool server: {0}")]
+    ServerSpawn(std::io::Error),
+    /// The background server did not answer; `log_tail`: its last log lines.
+    #[error(
+        "the pool server for {} did not start{} (log: {}){}",
+        pool.display(),
+        if *exited { "" } else { " in time" },
+        log.display(),
+        log_tail
+    )]
+    ServerDidNotStart {
+        pool: PathBuf,
+        exited: bool,
+        log: PathBuf,
+        log_tail: String,
+    },
+    #[error("the server of {} did not stop in time", .0.display())]
+    ServerDidNotStop(PathBuf),
+    #[error("cannot bind {}: {source}", socket.display())]
+    Bind {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot mount FUSE on {}: {source}", dir.display())]
+    FuseMount {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("FUSE session ended with an error: {0}")]
+    Session(std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl ExportError {
+    /// A path-bound I/O error, for `map_err`.
+    pub(crate) fn path(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+        move |source| ExportError::Path {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

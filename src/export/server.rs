@@ -105,15 +105,13 @@ pub fn serve_with(
     opts: &ServeOptions,
     on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
 ) -> Result<(), ExportError> {
-    let pool_path = std::fs::canonicalize(pool_path)
-        .map_err(|e| ExportError::Msg(format!("{}: {e}", pool_path.display())))?;
+    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
     if let Some(Ok(st)) = super::control::status(&pool_path) {
-        return Err(ExportError::Msg(format!(
-            "{} is already served by process {} on {}",
-            pool_path.display(),
-            st.pid,
-            st.dir.display()
-        )));
+        return Err(ExportError::AlreadyServed {
+            pool: pool_path,
+            pid: st.pid,
+            dir: st.dir,
+        });
     }
     let pool = Pool::open(&pool_path)?;
     install_signal_handlers();
@@ -151,9 +149,7 @@ impl Server {
     pub fn start(pool: Pool, dir: &Path, opts: &ServeOptions) -> Result<Server, ExportError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Err(ExportError::Msg(
-                "serving needs root (it mounts FUSE without fusermount)".into(),
-            ));
+            return Err(ExportError::NeedsRoot);
         }
         let pool_path = pool.path().to_path_buf();
         let block_size = pool.block_size();
@@ -165,17 +161,17 @@ impl Server {
             let _ = sys::umount(dir, true);
         }
         if opts.background {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(ExportError::path(dir))?;
         }
-        let dir = std::fs::canonicalize(dir)
-            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+        let dir = std::fs::canonicalize(dir).map_err(ExportError::path(dir))?;
 
         let sock = socket_path(&pool_path);
         // We hold the pool lock, so any socket file left here is stale.
         let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock)
-            .map_err(|e| ExportError::Msg(format!("cannot bind {}: {e}", sock.display())))?;
+        let listener = UnixListener::bind(&sock).map_err(|source| ExportError::Bind {
+            socket: sock.clone(),
+            source,
+        })?;
         let cleanup = Cleanup {
             bound: file_id(&sock),
             socket: sock.clone(),
@@ -218,8 +214,11 @@ impl Server {
         config.n_threads = Some(threads);
         config.clone_fd = true;
 
-        let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config).map_err(|e| {
-            ExportError::Msg(format!("cannot mount FUSE on {}: {e}", dir.display()))
+        let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config).map_err(|source| {
+            ExportError::FuseMount {
+                dir: dir.clone(),
+                source,
+            }
         })?;
         *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.notifier());
         eprintln!(
@@ -290,7 +289,7 @@ impl Server {
         self.end();
         let commit = self.sh.commit();
         self.join_helpers();
-        res.map_err(|e| ExportError::Msg(format!("FUSE session ended with an error: {e}")))?;
+        res.map_err(ExportError::Session)?;
         commit?;
         Ok(())
     }

@@ -22,14 +22,16 @@ pub(crate) fn run(cmd: &mut Command) -> Result<String, ExportError> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| ExportError::Msg(format!("cannot run {shown}: {e}")))?;
+        .map_err(|source| ExportError::ToolMissing {
+            command: shown.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(ExportError::Msg(format!(
-            "{shown} failed ({}): {}",
-            out.status,
-            err.trim()
-        )));
+        return Err(ExportError::ToolFailed {
+            command: shown,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -106,10 +108,10 @@ pub(crate) fn losetup_attach(file: &Path, read_only: bool) -> Result<PathBuf, Ex
     cmd.arg(file);
     let dev = run(&mut cmd)?;
     if !dev.starts_with("/dev/") {
-        return Err(ExportError::Msg(format!(
-            "losetup printed no device for {}: '{dev}'",
-            file.display()
-        )));
+        return Err(ExportError::NoLoopDevice {
+            file: file.to_path_buf(),
+            output: dev,
+        });
     }
     Ok(PathBuf::from(dev))
 }

@@ -6,7 +6,7 @@ mod record;
 mod superblock;
 
 pub use page::{decode_page, encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
-pub use record::{digest_hex, VolumeRecord, NAME_MAX, RECORD_SIZE};
+pub use record::{digest_hex, VolumeRecord, MAX_VOLUME_SIZE, NAME_MAX, RECORD_SIZE};
 pub use superblock::{
     SlotError, Superblock, ANNOT_INDEX_MAX, CAT_INDEX_MAX, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
 };

@@ -22,6 +22,8 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 pub const RECORD_SIZE: usize = 512;
 pub const NAME_MAX: usize = 128;
+/// Largest virtual size of a volume.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
 const FLAG_READ_ONLY: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -19,6 +19,26 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            _ if r == 0 => Ok(()),
+            // A filesystem without fallocate still works: it just neither
+            // reserves space ahead nor gives it back.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
+    }
 }
 
 impl Storage for FileStorage {
@@ -42,25 +62,17 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
 
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Mode 0 allocates (unwritten extents read as zeros) and costs next
+        // to nothing where the range already has its space.
+        self.fallocate(0, offset, len)
+    }
+
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: plain syscall on an fd we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        // A filesystem without hole punching still works; it just keeps the space.
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-            _ => Err(e),
-        }
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 }

@@ -27,6 +27,11 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Give the range's space back to the host; it reads as zeros afterwards.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Make sure the range has space on the host, so writing it later
+    /// cannot fail for lack of room (ENOSPC now rather than then).
+    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `read_at` for metadata and data the pool points to: a read past the end of
@@ -47,4 +52,12 @@ pub(crate) fn read_pointed(
             Error::Io(e)
         }
     })
+}
+
+/// All zeros: what an unmapped block reads as.
+pub fn is_zero(b: &[u8]) -> bool {
+    // OR-folding fixed-size pieces vectorises; stopping per piece keeps the
+    // early exit for data blocks.
+    b.chunks(512)
+        .all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
 }

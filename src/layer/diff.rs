@@ -14,17 +14,33 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::map::View;
+use crate::format::VolumeRecord;
+use crate::map::{self, Reached, View};
 
-/// A volume's map: root block (0 = empty) and depth.
+/// A volume's map: root block (0 = empty), depth, and the volume's size in
+/// blocks (the walk never looks past it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tree {
     pub root: u64,
     pub depth: u8,
+    pub blocks: u64,
 }
 
 impl Tree {
-    pub const EMPTY: Tree = Tree { root: 0, depth: 1 };
+    pub const EMPTY: Tree = Tree {
+        root: 0,
+        depth: 1,
+        blocks: 0,
+    };
+
+    /// The map of a volume record.
+    pub fn of(r: &VolumeRecord, block_size: u32) -> Tree {
+        Tree {
+            root: r.root,
+            depth: r.depth,
+            blocks: r.size.div_ceil(block_size as u64),
+        }
+    }
 }
 
 /// A block whose map entry differs: its physical block in A and in B (0 = unmapped).
@@ -101,20 +117,27 @@ fn same(x: Ref, y: Ref) -> bool {
     x.block == y.block && (x.block == 0 || x.level == y.level)
 }
 
-fn children(ctx: &View<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
+/// One side of the comparison: where its volume ends, and the nodes read.
+struct Side {
+    end: u64,
+    seen: Reached,
+}
+
+fn children(ctx: &View<'_>, side: &mut Side, r: Ref, level: u8, base: u128) -> Result<Vec<Ref>> {
     let f = ctx.nodes.fanout();
     let mut v = vec![NONE; f];
-    if r.block == 0 {
+    if r.block == 0 || base >= side.end as u128 {
         return Ok(v);
     }
     if level > r.level {
         v[0] = r;
         return Ok(v);
     }
+    side.seen.first_visit(r.block)?;
     let entries = ctx.nodes.get(ctx.storage, r.block, level)?;
     let child_level = level.saturating_sub(1);
-    for (slot, &c) in v.iter_mut().zip(entries.iter()) {
-        *slot = Ref {
+    for (i, c, _) in map::children(&entries, level, base as u64, f, side.end) {
+        v[i] = Ref {
             block: c,
             level: child_level,
         };
@@ -122,8 +145,10 @@ fn children(ctx: &View<'_>, r: Ref, level: u8) -> Result<Vec<Ref>> {
     Ok(v)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compare(
     ctx: &View<'_>,
+    sides: &mut [Side; 2],
     a: Ref,
     b: Ref,
     level: u8,
@@ -133,9 +158,9 @@ fn compare(
     if same(a, b) {
         return Ok(());
     }
-    let ca = children(ctx, a, level)?;
-    let cb = children(ctx, b, level)?;
-    let span = (ctx.nodes.fanout() as u128).pow(level as u32);
+    let ca = children(ctx, &mut sides[0], a, level, base)?;
+    let cb = children(ctx, &mut sides[1], b, level, base)?;
+    let span = map::span(level, ctx.nodes.fanout());
     for (i, (&x, &y)) in ca.iter().zip(&cb).enumerate() {
         if same(x, y) {
             continue;
@@ -143,19 +168,21 @@ fn compare(
         let vb = base + i as u128 * span;
         if level == 0 {
             out(BlockChange {
+                // Below one side's end, so it fits in 64 bits.
                 vblock: vb as u64,
                 a: x.block,
                 b: y.block,
             })?;
         } else {
-            compare(ctx, x, y, level - 1, vb, out)?;
+            compare(ctx, sides, x, y, level - 1, vb, out)?;
         }
     }
     Ok(())
 }
 
 /// Call `out` for every virtual block whose map entry differs between `a`
-/// and `b`, in ascending order.
+/// and `b`, in ascending order. Each map is read only up to its volume's
+/// end; past it, it counts as unmapped.
 pub fn changed_blocks(
     ctx: &View<'_>,
     a: Tree,
@@ -171,7 +198,11 @@ pub fn changed_blocks(
         block: b.root,
         level: b.depth.max(1) - 1,
     };
-    compare(ctx, ra, rb, top, 0, out)
+    let mut sides = [a.blocks, b.blocks].map(|end| Side {
+        end,
+        seen: Reached::default(),
+    });
+    compare(ctx, &mut sides, ra, rb, top, 0, out)
 }
 
 /// The differing blocks of `a` and `b` as maximal ranges of one kind.

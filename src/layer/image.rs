@@ -332,6 +332,16 @@ fn parse_source(source: &Path) -> (PathBuf, Option<String>) {
     }
 }
 
+/// The layers `image import` would apply from `source`, base first: blob
+/// file and DiffID (hex). For tests and fuzzing of the manifest handling.
+#[doc(hidden)]
+pub fn source_layer_files(source: &Path, scratch: &Path) -> Result<Vec<(PathBuf, String)>> {
+    Ok(source_layers(source, scratch)?
+        .into_iter()
+        .map(|l| (l.path, hex(&l.diff_id)))
+        .collect())
+}
+
 /// Find the layers of `source`; a tarball is unpacked into `scratch` first.
 fn source_layers(source: &Path, scratch: &Path) -> Result<Vec<LayerBlob>> {
     let (path, tag) = parse_source(source);

@@ -27,6 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
+use crate::io::is_zero;
 use crate::pool::Pool;
 
 pub use diff::{ChangeKind, DiffRange, DiffSummary};
@@ -152,10 +153,6 @@ impl DiffHasher {
     }
 }
 
-pub(crate) fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
 fn read_block(pool: &Pool, pblock: u64, buf: &mut [u8]) -> Result<()> {
     if pblock == 0 {
         buf.fill(0);
@@ -191,15 +188,9 @@ pub fn for_each_change(
         }
     }
     let a = parent
-        .map(|p| diff::Tree {
-            root: p.root,
-            depth: p.depth,
-        })
+        .map(|p| diff::Tree::of(p, pool.block_size()))
         .unwrap_or(diff::Tree::EMPTY);
-    let b = diff::Tree {
-        root: layer.root,
-        depth: layer.depth,
-    };
+    let b = diff::Tree::of(layer, pool.block_size());
     let mut blocks = Vec::new();
     diff::changed_blocks(&pool.view(), a, b, &mut |c| {
         blocks.push(c);
@@ -374,15 +365,10 @@ pub fn commit(pool: &mut Pool, name: &str, as_name: Option<&str>) -> Result<Laye
 pub fn diff_volumes(pool: &mut Pool, a: &str, b: &str) -> Result<Vec<DiffRange>> {
     let ra = pool.record(a)?.clone();
     let rb = pool.record(b)?.clone();
+    let bs = pool.block_size();
     diff::ranges(
         &pool.view(),
-        diff::Tree {
-            root: ra.root,
-            depth: ra.depth,
-        },
-        diff::Tree {
-            root: rb.root,
-            depth: rb.depth,
-        },
+        diff::Tree::of(&ra, bs),
+        diff::Tree::of(&rb, bs),
     )
 }

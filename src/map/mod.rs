@@ -11,8 +11,11 @@ mod nodes;
 
 pub use nodes::{Node, Nodes};
 
+use std::collections::HashSet;
+
 use crate::error::{Error, Result};
 use crate::io::Storage;
+use crate::pdata::alloc_block;
 use crate::space::{Budget, Kind, SpaceMap};
 
 /// Levels needed to address `n_blocks` with `fanout` entries per node.
@@ -97,7 +100,7 @@ impl Ctx<'_> {
             return Ok(node);
         }
         let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        let new = self.space.alloc(Kind::Meta, budget)?;
+        let new = self.alloc(budget)?;
         if self.space.was_shared(node) {
             // The last commit reaches these children through the old node too:
             // they must be copied, not overwritten, if written later.
@@ -157,8 +160,14 @@ impl Ctx<'_> {
         Ok(Some(node))
     }
 
+    /// A block for a map node, its host space reserved.
+    fn alloc(&mut self, budget: Budget) -> Result<u64> {
+        let bs = self.nodes.block_size() as u64;
+        alloc_block(self.space, self.storage, bs, Kind::Meta, budget)
+    }
+
     fn new_node(&mut self, level: u8) -> Result<u64> {
-        let b = self.space.alloc(Kind::Meta, Budget::Write)?;
+        let b = self.alloc(Budget::Write)?;
         let f = self.nodes.fanout();
         self.nodes.insert_dirty(b, level, vec![0; f]);
         Ok(b)
@@ -214,25 +223,40 @@ impl Ctx<'_> {
 }
 
 impl View<'_> {
-    /// Data blocks reachable from `root` that no other volume can reach.
-    pub fn exclusive_blocks(&self, node: u64, level: u8) -> Result<u64> {
+    /// Data blocks reachable from `root` that no other volume can reach,
+    /// among the volume's first `n_blocks` virtual blocks.
+    pub fn exclusive_blocks(&self, root: u64, depth: u8, n_blocks: u64) -> Result<u64> {
+        let mut seen = Reached::default();
+        self.exclusive_node(root, depth - 1, 0, n_blocks, &mut seen)
+    }
+
+    fn exclusive_node(
+        &self,
+        node: u64,
+        level: u8,
+        base: u64,
+        n_blocks: u64,
+        seen: &mut Reached,
+    ) -> Result<u64> {
         if node == 0 || self.space.rc(node) != 1 {
             return Ok(0);
         }
+        seen.first_visit(node)?;
         let entries = self.nodes.get(self.storage, node, level)?;
         let mut n = 0;
-        for &c in entries.iter().filter(|&&c| c != 0) {
+        for (_, c, lo) in children(&entries, level, base, self.nodes.fanout(), n_blocks) {
             n += if level == 0 {
                 (self.space.rc(c) == 1) as u64
             } else {
-                self.exclusive_blocks(c, level - 1)?
+                self.exclusive_node(c, level - 1, lo, n_blocks, seen)?
             };
         }
         Ok(n)
     }
 
     /// Mapped blocks with `first <= vblock < end`, as (vblock, pblock), ascending.
-    /// Unmapped subtrees are skipped without being read.
+    /// Unmapped subtrees are skipped without being read. `end` must not be
+    /// past the volume's end: the walk never looks beyond it.
     pub fn mapped_in_range(
         &self,
         root: u64,
@@ -242,7 +266,8 @@ impl View<'_> {
     ) -> Result<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         if root != 0 && first < end {
-            self.range_node(root, depth - 1, 0, first, end, &mut out)?;
+            let mut seen = Reached::default();
+            self.range_node(root, depth - 1, 0, (first, end), &mut out, &mut seen)?;
         }
         Ok(out)
     }
@@ -252,63 +277,64 @@ impl View<'_> {
         node: u64,
         level: u8,
         base: u64,
-        first: u64,
-        end: u64,
+        (first, end): (u64, u64),
         out: &mut Vec<(u64, u64)>,
+        seen: &mut Reached,
     ) -> Result<()> {
-        let fan = self.nodes.fanout() as u128;
-        let span = fan.pow(level as u32);
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        for (i, c) in entries.into_iter().enumerate() {
-            let lo = base as u128 + i as u128 * span;
-            let hi = lo + span;
-            if c == 0 || hi <= first as u128 || lo >= end as u128 {
+        seen.first_visit(node)?;
+        let span = span(level, self.nodes.fanout());
+        let entries = self.nodes.get(self.storage, node, level)?;
+        for (_, c, lo) in children(&entries, level, base, self.nodes.fanout(), end) {
+            if (lo as u128 + span) <= first as u128 {
                 continue;
             }
             if level == 0 {
-                out.push((lo as u64, c));
+                out.push((lo, c));
             } else {
-                self.range_node(c, level - 1, lo as u64, first, end, out)?;
+                self.range_node(c, level - 1, lo, (first, end), out, seen)?;
             }
         }
         Ok(())
     }
+}
 
-    /// Call `f(vblock, pblock)` for every mapped block in ascending order.
-    pub fn walk(
-        &self,
-        root: u64,
-        depth: u8,
-        f: &mut dyn FnMut(u64, u64) -> Result<()>,
-    ) -> Result<()> {
-        if root == 0 {
-            return Ok(());
-        }
-        self.walk_node(root, depth - 1, 0, f)
-    }
+/// Virtual blocks under one entry of a node at `level`.
+pub fn span(level: u8, fanout: usize) -> u128 {
+    (fanout as u128).saturating_pow(level as u32)
+}
 
-    fn walk_node(
-        &self,
-        node: u64,
-        level: u8,
-        base: u64,
-        f: &mut dyn FnMut(u64, u64) -> Result<()>,
-    ) -> Result<()> {
-        let fan = self.nodes.fanout() as u64;
-        let span = fan
-            .checked_pow(level as u32)
-            .ok_or_else(|| Error::corrupt("map deeper than addressable"))?;
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
-        for (i, c) in entries.into_iter().enumerate() {
-            if c == 0 {
-                continue;
-            }
-            let vb = base + i as u64 * span;
-            if level == 0 {
-                f(vb, c)?;
-            } else {
-                self.walk_node(c, level - 1, vb, f)?;
-            }
+/// The mapped entries of a node at `level` whose virtual range starts below
+/// `end`, as (slot, child, first virtual block). A walk that goes through
+/// this never looks past a volume's end, however the node was forged.
+pub fn children(
+    entries: &[u64],
+    level: u8,
+    base: u64,
+    fanout: usize,
+    end: u64,
+) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+    let span = span(level, fanout);
+    entries
+        .iter()
+        .enumerate()
+        .map(move |(i, &c)| (i, c, base as u128 + i as u128 * span))
+        .take_while(move |&(_, _, lo)| lo < end as u128)
+        .filter(|&(_, c, _)| c != 0)
+        .map(|(i, c, lo)| (i, c, lo as u64))
+}
+
+/// The nodes one walk of one tree has read. In a real pool a node is
+/// reached through one path of a tree; a forged map can share a node many
+/// times over, and a walk that followed every path would multiply its work.
+#[derive(Default)]
+pub struct Reached(HashSet<u64>);
+
+impl Reached {
+    pub fn first_visit(&mut self, node: u64) -> Result<()> {
+        if !self.0.insert(node) {
+            return Err(Error::corrupt(format!(
+                "map node at block {node} is reached through two paths of one map"
+            )));
         }
         Ok(())
     }

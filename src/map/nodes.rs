@@ -60,6 +60,10 @@ impl Nodes {
         }
     }
 
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
     pub fn fanout(&self) -> usize {
         self.fanout
     }

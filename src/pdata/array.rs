@@ -3,11 +3,11 @@
 //! and the volume catalog. The array's contents are kept in memory by its
 //! owner; this type only knows page locations and writes what it is handed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use super::read_page;
+use super::{alloc_block, read_page};
 use crate::error::{Error, Result};
 use crate::format::{encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 use crate::io::Storage;
@@ -153,6 +153,17 @@ impl PagedArray {
             }
         }
         a.index = index_ptrs.to_vec();
+        // A real table never uses one block twice; a forged one could make
+        // the owner allocate for the same page over and over.
+        let mut seen = HashSet::new();
+        for &p in a.index.iter().chain(&a.pages).filter(|&&p| p != 0) {
+            if !seen.insert(p) {
+                return Err(Error::corrupt(format!(
+                    "{} table: block {p} is used by two of its pages",
+                    kind.name()
+                )));
+            }
+        }
         for (i, &p) in a.pages.iter().enumerate() {
             if p == 0 {
                 continue;
@@ -166,16 +177,22 @@ impl PagedArray {
     /// Give every dirty page (and the index pages above it) a location that
     /// the last commit does not use. Returns true if it allocated anything;
     /// allocating dirties refcount pages, so the caller repeats until false.
-    pub fn shadow(&mut self, dirty: &BTreeSet<usize>, space: &mut SpaceMap) -> Result<bool> {
+    pub fn shadow(
+        &mut self,
+        dirty: &BTreeSet<usize>,
+        space: &mut SpaceMap,
+        storage: &dyn Storage,
+    ) -> Result<bool> {
+        let bs = self.block_size as u64;
         let mut changed = false;
         for &p in dirty {
-            if relocate(&mut self.pages[p], space)? {
+            if relocate(&mut self.pages[p], space, storage, bs)? {
                 self.dirty_index.insert(p / self.per_index);
                 changed = true;
             }
         }
         for &i in &self.dirty_index {
-            changed |= relocate(&mut self.index[i], space)?;
+            changed |= relocate(&mut self.index[i], space, storage, bs)?;
         }
         Ok(changed)
     }
@@ -237,11 +254,16 @@ impl PagedArray {
 }
 
 /// Move a page the last commit may use to a fresh block (true if moved).
-fn relocate(loc: &mut u64, space: &mut SpaceMap) -> Result<bool> {
+fn relocate(
+    loc: &mut u64,
+    space: &mut SpaceMap,
+    storage: &dyn Storage,
+    block_size: u64,
+) -> Result<bool> {
     if *loc != 0 && space.is_txn_new(*loc) {
         return Ok(false);
     }
-    let new = space.alloc(Kind::Meta, Budget::Commit)?;
+    let new = alloc_block(space, storage, block_size, Kind::Meta, Budget::Commit)?;
     if *loc != 0 {
         space.dec(*loc, Kind::Meta)?;
     }

@@ -112,7 +112,7 @@ impl Pool {
             || !self.annotations.dirty_pages().is_empty();
         if self.read_only {
             if meta_dirty || force || data_dirty {
-                return Err(Error::InvalidArgument("pool is open read-only".into()));
+                return Err(Error::PoolReadOnly(self.path.clone()));
             }
             return Ok(Seal::Nothing);
         }
@@ -148,10 +148,12 @@ impl Pool {
         // Shadowing a page allocates, which dirties refcount pages: repeat
         // until every dirty page has a home the last commit does not use.
         loop {
-            let a = self.catalog.shadow(&mut self.space)?;
-            let c = self.annotations.shadow(&mut self.space)?;
+            let a = self.catalog.shadow(&mut self.space, &*self.storage)?;
+            let c = self.annotations.shadow(&mut self.space, &*self.storage)?;
             let rc_dirty = self.space.dirty_pages().clone();
-            let b = self.rc_layout.shadow(&rc_dirty, &mut self.space)?;
+            let b = self
+                .rc_layout
+                .shadow(&rc_dirty, &mut self.space, &*self.storage)?;
             if !a && !b && !c {
                 break;
             }

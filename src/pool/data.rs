@@ -4,8 +4,9 @@
 use super::{Pool, VolumeId};
 use crate::error::{Error, Result};
 use crate::format::VolumeRecord;
-use crate::io::Storage;
+use crate::io::{is_zero, Storage};
 use crate::map;
+use crate::pdata::alloc_block;
 use crate::space::{Budget, InFlight, Kind, Ticket};
 
 impl Pool {
@@ -84,7 +85,9 @@ impl Pool {
             match placed {
                 // Frees may be waiting for a commit: commit, and try again
                 // before reporting ENOSPC.
-                Err(Error::NoSpace) if self.space.has_pending() && (planned > 0 || !committed) => {
+                Err(Error::NoSpace | Error::HostFull)
+                    if self.space.has_pending() && (planned > 0 || !committed) =>
+                {
                     self.commit()?;
                     committed = true;
                 }
@@ -116,7 +119,17 @@ impl Pool {
                 let at = offset + pos as u64;
                 let (vb, within) = (at / bs, (at % bs) as usize);
                 let n = (bs as usize - within).min(data.len() - pos);
-                match self.place_block(id, vb, within, &data[pos..pos + n])? {
+                let chunk = &data[pos..pos + n];
+                if n == bs as usize && is_zero(chunk) {
+                    // A whole block of zeros reads the same unmapped
+                    // (qcow2's detect-zeroes=unmap): map nothing, or drop
+                    // this volume's reference to what was there. A block
+                    // with I/O in flight stays pinned until that is done.
+                    self.unmap_if_mapped(id, vb)?;
+                    pos += n;
+                    continue;
+                }
+                match self.place_block(id, vb, within, chunk)? {
                     Placed::Merged => {}
                     Placed::InPlace(b) => {
                         blocks.push(b);
@@ -132,6 +145,9 @@ impl Pool {
             }
             Ok(())
         })();
+        // A map that fails validation stops the pool: nothing half done
+        // may be committed.
+        let result = self.fail_on_corrupt(result);
         let ticket = self.space.inflight().begin(blocks, fills, true);
         let plan = WritePlan {
             runs,
@@ -145,7 +161,7 @@ impl Pool {
     /// commit once and try again before reporting ENOSPC.
     fn retry_on_full(&mut self, mut op: impl FnMut(&mut Pool) -> Result<()>) -> Result<()> {
         match op(self) {
-            Err(Error::NoSpace) if self.space.has_pending() => {
+            Err(Error::NoSpace | Error::HostFull) if self.space.has_pending() => {
                 self.commit()?;
                 op(self)
             }
@@ -177,7 +193,14 @@ impl Pool {
         if old != 0 && self.space.can_overwrite(old) {
             return Ok(Placed::InPlace(old));
         }
-        let new = self.space.alloc(Kind::Data, Budget::Write)?;
+        let bs64 = bs as u64;
+        let new = alloc_block(
+            &mut self.space,
+            &*self.storage,
+            bs64,
+            Kind::Data,
+            Budget::Write,
+        )?;
         let placed = if chunk.len() == bs {
             // A whole block needs no read of the old one.
             Placed::Fresh(new)
@@ -233,7 +256,8 @@ impl Pool {
             .view()
             .mapped_in_range(root, depth, first_full, end_full)?;
         for (vb, _) in mapped {
-            self.retry_on_full(|p| p.unmap_block(id, vb))?;
+            let r = self.retry_on_full(|p| p.unmap_block(id, vb));
+            self.fail_on_corrupt(r)?;
         }
         Ok(())
     }
@@ -261,6 +285,15 @@ impl Pool {
         leaf
     }
 
+    /// `unmap_block`, but an unmapped block touches no map node at all.
+    fn unmap_if_mapped(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+        let rec = self.catalog.get(id)?;
+        if self.view().lookup(rec.root, rec.depth, vb)?.is_none() {
+            return Ok(());
+        }
+        self.unmap_block(id, vb)
+    }
+
     fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
         let Some(leaf) = self.leaf_for_update(id, vb, false)? else {
             return Ok(());
@@ -269,7 +302,13 @@ impl Pool {
         let old = std::mem::take(&mut self.nodes.get_mut(leaf)?[s]);
         if old != 0 {
             self.space.dec(old, Kind::Data)?;
-            self.catalog.get_mut(id)?.mapped_blocks -= 1;
+            let r = self.catalog.get_mut(id)?;
+            r.mapped_blocks = r.mapped_blocks.checked_sub(1).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "volume '{}': mapped block count is too low",
+                    r.name
+                ))
+            })?;
         }
         Ok(())
     }

@@ -109,8 +109,7 @@ pub struct PoolInfo {
 /// Low-water mark of a pool created without one.
 pub const DEFAULT_LOW_WATER_PCT: u32 = 10;
 
-/// Largest virtual size of a volume.
-pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
+pub use crate::format::MAX_VOLUME_SIZE;
 
 pub struct Pool {
     path: PathBuf,
@@ -231,14 +230,21 @@ impl Pool {
         }
     }
 
+    /// Damage found half way through a change leaves the open transaction
+    /// inconsistent: stop using the pool (it reopens at its last commit)
+    /// rather than commit a half-made change.
+    pub(super) fn fail_on_corrupt<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Corrupt(m)) = &r {
+            self.fail(m);
+        }
+        r
+    }
+
     /// Refuse to change a pool opened for inspection only.
     pub(super) fn check_mutable(&self) -> Result<()> {
         self.check_ok()?;
         if self.read_only {
-            return Err(Error::InvalidArgument(format!(
-                "pool {} is open read-only",
-                self.path.display()
-            )));
+            return Err(Error::PoolReadOnly(self.path.clone()));
         }
         Ok(())
     }

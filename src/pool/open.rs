@@ -12,15 +12,15 @@ use super::geometry::{check_memory, refcounts_per_page};
 use super::volumes::now;
 use super::{CreateOptions, Pool, DEFAULT_LOW_WATER_PCT};
 use crate::annotations::Annotations;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, RecordLimits};
 use crate::error::{Error, Result};
 use crate::format::{
     self, PageType, SlotError, Superblock, FORMAT_VERSION, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
 };
 use crate::io::{FileStorage, Storage};
-use crate::map::{self, Nodes};
+use crate::map::Nodes;
 use crate::pdata::PagedArray;
-use crate::space::SpaceMap;
+use crate::space::{try_vec, SpaceMap};
 
 fn new_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
@@ -204,7 +204,7 @@ impl Pool {
             path: path.to_path_buf(),
             storage: storage.into(),
             sb,
-            space: SpaceMap::new(total, reserved, per_rc),
+            space: SpaceMap::new(total, reserved, per_rc)?,
             rc_layout,
             catalog: Catalog::new(bs)?,
             annotations: Annotations::new(bs)?,
@@ -266,7 +266,7 @@ impl Pool {
             RC_INDEX_MAX,
         )?;
         check_memory(total, bs)?;
-        let mut rc = vec![0u32; total as usize];
+        let mut rc = try_vec(total as usize, 0u32, "refcount table")?;
         let rc_layout = PagedArray::new(PageType::Refcount, bs, 0, RC_INDEX_MAX)?.load(
             n_rc_pages,
             &sb.rc_index,
@@ -284,7 +284,7 @@ impl Pool {
         if rc[..reserved as usize].iter().any(|&c| c != 1) {
             return Err(Error::corrupt("refcounts of the superblock area are not 1"));
         }
-        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc);
+        let space = SpaceMap::from_refcounts(rc, reserved, sb.metadata_blocks, per_rc)?;
         if sb.metadata_blocks > space.used() {
             return Err(Error::corrupt(format!(
                 "superblock counts {} metadata blocks but only {} blocks are in use",
@@ -300,6 +300,13 @@ impl Pool {
             total,
             sb.generation,
         )?;
+        catalog.validate(&RecordLimits {
+            block_size: bs,
+            fanout: format::pointers_per_page(bs),
+            total_blocks: total,
+            first_block: reserved,
+            next_volume_id: sb.next_volume_id,
+        })?;
         let annotations = Annotations::load(
             bs,
             sb.annot_len,
@@ -313,26 +320,6 @@ impl Pool {
             return Err(Error::corrupt(format!(
                 "annotation for volume {id}, which does not exist"
             )));
-        }
-        let fanout = format::pointers_per_page(bs);
-        for r in catalog.iter() {
-            let need = map::depth_for(r.size.div_ceil(bs as u64), fanout);
-            if r.root >= total
-                || (r.root != 0 && r.root < reserved)
-                || r.depth < need
-                || r.depth > need + 8
-            {
-                return Err(Error::corrupt(format!(
-                    "volume '{}': bad map root or depth",
-                    r.name
-                )));
-            }
-            if r.id >= sb.next_volume_id {
-                return Err(Error::corrupt(format!(
-                    "volume '{}': id {} not below next id",
-                    r.name, r.id
-                )));
-            }
         }
         let committed = sb.generation;
         let mut pool = Pool {
@@ -348,8 +335,22 @@ impl Pool {
             failed: None,
             read_only: false,
         };
+        pool.check_table_pages()?;
         pool.update_reserve();
         Ok(pool)
+    }
+
+    /// No block may hold two table pages (each table checked its own at load).
+    fn check_table_pages(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for p in self.table_pages() {
+            if !seen.insert(p) {
+                return Err(Error::corrupt(format!(
+                    "block {p} holds pages of both the refcount and the catalog table"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The valid superblock slot with the highest generation.

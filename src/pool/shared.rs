@@ -5,7 +5,9 @@
 //!
 //! 1. The engine (`RwLock<Pool>`) is held only to plan: map lookups take it
 //!    shared; allocation, refcounts, shadowing and every metadata change
-//!    take it exclusive. Preads and pwrites of data blocks happen after it
+//!    take it exclusive; so do the host-space reservation (fallocate) of a
+//!    block just allocated and the unmapping of a whole block written with
+//!    zeros. Preads and pwrites of data blocks happen after it
 //!    is released, on blocks the plan pinned (`space::InFlight`): a pinned
 //!    block that loses its last reference is not reused or punched until
 //!    the I/O is done.
@@ -161,9 +163,11 @@ impl SharedPool {
             match placed {
                 // Frees may be waiting for a commit: commit, and try again
                 // before reporting ENOSPC.
-                Err(Error::NoSpace) if planned > 0 || !flushed => {
+                // A full host (no space for the pool file to grow) is
+                // ENOSPC of this request, not a failure of the pool.
+                Err(e @ (Error::NoSpace | Error::HostFull)) if planned > 0 || !flushed => {
                     if !self.read_engine().space().has_pending() {
-                        return Err(Error::NoSpace);
+                        return Err(e);
                     }
                     self.flush()?;
                     flushed = true;

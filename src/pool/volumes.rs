@@ -19,7 +19,8 @@ pub(super) fn now() -> u64 {
 impl Pool {
     /// What `list` shows of one volume (walks its exclusive map nodes).
     pub(crate) fn record_info(&self, r: &VolumeRecord) -> Result<VolumeInfo> {
-        let excl = self.view().exclusive_blocks(r.root, r.depth - 1)?;
+        let n_blocks = r.size.div_ceil(self.block_size() as u64);
+        let excl = self.view().exclusive_blocks(r.root, r.depth, n_blocks)?;
         let parent = (r.parent_id != 0)
             .then(|| self.catalog.get(r.parent_id).ok().map(|p| p.name.clone()))
             .flatten();
@@ -96,7 +97,7 @@ impl Pool {
             )));
         }
         let fanout = format::pointers_per_page(self.block_size());
-        let id = self.sb.next_volume_id;
+        let id = self.new_volume_id()?;
         self.catalog.insert(VolumeRecord {
             id,
             parent_id: 0,
@@ -109,7 +110,6 @@ impl Pool {
             name: name.to_string(),
             ..Default::default()
         })?;
-        self.sb.next_volume_id += 1;
         Ok(id)
     }
 
@@ -154,7 +154,7 @@ impl Pool {
         let src = self.catalog.get_by_name(source)?.clone();
         // A snapshot must not change once taken: let writes in flight land.
         self.space.inflight().wait_no_writes();
-        let id = self.sb.next_volume_id;
+        let id = self.new_volume_id()?;
         if annotation.is_some() {
             // First: the one step here that can fail for its size.
             self.annotations.set(id, annotation)?;
@@ -175,9 +175,18 @@ impl Pool {
         }
         if src.root != 0 {
             // The whole tree is shared by one more owner: one increment.
-            self.space.inc(src.root)?;
+            let r = self.space.inc(src.root);
+            self.fail_on_corrupt(r)?;
         }
-        self.sb.next_volume_id += 1;
+        Ok(id)
+    }
+
+    /// The id for a new volume (ids are never reused), taken.
+    fn new_volume_id(&mut self) -> Result<VolumeId> {
+        let id = self.sb.next_volume_id;
+        self.sb.next_volume_id = id
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("the next volume id is at its largest value"))?;
         Ok(id)
     }
 
@@ -194,7 +203,8 @@ impl Pool {
         let rec = self.catalog.remove(id)?;
         self.annotations.set(id, None)?;
         if rec.root != 0 {
-            self.ctx().release(rec.root, rec.depth - 1)?;
+            let r = self.ctx().release(rec.root, rec.depth - 1);
+            self.fail_on_corrupt(r)?;
         }
         Ok(())
     }

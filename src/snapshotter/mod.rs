@@ -63,12 +63,10 @@ pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
             }
         }
     } else {
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ExportError::Msg(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(ExportError::path(&dir))?;
     }
     if let Some(parent) = opts.address.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| ExportError::Msg(format!("{}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(ExportError::path(parent))?;
     }
     let address = opts.address.clone();
     let size = opts.volume_size;

@@ -18,6 +18,30 @@ use crate::error::{Error, Result};
 /// map nodes before it frees anything.
 pub const UNMAP_RESERVE: u64 = 16;
 
+/// A vector of `n` copies of `v`, or an error instead of an abort when the
+/// memory cannot be had (sizes come from a pool file, which may lie).
+pub(crate) fn try_vec<T: Clone>(n: usize, v: T, what: &str) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "not enough memory for the {what} ({n} entries); the pool is too large for this machine"
+        ))
+    })?;
+    out.resize(n, v);
+    Ok(out)
+}
+
+fn try_bits(n: usize) -> Result<BitVec<u64, Lsb0>> {
+    let words = try_vec(n.div_ceil(64), 0u64, "free-space bitmap")?;
+    let mut b = BitVec::from_vec(words);
+    b.truncate(n);
+    Ok(b)
+}
+
+/// Free blocks with host space kept back for commits (at most; fewer when
+/// the commit reserve is smaller): a commit on a full host takes these.
+const KEPT_FOR_COMMIT: u64 = 64;
+
 /// Which reserve an allocation may dip into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
@@ -38,8 +62,15 @@ pub enum Kind {
 
 pub struct SpaceMap {
     rc: Vec<u32>,
-    /// Set = may be allocated now.
+    /// Set = may be allocated now (and may be a hole in the pool file).
     free: BitVec<u64, Lsb0>,
+    /// Free blocks that still hold their host space: metadata pages freed by
+    /// a commit (only data blocks are punched). Commits take these first;
+    /// other allocations leave `kept_floor` of them, so a commit finds
+    /// blocks it can write even when the host file system is full.
+    kept: BTreeSet<u64>,
+    kept_floor: usize,
+    /// Free blocks, `free` and `kept` together.
     free_count: u64,
     /// Allocated in the open transaction: invisible to the last commit, so it
     /// may be written in place and reused at once when freed.
@@ -47,21 +78,25 @@ pub struct SpaceMap {
     /// Blocks whose count fell from >= 2 in this transaction: the last commit
     /// may still share them, so they must not be overwritten in place.
     was_shared: HashSet<u64>,
-    /// Count reached zero in this transaction; free after the commit.
-    pending: Vec<u64>,
-    /// The data blocks among `pending`: their space goes back to the host.
-    /// Metadata pages are freed by every commit's shadowing and taken again
-    /// soon after, so punching them would only make the host reallocate.
+    /// Metadata blocks whose count reached zero in this transaction; free
+    /// (and kept) after the commit. Metadata pages are freed by every
+    /// commit's shadowing and taken again soon after, so punching them would
+    /// only make the host reallocate.
+    pending_meta: Vec<u64>,
+    /// Data blocks whose count reached zero in this transaction: free after
+    /// the commit, and their space goes back to the host.
     pending_data: Vec<u64>,
-    /// The last transaction's frees, `pending` and `pending_data` as they were
-    /// when it was sealed: its commit is being written, so they wait for it.
-    sealed: Vec<u64>,
+    /// The last transaction's frees, `pending_meta` and `pending_data` as
+    /// they were when it was sealed: its commit is being written, so they
+    /// wait for it.
+    sealed_meta: Vec<u64>,
     sealed_data: Vec<u64>,
     /// `was_shared` of the sealed transaction: until its commit is durable,
     /// the commit before it is the one a crash goes back to.
     sealed_shared: HashSet<u64>,
-    /// Freed while I/O on them was in flight: free once unpinned.
-    held: Vec<u64>,
+    /// Freed while I/O on them was in flight: free once unpinned (with
+    /// whether they still hold their host space).
+    held: Vec<(u64, bool)>,
     inflight: Arc<InFlight>,
     /// Refcount pages (index into the persistent array) changed in this transaction.
     dirty_pages: BTreeSet<usize>,
@@ -76,9 +111,14 @@ pub struct SpaceMap {
 
 impl SpaceMap {
     /// Build from persisted refcounts. Blocks below `reserved` hold the superblocks.
-    pub fn from_refcounts(rc: Vec<u32>, reserved: u64, meta: u64, per_page: usize) -> SpaceMap {
+    pub fn from_refcounts(
+        rc: Vec<u32>,
+        reserved: u64,
+        meta: u64,
+        per_page: usize,
+    ) -> Result<SpaceMap> {
         let n = rc.len();
-        let mut free = bitvec![u64, Lsb0; 0; n];
+        let mut free = try_bits(n)?;
         let mut used = 0;
         for (b, &c) in rc.iter().enumerate().skip(reserved as usize) {
             if c == 0 {
@@ -88,15 +128,17 @@ impl SpaceMap {
             }
         }
         let free_count = free.count_ones() as u64;
-        SpaceMap {
+        Ok(SpaceMap {
             rc,
             free,
             free_count,
-            txn_new: bitvec![u64, Lsb0; 0; n],
+            txn_new: try_bits(n)?,
             was_shared: HashSet::new(),
-            pending: Vec::new(),
+            kept: BTreeSet::new(),
+            kept_floor: 0,
+            pending_meta: Vec::new(),
             pending_data: Vec::new(),
-            sealed: Vec::new(),
+            sealed_meta: Vec::new(),
             sealed_data: Vec::new(),
             sealed_shared: HashSet::new(),
             held: Vec::new(),
@@ -108,17 +150,17 @@ impl SpaceMap {
             meta,
             hint: reserved,
             commit_reserve: 0,
-        }
+        })
     }
 
     /// A fresh pool: every block free except the superblock area.
-    pub fn new(total: u64, reserved: u64, per_page: usize) -> SpaceMap {
-        let mut rc = vec![0u32; total as usize];
+    pub fn new(total: u64, reserved: u64, per_page: usize) -> Result<SpaceMap> {
+        let mut rc = try_vec(total as usize, 0u32, "refcount table")?;
         rc[..reserved as usize].fill(1);
-        let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page);
+        let mut s = SpaceMap::from_refcounts(rc, reserved, 0, per_page)?;
         s.dirty_pages
             .extend(0..(reserved as usize).div_ceil(per_page));
-        s
+        Ok(s)
     }
 
     pub fn total(&self) -> u64 {
@@ -142,6 +184,7 @@ impl SpaceMap {
     }
     pub fn set_commit_reserve(&mut self, n: u64) {
         self.commit_reserve = n;
+        self.kept_floor = n.min(KEPT_FOR_COMMIT) as usize;
     }
     pub fn is_txn_new(&self, b: u64) -> bool {
         self.txn_new[b as usize]
@@ -151,7 +194,11 @@ impl SpaceMap {
     }
     /// Frees wait for a commit (or for I/O in flight) before they can be used.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.sealed.is_empty() || !self.held.is_empty()
+        !self.pending_meta.is_empty()
+            || !self.pending_data.is_empty()
+            || !self.sealed_meta.is_empty()
+            || !self.sealed_data.is_empty()
+            || !self.held.is_empty()
     }
 
     /// The registry of blocks with I/O in flight (shared with the data path).
@@ -192,12 +239,23 @@ impl SpaceMap {
         if self.free_count <= keep {
             return Err(Error::NoSpace);
         }
+        let from_kept = |s: &mut SpaceMap| s.kept.pop_first().map(|b| b as usize);
         let h = self.hint as usize;
-        let b = match self.free[h..].first_one() {
-            Some(i) => h + i,
-            None => self.free[..h].first_one().ok_or(Error::NoSpace)?,
+        let b = match budget {
+            Budget::Commit => from_kept(self),
+            _ if self.kept.len() > self.kept_floor => from_kept(self),
+            _ => None,
         };
-        self.free.set(b, false);
+        let b = match b
+            .or_else(|| self.free[h..].first_one().map(|i| h + i))
+            .or_else(|| self.free[..h].first_one())
+        {
+            Some(b) => {
+                self.free.set(b, false);
+                b
+            }
+            None => from_kept(self).ok_or(Error::NoSpace)?,
+        };
         self.free_count -= 1;
         self.txn_new.set(b, true);
         self.rc[b] = 1;
@@ -247,32 +305,55 @@ impl SpaceMap {
         if self.txn_new[i] {
             // Never committed: nobody else can see it, reuse at once.
             self.txn_new.set(i, false);
-            self.release(b);
+            self.release(b, false);
+        } else if kind == Kind::Data {
+            self.pending_data.push(b);
         } else {
-            self.pending.push(b);
-            if kind == Kind::Data {
-                self.pending_data.push(b);
-            }
+            self.pending_meta.push(b);
         }
         Ok(true)
     }
 
-    /// Make `b` allocatable, unless I/O on it is still in flight.
-    fn release(&mut self, b: u64) {
+    /// Give back a block allocated in this transaction that was never used
+    /// and has no host space (the host could not reserve it).
+    pub fn unalloc(&mut self, b: u64, kind: Kind) -> Result<()> {
+        let i = b as usize;
+        if !self.txn_new[i] || self.rc[i] != 1 {
+            return Err(Error::corrupt(format!("block {b} was not just allocated")));
+        }
+        self.rc[i] = 0;
+        self.touch(b);
+        self.used -= 1;
+        if kind == Kind::Meta {
+            self.meta -= 1;
+        }
+        self.txn_new.set(i, false);
+        self.release(b, false);
+        Ok(())
+    }
+
+    /// `b` is free again, unless I/O on it is still in flight (then once it
+    /// is done); `holds_space`: it still has its host space.
+    fn release(&mut self, b: u64, holds_space: bool) {
         if self.inflight.is_pinned(b) {
-            self.held.push(b);
+            self.held.push((b, holds_space));
             return;
         }
-        self.free.set(b as usize, true);
+        if holds_space {
+            self.kept.insert(b);
+        } else {
+            self.free.set(b as usize, true);
+            self.hint = self.hint.min(b);
+        }
         self.free_count += 1;
-        self.hint = self.hint.min(b);
     }
 
     /// The transaction's commit is being written: what changes from now on
     /// belongs to the next one. Its frees wait for [`finish`](Self::finish).
     pub fn seal(&mut self) {
-        debug_assert!(self.sealed.is_empty() && self.sealed_shared.is_empty());
-        self.sealed = std::mem::take(&mut self.pending);
+        debug_assert!(self.sealed_meta.is_empty() && self.sealed_data.is_empty());
+        debug_assert!(self.sealed_shared.is_empty());
+        self.sealed_meta = std::mem::take(&mut self.pending_meta);
         self.sealed_data = std::mem::take(&mut self.pending_data);
         self.sealed_shared = std::mem::take(&mut self.was_shared);
         self.txn_new.fill(false);
@@ -283,14 +364,18 @@ impl SpaceMap {
     /// (those with I/O in flight once it is done). Returns the data blocks
     /// freed, whose space the caller gives back to the host.
     pub fn finish(&mut self) -> Vec<u64> {
-        for b in std::mem::take(&mut self.held) {
-            self.release(b);
+        for (b, holds_space) in std::mem::take(&mut self.held) {
+            self.release(b, holds_space);
         }
-        for b in std::mem::take(&mut self.sealed) {
-            self.release(b);
+        for b in std::mem::take(&mut self.sealed_meta) {
+            self.release(b, true);
+        }
+        let mut data = std::mem::take(&mut self.sealed_data);
+        for &b in &data {
+            self.release(b, false);
         }
         self.sealed_shared.clear();
-        let mut data = std::mem::take(&mut self.sealed_data);
+        // Those still pinned are held: their I/O may still need the space.
         data.retain(|&b| self.free[b as usize]);
         data
     }
@@ -327,11 +412,13 @@ impl SpaceMap {
             if self.free[i] {
                 self.free.set(i, false);
                 self.free_count -= 1;
+            } else if self.kept.remove(&b) {
+                self.free_count -= 1;
             }
             self.used += 1;
         } else if count == 0 {
             self.used -= 1;
-            self.pending.push(b);
+            self.pending_data.push(b);
         }
     }
 
@@ -352,7 +439,7 @@ mod tests {
 
     #[test]
     fn freed_is_not_free_until_commit() {
-        let mut s = SpaceMap::new(24 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(24 + UNMAP_RESERVE, 1, 1024).unwrap();
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         s.end_transaction(); // a is now committed
         assert!(s.dec(a, Kind::Data).unwrap());
@@ -368,7 +455,7 @@ mod tests {
 
     #[test]
     fn txn_new_blocks_reuse_at_once_and_shared_blocks_are_not_overwritten() {
-        let mut s = SpaceMap::new(8 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(8 + UNMAP_RESERVE, 1, 1024).unwrap();
         let a = s.alloc(Kind::Data, Budget::Write).unwrap();
         assert!(s.dec(a, Kind::Data).unwrap());
         assert_eq!(s.alloc(Kind::Data, Budget::Write).unwrap(), a);
@@ -384,7 +471,7 @@ mod tests {
 
     #[test]
     fn reserve_is_kept_for_commits() {
-        let mut s = SpaceMap::new(6 + UNMAP_RESERVE, 1, 1024);
+        let mut s = SpaceMap::new(6 + UNMAP_RESERVE, 1, 1024).unwrap();
         s.set_commit_reserve(2);
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());
         assert!(s.alloc(Kind::Data, Budget::Write).is_ok());

@@ -215,7 +215,11 @@ fn gen_op(rng: &mut Rng, model: &Model) -> Op {
                     (vb * BS + rng.below(BS), 1 + rng.below(2 * BS))
                 };
                 let len = len.min(size - offset);
-                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                let mut data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                // Whole blocks of zeros unmap instead of being written.
+                if rng.chance(1, 5) {
+                    data.fill(0);
+                }
                 return Op::Write { vol, offset, data };
             }
             13..=14 if !writable.is_empty() => {

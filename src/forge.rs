@@ -560,6 +560,13 @@ pub fn variants(base: &[u8]) -> Vec<Variant> {
             },
         ),
         (
+            "sb generation u64::MAX",
+            Superblock {
+                generation: u64::MAX,
+                ..sb.clone()
+            },
+        ),
+        (
             "sb generation 0",
             Superblock {
                 generation: 0,

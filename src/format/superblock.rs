@@ -168,6 +168,10 @@ impl Superblock {
         if self.total_blocks < min || self.total_blocks.checked_mul(bs).is_none() {
             return Err(format!("invalid total block count {}", self.total_blocks));
         }
+        // The next commit writes generation + 1: the last number is never valid.
+        if self.generation == u64::MAX {
+            return Err(format!("invalid generation {}", self.generation));
+        }
         if self.low_water_pct > 100 {
             return Err(format!("invalid low-water mark {}%", self.low_water_pct));
         }

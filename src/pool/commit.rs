@@ -143,7 +143,12 @@ impl Pool {
     }
 
     fn write_pages(&mut self) -> Result<Sealed> {
-        let generation = self.sb.generation + 1;
+        let generation = self.sb.generation.checked_add(1).ok_or_else(|| {
+            Error::corrupt(format!(
+                "generation {} has no successor",
+                self.sb.generation
+            ))
+        })?;
         self.nodes.write_dirty(&*self.storage, generation)?;
         // Shadowing a page allocates, which dirties refcount pages: repeat
         // until every dirty page has a home the last commit does not use.

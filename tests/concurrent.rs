@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use thinpool::io::crash::Rng;
-use thinpool::io::MemStorage;
+use thinpool::io::{Hooked, MemStorage, Storage};
 use thinpool::{CreateOptions, Pool, SharedPool, VolumeId};
 
 const OWN: u64 = 3;
@@ -260,42 +260,6 @@ fn threads_sharing_a_served_pool_at_64k_blocks() {
     });
 }
 
-/// Memory storage whose write of one marked full block stops until let go,
-/// then fails (a host disk that went away mid-write).
-struct FailMarked {
-    inner: MemStorage,
-    marker: u8,
-    bs: usize,
-    entered: std::sync::mpsc::SyncSender<()>,
-    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl thinpool::io::Storage for FailMarked {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if buf.len() == self.bs && buf.iter().all(|&b| b == self.marker) {
-            self.entered.send(()).unwrap();
-            self.go.lock().unwrap().recv().unwrap();
-            return Err(std::io::Error::other("injected write failure"));
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch(offset, len)
-    }
-}
-
 /// A write that fails after planning must never have its mapping committed:
 /// a commit waiting for that block's fill must not go on to make it durable
 /// (the block still holds what a removed volume's data left there).
@@ -305,13 +269,17 @@ fn a_failed_fill_is_never_committed() {
     let m = MemStorage::new();
     let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
     let (go, go_rx) = std::sync::mpsc::channel();
-    let st = FailMarked {
-        inner: m.clone(),
-        marker: 0xEE,
-        bs,
-        entered: entered_tx,
-        go: std::sync::Mutex::new(go_rx),
-    };
+    // The write of the one marked full block stops until let go, then fails
+    // (a host disk that went away mid-write).
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let st = Hooked::new(m.clone()).on_write(move |inner, buf, offset| {
+        if buf.len() == bs && buf.iter().all(|&b| b == 0xEE) {
+            entered_tx.send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        inner.write_at(buf, offset)
+    });
     let opts = CreateOptions {
         size: 4 << 20,
         block_size: bs as u32,

@@ -15,42 +15,16 @@
 //!    write had started — never older, never anything else.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thinpool::io::crash::{apply, crash_image, CrashMode, IoOp, Rng};
-use thinpool::io::{CrashStorage, MemStorage, Storage};
+use thinpool::io::{CrashStorage, Hooked, MemStorage, Storage};
 use thinpool::{CreateOptions, Pool, SharedPool, VolumeId};
 
 const THREADS: u64 = 3;
 const SECTOR: usize = 512;
-
-/// A crash storage whose syncs take a while, like a disk's.
-struct SlowSync(CrashStorage);
-
-impl Storage for SlowSync {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn sync(&self) -> io::Result<()> {
-        std::thread::sleep(Duration::from_micros(700));
-        self.0.sync()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.0.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.punch(offset, len)
-    }
-}
 
 fn pattern(tag: u64, round: u64, len: usize) -> Vec<u8> {
     let mut r = Rng::new((tag + 1) << 32 ^ round);
@@ -82,7 +56,16 @@ fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
         size: blocks * bs * 8 + (4 << 20),
         block_size: bs as u32,
     };
-    let mut p = Pool::create_with(Box::new(SlowSync(st.clone())), Path::new("c"), &opts).unwrap();
+    let mut p = Pool::create_with(
+        // Syncs take a while, like a disk's.
+        Box::new(Hooked::new(st.clone()).on_sync(|inner| {
+            std::thread::sleep(Duration::from_micros(700));
+            inner.sync()
+        })),
+        Path::new("c"),
+        &opts,
+    )
+    .unwrap();
     let size = blocks * bs;
     let base = pattern(99, 0, size as usize);
     let w = p.create_volume("base-w", size).unwrap();

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use thinpool::io::MemStorage;
+use thinpool::io::{Hooked, MemStorage, Storage};
 use thinpool::{CreateOptions, Error, Pool};
 
 const KIB: u64 = 1024;
@@ -318,64 +318,39 @@ fn file_pool_is_sparse_locked_and_versioned() {
     assert!(matches!(Pool::open(&path), Err(Error::NotAPool { .. })));
 }
 
-/// Memory storage that tears the next superblock write (half written, then
-/// an error), as a power cut in the middle of a commit's last step would.
-#[derive(Clone)]
-struct TearSuperblock {
-    inner: MemStorage,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl thinpool::io::Storage for TearSuperblock {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        if off < 8192 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            // Half the slot lands, the other half is garbage: a slot whose
-            // old second half happened to equal the new one would be a
-            // complete write, not a torn one (commits reuse page locations).
-            let half = buf.len() / 2;
-            self.inner.write_at(&buf[..half], off)?;
-            self.inner
-                .write_at(&vec![0xa5; buf.len() - half], off + half as u64)?;
-            return Err(std::io::Error::other("power cut"));
-        }
-        self.inner.write_at(buf, off)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, l: u64) -> std::io::Result<()> {
-        self.inner.set_len(l)
-    }
-    fn punch(&self, o: u64, l: u64) -> std::io::Result<()> {
-        self.inner.punch(o, l)
-    }
-}
-
 #[test]
 fn torn_superblock_write_opens_at_previous_commit() {
     let m = MemStorage::new();
-    let s = TearSuperblock {
-        inner: m.clone(),
-        armed: Default::default(),
+    // The next superblock write, once armed, is torn (half written, then an
+    // error), as a power cut in the middle of a commit's last step would.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = {
+        let armed = armed.clone();
+        Hooked::new(m.clone()).on_write(move |inner, buf, off| {
+            if off < 8192 && armed.load(Ordering::SeqCst) {
+                // Half the slot lands, the other half is garbage: a slot whose
+                // old second half happened to equal the new one would be a
+                // complete write, not a torn one (commits reuse page locations).
+                let half = buf.len() / 2;
+                inner.write_at(&buf[..half], off)?;
+                inner.write_at(&vec![0xa5; buf.len() - half], off + half as u64)?;
+                return Err(std::io::Error::other("power cut"));
+            }
+            inner.write_at(buf, off)
+        })
     };
     let opts = CreateOptions {
         size: 16 * MIB,
         block_size: 4096,
     };
-    let mut p = Pool::create_with(Box::new(s.clone()), Path::new("mem"), &opts).unwrap();
+    let mut p = Pool::create_with(Box::new(s), Path::new("mem"), &opts).unwrap();
     let v = p.create_volume("v", MIB).unwrap();
     p.write(v, 0, &[1; 4096]).unwrap();
     p.commit().unwrap();
     let snap = p.snapshot("v", "snap", false).unwrap();
     let g = p.generation();
     p.write(v, 0, &[2; 8192]).unwrap();
-    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
     assert!(p.remove_volume("snap").is_err(), "its commit is torn");
     assert!(
         p.commit().is_err(),

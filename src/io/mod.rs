@@ -4,11 +4,15 @@
 #[cfg(feature = "test-support")]
 pub mod crash;
 mod file;
+#[cfg(feature = "test-support")]
+mod hooked;
 mod mem;
 
 #[cfg(feature = "test-support")]
 pub use crash::CrashStorage;
 pub use file::FileStorage;
+#[cfg(feature = "test-support")]
+pub use hooked::Hooked;
 pub use mem::MemStorage;
 
 use crate::error::{Error, Result};

@@ -345,3 +345,28 @@ fn a_flush_covers_what_the_pool_had_before_it_was_shared() {
     p.read(id, 0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0x42), "flushed write lost");
 }
+
+/// The same for a change that dirtied only the annotation table.
+#[test]
+fn a_flush_covers_an_annotation_staged_before_the_pool_was_shared() {
+    let st = thinpool::io::CrashStorage::new();
+    let opts = CreateOptions {
+        size: 4 << 20,
+        block_size: 4096,
+    };
+    let mut p = Pool::create_with(Box::new(st.clone()), Path::new("c"), &opts).unwrap();
+    let id = p.create_volume("v", 4096).unwrap();
+    p.stage_annotation(id, Some(b"record".to_vec()), false)
+        .unwrap();
+    let pool = SharedPool::new(p);
+    pool.flush().unwrap();
+    let durable = st.durable();
+    pool.fail("simulated power cut");
+    drop(pool);
+    let p = Pool::open_with(Box::new(MemStorage::from_bytes(durable)), Path::new("c")).unwrap();
+    assert_eq!(
+        p.annotation(id),
+        Some(&b"record"[..]),
+        "flushed annotation lost"
+    );
+}

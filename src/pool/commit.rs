@@ -73,10 +73,15 @@ impl Pool {
 
     /// Something changed since the last commit (metadata, or data in place).
     pub(crate) fn has_changes(&self) -> bool {
-        self.data_dirty
-            || self.nodes.has_dirty()
+        self.data_dirty || self.meta_dirty()
+    }
+
+    /// Metadata pages wait to be written: the next commit has work to do.
+    fn meta_dirty(&self) -> bool {
+        self.nodes.has_dirty()
             || !self.space.dirty_pages().is_empty()
             || !self.catalog.dirty_pages().is_empty()
+            || !self.annotations.dirty_pages().is_empty()
     }
 
     /// A data-only commit: in-place writes need only reach the disk.
@@ -106,10 +111,7 @@ impl Pool {
             self.check_ok()?;
         }
         let data_dirty = std::mem::take(&mut self.data_dirty) | data_written();
-        let meta_dirty = self.nodes.has_dirty()
-            || !self.space.dirty_pages().is_empty()
-            || !self.catalog.dirty_pages().is_empty()
-            || !self.annotations.dirty_pages().is_empty();
+        let meta_dirty = self.meta_dirty();
         if self.read_only {
             if meta_dirty || force || data_dirty {
                 return Err(Error::PoolReadOnly(self.path.clone()));

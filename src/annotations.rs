@@ -80,8 +80,7 @@ impl Annotations {
             generation,
             |page, data| {
                 // Pages past the stream's end hold zeros: only the stream is kept.
-                let lo = (page * payload).min(bytes.len());
-                let hi = ((page + 1) * payload).min(bytes.len());
+                let (lo, hi) = page_range(bytes.len(), page, payload);
                 bytes[lo..hi].copy_from_slice(&data[..hi - lo]);
                 Ok(())
             },
@@ -153,18 +152,13 @@ impl Annotations {
         let p = self.payload;
         let end = new_stream.len().max(self.stream.len());
         for page in 0..end.div_ceil(p) {
-            let slice = |s: &[u8]| -> Vec<u8> {
-                let lo = (page * p).min(s.len());
-                let hi = ((page + 1) * p).min(s.len());
-                s[lo..hi].to_vec()
-            };
-            let (a, b) = (slice(&self.stream), slice(&new_stream));
+            let (lo, hi) = page_range(self.stream.len(), page, p);
+            let a = &self.stream[lo..hi];
+            let (lo, hi) = page_range(new_stream.len(), page, p);
+            let b = &new_stream[lo..hi];
             // Compare as zero-padded pages: trailing zeros are what is on disk.
-            let pad = |mut v: Vec<u8>| {
-                v.resize(p, 0);
-                v
-            };
-            if pad(a) != pad(b) {
+            let n = a.len().min(b.len());
+            if a[..n] != b[..n] || a[n..].iter().chain(&b[n..]).any(|&x| x != 0) {
                 self.dirty.insert(page);
             }
         }
@@ -195,11 +189,15 @@ impl Annotations {
         } = self;
         let p = *payload;
         layout.write(dirty, storage, generation, |page, buf| {
-            let lo = (page * p).min(stream.len());
-            let hi = ((page + 1) * p).min(stream.len());
+            let (lo, hi) = page_range(stream.len(), page, p);
             buf[..hi - lo].copy_from_slice(&stream[lo..hi]);
         })
     }
+}
+
+/// The bytes of a stream of `len` bytes that page `page` holds, `payload` a page.
+fn page_range(len: usize, page: usize, payload: usize) -> (usize, usize) {
+    ((page * payload).min(len), ((page + 1) * payload).min(len))
 }
 
 fn encode(by_id: &BTreeMap<u64, Vec<u8>>) -> Vec<u8> {

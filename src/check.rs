@@ -377,7 +377,7 @@ impl Walk<'_> {
             );
         }
         let entries = match ctx.nodes.get(ctx.storage, node, level) {
-            Ok(e) => e.to_vec(),
+            Ok(e) => e,
             Err(e) => {
                 let span = self.fanout.pow(level as u32 + 1);
                 let what = format!(
@@ -398,7 +398,7 @@ impl Walk<'_> {
         };
         let span = self.fanout.pow(level as u32);
         let (mut count, mut end) = (0u64, 0u64);
-        for (i, c) in entries.into_iter().enumerate() {
+        for (i, &c) in entries.iter().enumerate() {
             if c == 0 {
                 continue;
             }

@@ -176,12 +176,12 @@ impl Ctx<'_> {
     /// Drop a tree's reference on `node`; if that was the last, drop its
     /// children too. Shared subtrees stop the walk at once.
     pub fn release(&mut self, node: u64, level: u8) -> Result<()> {
-        let entries = self.nodes.get(self.storage, node, level)?.to_vec();
+        let entries = self.nodes.get(self.storage, node, level)?;
         if !self.space.dec(node, Kind::Meta)? {
             return Ok(());
         }
         self.nodes.forget(node);
-        for c in entries.into_iter().filter(|&c| c != 0) {
+        for c in entries.iter().copied().filter(|&c| c != 0) {
             if level == 0 {
                 self.space.dec(c, Kind::Data)?;
             } else {

@@ -79,13 +79,8 @@ impl Nodes {
 
     /// Entries of `node`, which must be a map node at `level`.
     pub fn get(&self, storage: &dyn Storage, node: u64, level: u8) -> Result<Arc<Node>> {
-        // Most lookups happen with nothing dirty: skip that map then.
-        let dirty = if self.dirty.is_empty() {
-            None
-        } else {
-            self.dirty.get(&node)
-        };
-        let n = match dirty {
+        // (An empty map answers without hashing.)
+        let n = match self.dirty.get(&node) {
             Some(n) => n.clone(),
             None => {
                 let cached = self.lock_cache().get(&node).cloned();

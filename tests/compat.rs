@@ -230,7 +230,7 @@ fn a_version_2_pool_from_main_before_the_log_opens_and_upgrades() {
 /// untouched. (tests/engine.rs checks the library's error value.)
 #[test]
 fn a_future_version_is_refused_by_name() {
-    let (tmp, pool, mut bytes) = unpack("pool-v2");
+    let (_tmp, pool, mut bytes) = unpack("pool-v2");
     for slot in [0usize, 4096] {
         let b = &mut bytes[slot..slot + 4096];
         // Keep the checksum right, so that only the version is wrong.

@@ -19,14 +19,20 @@
 # old build reads it (pool-vN.sha256, `sha256sum` format: HASH  NAME) and the
 # old build's `list` output (pool-vN.list, for people).
 #
-# Volumes (same in both; v2 adds nothing the CLI cannot make):
+# Volumes (both):
 #   base       1 MiB writable, written, changed after base-snap was taken
 #   base-snap  snapshot of base before the change
 #   layer0     committed base layer (`commit`)
 #   layer1     committed layer cloned from layer0, with changes
 #   app        writable clone of layer1 with changes (partial-block ones too)
+# v2 only (what format 2 added: annotations), made by `thinpool snapshotter`
+# for a private containerd (`ctr snapshots prepare/commit`):
+#   ctrd-template   the snapshotter's 8 MiB ext4 template
+#   ctrd-<hash>     committed snapshot "layer-a" (annotation: TPSN record)
+#   ctrd-<hash>     active snapshot "ctr1" on layer-a (annotation: TPSN record)
 #
-# Needs: git, cargo, gzip, sha256sum, seq. No root.
+# Needs: git, cargo, gzip, sha256sum, seq; for v2 also root, containerd, ctr
+# and mkfs.ext4 (the snapshotter formats its template).
 set -euo pipefail
 
 V1_COMMIT=dced18470b3785681c80fb0e4caf3095e7e9466a
@@ -37,7 +43,15 @@ out=$repo/tests/fixtures
 mkdir -p "$out"
 work=$(mktemp -d /tmp/tp-fixtures.XXXXXX)
 worktrees=()
+pids=()
 cleanup() {
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if mountpoint -q "$work/ctrd/export" 2>/dev/null; then
+        umount -l "$work/ctrd/export"
+    fi
     for wt in "${worktrees[@]}"; do
         git -C "$repo" worktree remove --force "$wt" 2>/dev/null || true
     done
@@ -71,6 +85,47 @@ data() {
     echo "$f"
 }
 
+# snapshots BIN POOL: containerd snapshots (annotated volumes) in POOL
+snapshots() {
+    local tp=$1 pool=$2 d=$work/ctrd i
+    [ "$(id -u)" -eq 0 ] || { echo "the v2 fixture needs root (snapshotter, loop devices)" >&2; exit 1; }
+    mkdir -p "$d/export" "$d/root" "$d/state" "$d/opt"
+    "$tp" snapshotter "$pool" --address "$d/snap.sock" --export-dir "$d/export" \
+        --volume-size 8M >"$d/snap.log" 2>&1 &
+    local snap_pid=$!
+    pids+=("$snap_pid")
+    printf '%s\n' \
+        'version = 2' \
+        "root = \"$d/root\"" \
+        "state = \"$d/state\"" \
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]' \
+        '[grpc]' "  address = \"$d/ctrd.sock\"" \
+        '[ttrpc]' "  address = \"$d/ctrd.ttrpc.sock\"" \
+        '[debug]' '  address = ""' \
+        '[metrics]' '  address = ""' \
+        '[plugins."io.containerd.internal.v1.opt"]' "  path = \"$d/opt\"" \
+        '[proxy_plugins.thinpool]' '  type = "snapshot"' "  address = \"$d/snap.sock\"" \
+        >"$d/config.toml"
+    containerd --config "$d/config.toml" >"$d/ctrd.log" 2>&1 &
+    local ctrd_pid=$!
+    pids+=("$ctrd_pid")
+    for i in $(seq 200); do
+        [ -S "$d/snap.sock" ] && ctr -a "$d/ctrd.sock" version >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    local c=(ctr -a "$d/ctrd.sock" -n fixture snapshots --snapshotter thinpool)
+    "${c[@]}" prepare active1
+    "${c[@]}" commit layer-a active1
+    "${c[@]}" prepare ctr1 layer-a
+    "${c[@]}" ls >&2
+    kill "$ctrd_pid"
+    wait "$ctrd_pid" || true
+    # SIGTERM: the snapshotter commits and exits 0.
+    kill "$snap_pid"
+    wait "$snap_pid"
+    pids=()
+}
+
 # make BIN NAME: the pool, its sums and listing under tests/fixtures/
 make() {
     local tp=$1 name=$2
@@ -94,9 +149,15 @@ make() {
     "$tp" write "$pool" app --offset 5000 "$(data 1000000 1001000 3000)"
     "$tp" write "$pool" app --offset 256K "$(data 1100000 1200000 16384)"
 
+    if [ "$name" = pool-v2 ]; then
+        snapshots "$tp" "$pool"
+    fi
+
     "$tp" check "$pool"
     : >"$out/$name.sha256"
-    for v in base base-snap layer0 layer1 app; do
+    local vols
+    vols=$("$tp" list "$pool" | awk 'NR > 1 { print $1 }')
+    for v in $vols; do
         echo "$("$tp" read "$pool" "$v" | sha256sum | cut -d' ' -f1)  $v" >>"$out/$name.sha256"
     done
     "$tp" list "$pool" >"$out/$name.list"

@@ -412,6 +412,15 @@ fn bulk_writer(dir: PathBuf, round: u64, stop: Arc<AtomicBool>) -> thread::JoinH
     })
 }
 
+/// Tells the writer threads to stop when dropped (also on a panic).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 fn verify_synced(m: &Path, acked: &[Synced]) {
     for s in acked {
         let got = fs::read(m.join(&s.rel))
@@ -444,6 +453,8 @@ fn sigkill_mid_workload_keeps_every_fsynced_file() {
     for (round, kill_after) in [(0u64, 10usize), (1, 45), (2, 120)] {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        // Dropped before `env` if an assertion fails: the writers stop first.
+        let _stop = StopOnDrop(stop.clone());
         let w = writer(m.clone(), round, acked.clone(), stop.clone());
         let bulk = bulk_writer(m.clone(), round, stop.clone());
         let deadline = Instant::now() + Duration::from_secs(20);

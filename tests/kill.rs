@@ -292,6 +292,13 @@ impl Env {
             run("umount", &["-l".as_ref(), m.as_os_str()]);
         }
         for d in std::mem::take(&mut self.loops) {
+            // The dead server's files fail every request; the loop device
+            // passes that on as EIO.
+            let mut buf = Aligned::new(4096);
+            let err = open_direct(Path::new(&d), false)
+                .read_exact_at(buf.get(), 0)
+                .expect_err("a read through the dead server's loop device");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{d}: {err}");
             run("losetup", &["-d", &d]);
         }
         if is_mounted(&self.export) {

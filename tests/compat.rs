@@ -196,12 +196,22 @@ fn opens_reads_and_upgrades(name: &str, made_as: u32, snapshot_keys: &[&str]) {
     }
     assert_sums(&pool, &sums, name);
     check_clean(&pool);
-    // The layers kept their digests: `commit` recorded them, `list` shows them.
-    let layers = String::from_utf8(tp(&["list".as_ref(), p])).unwrap();
-    assert!(
-        layers.lines().filter(|l| l.starts_with("layer")).count() == 2,
-        "{layers}"
-    );
+    // The layers kept the digests `commit` recorded: `list` shows the same
+    // chain ids as the old build's `list` (NAME.list).
+    let chains = |text: &str| -> Vec<(String, String)> {
+        text.lines()
+            .filter(|l| l.starts_with("layer"))
+            .map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols[0].to_string(), cols[cols.len() - 1].to_string())
+            })
+            .collect()
+    };
+    let old = chains(&fs::read_to_string(fixture_path(&format!("{name}.list"))).unwrap());
+    let now = chains(&String::from_utf8(tp(&["list".as_ref(), p])).unwrap());
+    assert_eq!(old.len(), 2, "{name}.list shows two layers");
+    assert!(old.iter().all(|(_, c)| c.len() == 12), "{old:?}");
+    assert_eq!(now, old, "{name}: the layers' chain ids");
     assert!(
         fs::read(&pool).unwrap() == original,
         "{name}: a read-only verb changed the pool file"

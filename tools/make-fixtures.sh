@@ -17,7 +17,7 @@
 # The pools are 4 KiB-block pools of about 300 KiB, stored gzipped
 # (pool-vN.tp.gz) with the sha256 of every volume's whole content as the
 # old build reads it (pool-vN.sha256, `sha256sum` format: HASH  NAME) and the
-# old build's `list` output (pool-vN.list, for people).
+# old build's `list` output (pool-vN.list: the test compares the layers' chain ids).
 #
 # Volumes (both):
 #   base       1 MiB writable, written, changed after base-snap was taken

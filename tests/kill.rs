@@ -539,10 +539,88 @@ fn open_direct(path: &Path, write: bool) -> fs::File {
         .unwrap_or_else(|e| panic!("open {} O_DIRECT: {e}", path.display()))
 }
 
+const UNFLUSHED_BS: usize = 4096;
+const UNFLUSHED_BLOCKS: u64 = 8192; // the 32 MiB volume "raw"
+const UNFLUSHED_WRITES: u64 = 600;
+
+/// Where unflushed write `i` goes: distinct blocks in a scattered order
+/// (7919 is prime to 8192).
+fn unflushed_offset(i: u64) -> u64 {
+    (i * 7919 + 11) % UNFLUSHED_BLOCKS * UNFLUSHED_BS as u64
+}
+
+fn unflushed_data(i: u64) -> Vec<u8> {
+    content(0xabc0_0000 + i, UNFLUSHED_BS)
+}
+
+/// A served 4 KiB-block pool; `UNFLUSHED_WRITES` distinct blocks pwritten
+/// (O_DIRECT) to its volume "raw" without any flush, then the server killed
+/// and its remains cleaned up. Returns the pool and how many pwrites returned.
+///
+/// The export opens files with FOPEN_DIRECT_IO (no page cache, no writeback
+/// cache), so a pwrite returns only when the server has replied to its
+/// FUSE_WRITE (after the data is in the pool file).
+fn write_unflushed_and_kill() -> (Env, u64) {
+    let mut env = Env::new("256M", "4K");
+    tp(&["volume", "create", env.p(), "raw", "--size", "32M"]);
+    env.start_server();
+    let file = env.export.join("raw");
+    let mut buf = Aligned::new(UNFLUSHED_BS);
+    let f = open_direct(&file, true);
+    let mut returned = 0u64;
+    for i in 0..UNFLUSHED_WRITES {
+        buf.get().copy_from_slice(&unflushed_data(i));
+        f.write_all_at(buf.get(), unflushed_offset(i)).unwrap();
+        returned += 1;
+    }
+    // The server has them: they read back through it before the kill.
+    let g = open_direct(&file, false);
+    for i in 0..UNFLUSHED_WRITES {
+        g.read_exact_at(buf.get(), unflushed_offset(i)).unwrap();
+        assert!(buf.get() == unflushed_data(i));
+    }
+    // No close before the kill: closing a written file commits.
+    env.kill_server();
+    drop((f, g));
+    env.clean_up_dead();
+    (env, returned)
+}
+
+/// The writes of `0..returned` that `read(i)` does not give back; with what
+/// they read instead, and whether their data is in the pool file, in words.
+fn lost_writes(env: &Env, returned: u64, mut read: impl FnMut(u64) -> Vec<u8>) -> Option<String> {
+    let mut lost = Vec::new();
+    let mut zeros = 0;
+    for i in 0..returned {
+        let got = read(i);
+        if got != unflushed_data(i) {
+            zeros += got.iter().all(|&b| b == 0) as usize;
+            lost.push(i);
+        }
+    }
+    if lost.is_empty() {
+        return None;
+    }
+    // Why: is the lost data in the pool file (the pwrite reached it, only
+    // the map change died with the process)?
+    let wanted: std::collections::HashSet<Vec<u8>> =
+        lost.iter().map(|&i| unflushed_data(i)).collect();
+    let in_file = fs::read(&env.pool)
+        .unwrap()
+        .chunks(UNFLUSHED_BS)
+        .filter(|c| wanted.contains(*c))
+        .count();
+    Some(format!(
+        "{} of {returned} acknowledged pwrites did not survive SIGKILL of the server: \
+         writes {}; {zeros} of them read as zeros, and the data of {in_file} is in the \
+         pool file but no committed map points at it",
+        lost.len(),
+        ranges(&lost)
+    ))
+}
+
 /// pwrite distinct blocks to a served volume without any flush, SIGKILL the
-/// server, restart it: every pwrite that returned reads back. The export
-/// opens files with FOPEN_DIRECT_IO (no page cache, no writeback cache), so a
-/// pwrite returns only when the server has replied to its FUSE_WRITE.
+/// server, restart it: every pwrite that returned reads back.
 ///
 /// The intent log (issue 11) claims this: its records reach the host page
 /// cache before the reply. Without it, map changes not yet committed (the
@@ -551,69 +629,61 @@ fn open_direct(path: &Path, write: bool) -> fs::File {
 #[ignore = "needs the intent log (issue 11); run with --ignored"]
 fn sigkill_loses_no_acknowledged_write() {
     require_root();
-    const BS: usize = 4096;
-    const BLOCKS: u64 = 8192; // the 32 MiB volume
-    const WRITES: u64 = 600;
-    let mut env = Env::new("256M", "4K");
-    tp(&["volume", "create", env.p(), "raw", "--size", "32M"]);
+    let (mut env, returned) = write_unflushed_and_kill();
     env.start_server();
-    let file = env.export.join("raw");
-    // Distinct blocks in a scattered order (7919 is prime to 8192).
-    let target = |i: u64| (i * 7919 + 11) % BLOCKS;
-    let mut buf = Aligned::new(BS);
-    let f = open_direct(&file, true);
-    let mut returned = 0u64;
-    for i in 0..WRITES {
-        fill(0xabc0_0000 + i, buf.get());
-        f.write_all_at(buf.get(), target(i) * BS as u64).unwrap();
-        returned += 1;
-    }
-    // The server has them: they read back through it before the kill.
-    let g = open_direct(&file, false);
-    for i in 0..WRITES {
-        g.read_exact_at(buf.get(), target(i) * BS as u64).unwrap();
-        assert!(buf.get().to_vec() == content(0xabc0_0000 + i, BS));
-    }
-    // No close before the kill: closing a written file commits.
-    env.kill_server();
-    drop((f, g));
-    env.clean_up_dead();
-
-    env.start_server();
-    let g = open_direct(&file, false);
-    let mut lost = Vec::new();
-    let mut zeros = 0;
-    for i in 0..returned {
-        g.read_exact_at(buf.get(), target(i) * BS as u64).unwrap();
-        if buf.get().to_vec() != content(0xabc0_0000 + i, BS) {
-            zeros += buf.get().iter().all(|&b| b == 0) as usize;
-            lost.push(i);
-        }
-    }
+    let g = open_direct(&env.export.join("raw"), false);
+    let mut buf = Aligned::new(UNFLUSHED_BS);
+    let lost = lost_writes(&env, returned, |i| {
+        g.read_exact_at(buf.get(), unflushed_offset(i)).unwrap();
+        buf.get().to_vec()
+    });
     drop(g);
     env.stop_server();
     env.check_pool();
     env.assert_no_leftovers();
-    if lost.is_empty() {
-        return;
+    if let Some(msg) = lost {
+        panic!("{msg}");
     }
-    // Why: is the lost data in the pool file (the pwrite reached it, only
-    // the map change died with the process)?
-    let wanted: std::collections::HashSet<Vec<u8>> =
-        lost.iter().map(|&i| content(0xabc0_0000 + i, BS)).collect();
-    let in_file = fs::read(&env.pool)
-        .unwrap()
-        .chunks(BS)
-        .filter(|c| wanted.contains(*c))
-        .count();
-    let msg = format!(
-        "{} of {returned} acknowledged pwrites did not survive SIGKILL of the server: \
-         writes {}; {zeros} of them read as zeros, and the data of {in_file} is in the \
-         pool file but no committed map points at it",
-        lost.len(),
-        ranges(&lost)
+}
+
+/// The same kill, then the read-only verbs on the pool file before any
+/// server opens it again: `check` is clean, `read` gives every acknowledged
+/// write (the log's records replayed in memory), and they write nothing
+/// (docs/FORMAT.md: read-only opens upgrade and change nothing).
+#[test]
+#[ignore = "needs the intent log (issue 11); run with --ignored"]
+fn a_killed_pool_shows_acknowledged_writes_to_read_only_verbs() {
+    require_root();
+    let (env, returned) = write_unflushed_and_kill();
+    let before = fs::read(&env.pool).unwrap();
+    env.check_pool();
+    let out = Command::new(env!("CARGO_BIN_EXE_thinpool"))
+        .args(["read", env.p(), "raw"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("thinpool read", &[env.p()], &out)
     );
-    panic!("{msg}");
+    let volume = out.stdout;
+    assert_eq!(volume.len() as u64, UNFLUSHED_BLOCKS * UNFLUSHED_BS as u64);
+    let lost = lost_writes(&env, returned, |i| {
+        let at = unflushed_offset(i) as usize;
+        volume[at..at + UNFLUSHED_BS].to_vec()
+    });
+    assert!(
+        fs::read(&env.pool).unwrap() == before,
+        "a read-only verb wrote to the pool file"
+    );
+    // The dead server's socket is stale (the verbs above found nobody behind
+    // it); a new server would replace it.
+    fs::remove_file(control::socket_path(&env.pool)).unwrap();
+    env.assert_no_leftovers();
+    if let Some(msg) = lost {
+        panic!("read-only open: {msg}");
+    }
 }
 
 /// 0,1,2,5,7,8 -> "0..=2, 5, 7..=8"

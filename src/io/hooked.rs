@@ -62,4 +62,10 @@ impl<S: Storage> Storage for Hooked<S> {
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.reserve(offset, len)
     }
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.zero(offset, len)
+    }
+    fn is_direct(&self) -> bool {
+        self.inner.is_direct()
+    }
 }

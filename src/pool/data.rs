@@ -356,6 +356,15 @@ impl Pool {
         self.discard(id, offset, len)
     }
 
+    /// (virtual, physical) block of every mapped block of `id`, ascending
+    /// (metadata only): where a volume's data lies in the pool file.
+    pub fn block_map(&mut self, id: VolumeId) -> Result<Vec<(u64, u64)>> {
+        self.check_ok()?;
+        let r = self.catalog.get(id)?;
+        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size() as u64));
+        self.view().mapped_in_range(root, depth, 0, n)
+    }
+
     /// Virtual block numbers that are mapped in `id`, ascending (metadata only).
     pub fn mapped_blocks(&mut self, id: VolumeId) -> Result<Vec<u64>> {
         self.check_ok()?;

@@ -259,6 +259,10 @@ impl Pool {
             .mapped_in_range(root, depth, first_full, end_full)?;
         if self.catalog.get(id)?.preallocated {
             let r = self.zero_mapped(id, &mapped);
+            if let Err(Error::Io(e)) = &r {
+                // Like a failed in-place write: what the blocks hold is unknown.
+                self.fail(&format!("zeroing data failed: {e}"));
+            }
             return self.fail_on_corrupt(r);
         }
         for (vb, _) in mapped {

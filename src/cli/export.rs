@@ -23,7 +23,8 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub background: bool,
     /// Open the pool file with O_DIRECT: its blocks are not kept in the host
-    /// page cache as well (see docs/EXPORT.md). Not on tmpfs
+    /// page cache as well (see docs/EXPORT.md). Needs a file system with
+    /// O_DIRECT (not ramfs, nor tmpfs before Linux 6.6)
     #[arg(long)]
     pub direct: bool,
 }

@@ -74,7 +74,7 @@ fn open_locked(path: &Path, write: bool, direct: bool) -> Result<File> {
         .map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL) if direct => Error::InvalidArgument(format!(
                 "{}: the file system holding the pool does not support direct I/O \
-                 (O_DIRECT; tmpfs does not, for one); open it without --direct",
+                 (O_DIRECT; ramfs does not, nor tmpfs before Linux 6.6); open it without --direct",
                 path.display()
             )),
             _ => Error::Io(e),

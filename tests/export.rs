@@ -9,6 +9,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1133,11 +1134,24 @@ fn direct_io_server_carries_ext4_end_to_end() {
     env.volume("v", "512M");
     tp(&["volume", "create", env.p(), "db", "--size", "256M", "--preallocate"]);
     let m = env.dir("m");
+    // Drop the pool file's (clean) cached pages, so what is cached after the
+    // writes is what the server put there.
+    sh("sync", &[env.p()]);
+    {
+        let f = fs::File::open(&env.pool).unwrap();
+        // SAFETY: fadvise on an fd we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
     env.mount("v", &m, &["--mkfs", "ext4", "--direct"]);
     assert_eq!(env.info()["direct_io"], true, "the server opened the pool O_DIRECT");
     let mut files = write_tree(&m, 3);
     let big = PathBuf::from("big.bin");
     files.push((big.clone(), write_file(&m.join(&big), 9, 40 * MIB, true)));
+    // 40 MiB went through the pool file; none of it stays in the host cache.
+    let cached: u64 = sh("fincore", &["--bytes", "--noheadings", "--output", "RES", env.p()])
+        .parse()
+        .unwrap();
+    assert!(cached < 4 * MIB, "{cached} bytes of the pool file are cached");
     // Unaligned writes through the volume reach the direct storage as RMW.
     {
         let f = fs::OpenOptions::new()
@@ -1173,6 +1187,11 @@ fn direct_io_server_carries_ext4_end_to_end() {
     for (rel, sum) in &files {
         assert_eq!(&sha256_file(&m.join(rel)), sum, "{}", rel.display());
     }
+    // Buffered, the same 40 MiB read back do stay in the host cache.
+    let cached: u64 = sh("fincore", &["--bytes", "--noheadings", "--output", "RES", env.p()])
+        .parse()
+        .unwrap();
+    assert!(cached >= 30 * MIB, "only {cached} bytes of the pool file are cached");
     env.umount(&m);
     env.mount("db", &m2, &["--read-only"]);
     assert_eq!(sha256_file(&m2.join("table")), db_sum);

@@ -1396,8 +1396,14 @@ fn volume_create_preallocate_maps_and_reserves_every_block() {
     let table = ok_text(&[s("list"), e.p()]);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].contains("PREALLOC"), "{table}");
-    assert!(lines[1].starts_with("db") && lines[1].ends_with("yes"), "{table}");
-    assert!(lines[2].starts_with("thin") && lines[2].ends_with("no"), "{table}");
+    assert!(
+        lines[1].starts_with("db") && lines[1].ends_with("yes"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("thin") && lines[2].ends_with("no"),
+        "{table}"
+    );
     assert_eq!(e.vol("thin")["preallocated"], false);
     // Writes (a whole zero block among them) overwrite in place: no more space.
     let data = random_bytes(300_000, 5);

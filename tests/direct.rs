@@ -147,7 +147,9 @@ fn a_file_system_without_o_direct_is_refused_clearly() {
     .unwrap()
     .close()
     .unwrap();
-    let e = Pool::open_direct(&path).err().expect("ramfs refuses O_DIRECT");
+    let e = Pool::open_direct(&path)
+        .err()
+        .expect("ramfs refuses O_DIRECT");
     let msg = e.to_string();
     assert!(msg.contains("does not support direct I/O"), "{msg}");
     assert!(msg.contains("without --direct"), "{msg}");
@@ -241,7 +243,9 @@ fn concurrent_read_modify_writes_of_one_page_lose_nothing() {
             let (off, len) = piece(t, page);
             let want = ROUNDS.wrapping_mul(7) ^ t as u8;
             assert!(
-                img[off as usize..off as usize + len].iter().all(|&b| b == want),
+                img[off as usize..off as usize + len]
+                    .iter()
+                    .all(|&b| b == want),
                 "thread {t} page {page}: a piece was lost"
             );
         }

@@ -1132,7 +1132,15 @@ fn direct_io_server_carries_ext4_end_to_end() {
     require_root();
     let env = Env::new("2G");
     env.volume("v", "512M");
-    tp(&["volume", "create", env.p(), "db", "--size", "256M", "--preallocate"]);
+    tp(&[
+        "volume",
+        "create",
+        env.p(),
+        "db",
+        "--size",
+        "256M",
+        "--preallocate",
+    ]);
     let m = env.dir("m");
     // Drop the pool file's (clean) cached pages, so what is cached after the
     // writes is what the server put there.
@@ -1143,15 +1151,25 @@ fn direct_io_server_carries_ext4_end_to_end() {
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
     env.mount("v", &m, &["--mkfs", "ext4", "--direct"]);
-    assert_eq!(env.info()["direct_io"], true, "the server opened the pool O_DIRECT");
+    assert_eq!(
+        env.info()["direct_io"],
+        true,
+        "the server opened the pool O_DIRECT"
+    );
     let mut files = write_tree(&m, 3);
     let big = PathBuf::from("big.bin");
     files.push((big.clone(), write_file(&m.join(&big), 9, 40 * MIB, true)));
     // 40 MiB went through the pool file; none of it stays in the host cache.
-    let cached: u64 = sh("fincore", &["--bytes", "--noheadings", "--output", "RES", env.p()])
-        .parse()
-        .unwrap();
-    assert!(cached < 4 * MIB, "{cached} bytes of the pool file are cached");
+    let cached: u64 = sh(
+        "fincore",
+        &["--bytes", "--noheadings", "--output", "RES", env.p()],
+    )
+    .parse()
+    .unwrap();
+    assert!(
+        cached < 4 * MIB,
+        "{cached} bytes of the pool file are cached"
+    );
     // Unaligned writes through the volume reach the direct storage as RMW.
     {
         let f = fs::OpenOptions::new()
@@ -1170,7 +1188,11 @@ fn direct_io_server_carries_ext4_end_to_end() {
     let used = env.data_used();
     let db_sum = write_file(&m2.join("table"), 11, 30 * MIB, true);
     sh("sync", &["-f", m2.to_str().unwrap()]);
-    assert_eq!(env.data_used(), used, "writes to a preallocated volume took pool space");
+    assert_eq!(
+        env.data_used(),
+        used,
+        "writes to a preallocated volume took pool space"
+    );
     env.umount(&m2);
     env.umount(&m);
     assert_no_leftovers(&env);
@@ -1188,10 +1210,16 @@ fn direct_io_server_carries_ext4_end_to_end() {
         assert_eq!(&sha256_file(&m.join(rel)), sum, "{}", rel.display());
     }
     // Buffered, the same 40 MiB read back do stay in the host cache.
-    let cached: u64 = sh("fincore", &["--bytes", "--noheadings", "--output", "RES", env.p()])
-        .parse()
-        .unwrap();
-    assert!(cached >= 30 * MIB, "only {cached} bytes of the pool file are cached");
+    let cached: u64 = sh(
+        "fincore",
+        &["--bytes", "--noheadings", "--output", "RES", env.p()],
+    )
+    .parse()
+    .unwrap();
+    assert!(
+        cached >= 30 * MIB,
+        "only {cached} bytes of the pool file are cached"
+    );
     env.umount(&m);
     env.mount("db", &m2, &["--read-only"]);
     assert_eq!(sha256_file(&m2.join("table")), db_sum);

@@ -73,7 +73,10 @@ fn every_block_is_mapped_contiguously_and_reads_zero() {
     assert_eq!(info.exclusive_bytes, n * BS);
     let mut buf = vec![1u8; size as usize];
     p.read(id, 0, &mut buf).unwrap();
-    assert!(buf.iter().all(|&b| b == 0), "a preallocated volume reads zeros");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a preallocated volume reads zeros"
+    );
     let pi = p.info().unwrap();
     assert_eq!((pi.preallocated_volumes, pi.preallocated_bytes), (1, size));
     assert_clean(&mut p);

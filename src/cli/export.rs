@@ -167,7 +167,11 @@ pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
 }
 
 pub fn attach(a: AttachArgs) -> Result<()> {
-    let start = if a.direct { start_server_direct } else { start_server };
+    let start = if a.direct {
+        start_server_direct
+    } else {
+        start_server
+    };
     let dev = export::attach(&a.pool, &a.name, a.read_only, start)
         .with_context(|| format!("attach '{}' of {}", a.name, a.pool.display()))?;
     super::print(&format!("{}\n", dev.display()))?;
@@ -185,7 +189,11 @@ pub fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         options: a.options,
     };
-    let start = if a.direct { start_server_direct } else { start_server };
+    let start = if a.direct {
+        start_server_direct
+    } else {
+        start_server
+    };
     let dev = export::mount(&a.pool, &a.name, &a.dir, &opts, start).with_context(|| {
         format!(
             "mount '{}' of {} on {}",

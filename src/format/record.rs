@@ -59,7 +59,11 @@ impl VolumeRecord {
         LE::write_u64(&mut b[40..48], self.created);
         b[48] = self.depth;
         b[49] = (if self.read_only { FLAG_READ_ONLY } else { 0 })
-            | (if self.preallocated { FLAG_PREALLOCATED } else { 0 });
+            | (if self.preallocated {
+                FLAG_PREALLOCATED
+            } else {
+                0
+            });
         let name = self.name.as_bytes();
         LE::write_u16(&mut b[50..52], name.len() as u16);
         b[64..64 + name.len()].copy_from_slice(name);

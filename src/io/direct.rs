@@ -119,7 +119,7 @@ impl Drop for WriteGuard<'_> {
 }
 
 fn aligned(x: u64) -> bool {
-    x % DIRECT_ALIGN as u64 == 0
+    x.is_multiple_of(DIRECT_ALIGN as u64)
 }
 
 /// `[offset, offset+len)` widened to whole units.
@@ -133,9 +133,18 @@ impl Storage for DirectStorage {
         if buf.is_empty() {
             return Ok(());
         }
-        let eof = || io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the pool file");
+        let eof = || {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the pool file",
+            )
+        };
         if aligned(offset) && aligned(buf.len() as u64) && aligned(buf.as_ptr() as u64) {
-            return if self.pread_aligned(buf, offset)? { Ok(()) } else { Err(eof()) };
+            return if self.pread_aligned(buf, offset)? {
+                Ok(())
+            } else {
+                Err(eof())
+            };
         }
         let (start, end) = cover(offset, buf.len());
         let mut bounce = AlignedBuf::new((end - start) as usize)?;

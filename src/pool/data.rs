@@ -317,7 +317,12 @@ impl Pool {
 
     /// Shadow the path to `vb` in volume `id` (see `Ctx::leaf_for_update`),
     /// recording a new root even if shadowing failed half way.
-    pub(super) fn leaf_for_update(&mut self, id: VolumeId, vb: u64, create: bool) -> Result<Option<u64>> {
+    pub(super) fn leaf_for_update(
+        &mut self,
+        id: VolumeId,
+        vb: u64,
+        create: bool,
+    ) -> Result<Option<u64>> {
         let rec = self.catalog.get(id)?;
         let (mut root, depth) = (rec.root, rec.depth);
         let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, create);

@@ -109,12 +109,12 @@ impl Pool {
                 let mut k = 0;
                 while k < len {
                     let m = step.min(len - k);
-                    self.storage
-                        .zero((start + k) * bs, m * bs)
-                        .map_err(|e| match e.raw_os_error() {
+                    self.storage.zero((start + k) * bs, m * bs).map_err(|e| {
+                        match e.raw_os_error() {
                             Some(libc::ENOSPC) => Error::HostFull,
                             _ => Error::Io(e),
-                        })?;
+                        }
+                    })?;
                     k += m;
                     done += m;
                     progress(done, n);

@@ -253,7 +253,9 @@ impl Pool {
         if let Err(e) = self.ctx().grow(&mut root, &mut depth, need) {
             if !runs.is_empty() {
                 // Taken blocks no map holds must not be committed.
-                self.fail(&format!("growing a preallocated volume failed half way: {e}"));
+                self.fail(&format!(
+                    "growing a preallocated volume failed half way: {e}"
+                ));
             }
             return Err(e);
         }

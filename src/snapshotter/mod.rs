@@ -80,16 +80,17 @@ pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
             ..ServeOptions::default()
         },
         move |server| {
-        std::thread::Builder::new()
-            .name("snapshotter".into())
-            .spawn(move || {
-                if let Err(e) = serve_grpc(server.clone(), &address, size) {
-                    eprintln!("thinpool snapshotter: {e}");
-                    server.stop();
-                }
-            })?;
-        Ok(())
-    });
+            std::thread::Builder::new()
+                .name("snapshotter".into())
+                .spawn(move || {
+                    if let Err(e) = serve_grpc(server.clone(), &address, size) {
+                        eprintln!("thinpool snapshotter: {e}");
+                        server.stop();
+                    }
+                })?;
+            Ok(())
+        },
+    );
     let _ = std::fs::remove_file(&opts.address);
     res
 }

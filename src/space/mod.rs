@@ -345,7 +345,9 @@ impl SpaceMap {
         let mut at = 0usize;
         let n = self.free.len();
         while at < n {
-            let Some(s) = self.free[at..].first_one() else { break };
+            let Some(s) = self.free[at..].first_one() else {
+                break;
+            };
             let start = at + s;
             let len = self.free[start..].first_zero().unwrap_or(n - start);
             runs.push((start as u64, len as u64));
@@ -557,7 +559,10 @@ mod tests {
         let mut s = SpaceMap::new(40 + UNMAP_RESERVE, 1, 1024).unwrap();
         assert_eq!(s.alloc_runs(10, Budget::Write).unwrap(), vec![(1, 10)]);
         // The write budget leaves the unmap reserve: 29 blocks are left.
-        assert!(matches!(s.alloc_runs(30, Budget::Write), Err(Error::NoSpace)));
+        assert!(matches!(
+            s.alloc_runs(30, Budget::Write),
+            Err(Error::NoSpace)
+        ));
         assert_eq!(s.alloc_runs(29, Budget::Write).unwrap(), vec![(11, 29)]);
         for b in [5, 6, 7, 20, 21, 22, 23, 24] {
             s.dec(b, Kind::Data).unwrap();
@@ -570,7 +575,10 @@ mod tests {
             vec![(5, 3), (40, 16)]
         );
         assert_eq!(s.free_count(), 1);
-        assert!(matches!(s.alloc_runs(2, Budget::Commit), Err(Error::NoSpace)));
+        assert!(matches!(
+            s.alloc_runs(2, Budget::Commit),
+            Err(Error::NoSpace)
+        ));
         assert_eq!(s.free_count(), 1);
         assert_eq!(s.rc(41), 1);
         assert!(s.is_txn_new(41));

@@ -858,5 +858,8 @@ fn crash_at_every_call_of_a_preallocating_create() {
         }
     }
     assert_eq!(seen, [true, true], "both outcomes were reached");
-    eprintln!("preallocating create: {} calls, {points} crash points", log.len());
+    eprintln!(
+        "preallocating create: {} calls, {points} crash points",
+        log.len()
+    );
 }

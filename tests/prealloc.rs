@@ -313,3 +313,16 @@ fn a_deep_map_at_4k_blocks_is_mapped_whole() {
     assert_eq!(p.block_map(id).unwrap().len(), 3000);
     assert_clean(&mut p);
 }
+
+#[test]
+fn growing_inside_the_last_block_takes_nothing() {
+    let (_m, mut p) = mem_pool(64 * MIB);
+    let id = p
+        .create_volume_preallocated("db", BS + 10, &mut no_progress())
+        .unwrap();
+    let used = p.info().unwrap().data_used_bytes;
+    p.resize_volume("db", 2 * BS).unwrap();
+    assert_eq!(p.block_map(id).unwrap().len(), 2);
+    assert_eq!(p.info().unwrap().data_used_bytes, used);
+    assert_clean(&mut p);
+}

@@ -289,6 +289,9 @@ impl SpaceMap {
         if n > self.available(budget) {
             return Err(Error::NoSpace);
         }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let mut runs = self.free_runs();
         let mut taken: Vec<(u64, u64)> = match runs.iter().find(|r| r.1 >= n) {
             Some(&(start, _)) => vec![(start, n)],

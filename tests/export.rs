@@ -1181,6 +1181,25 @@ fn direct_io_server_carries_ext4_end_to_end() {
     }
     files.pop();
     files.push((big.clone(), sha256_file(&m.join(&big))));
+    // A preallocation the server makes (the CLI sends it over the socket).
+    tp(&[
+        "volume",
+        "create",
+        env.p(),
+        "db2",
+        "--size",
+        "64M",
+        "--preallocate",
+    ]);
+    let list: serde_json::Value = serde_json::from_str(&tp(&["list", env.p(), "--json"])).unwrap();
+    let db2 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "db2")
+        .unwrap();
+    assert_eq!(db2["preallocated"], true, "{db2}");
+    assert_eq!(db2["mapped_bytes"], 64 * MIB, "{db2}");
     // Unmounted first: ext4's late writeback on `v` would allocate pool
     // blocks while the preallocated volume's usage is measured.
     env.umount(&m);

@@ -10,10 +10,12 @@
 # the snapshotter's options, `printf hello > /hello.txt` (not with --idle),
 # umount, detach.
 #
-# 1. Blocks: a read-only snapshot of the clone after mount, after the write
-#    (flushed) and after umount; `thinpool diff` of each against the template
-#    (ranges in pool blocks), and the pool's generation (commits) and used bytes.
-# 2. Times: the same life N more times (default 10), each step in ms.
+# 1. Times: the life N times (default 10), each step in ms.
+# 2. Blocks: once more, with a read-only snapshot of the clone after mount,
+#    after the write (flushed) and after umount, and the pool's generation
+#    (commits) and used bytes after each step; then the snapshotter is stopped
+#    and `thinpool diff` shows each snapshot's changes against the template
+#    (ranges in pool blocks).
 #
 # THINPOOL overrides the binary (default target/release/thinpool).
 set -euo pipefail
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --block-size) bs=$2; shift ;;
     --runs) runs=$2; shift ;;
     --idle) idle=1 ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "snapshotter-trace: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -58,28 +60,6 @@ state() {
     "$B" info "$p" --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('  %-7s generation %d, data used %d B, metadata used %d B' % ('$1', d['generation'], d['data_used_bytes'], d['metadata_used_bytes']))"
 }
 
-echo "== blocks ($bs pool blocks)"
-state start
-"$B" clone "$p" ctrd-template c0 >/dev/null
-state clone
-dev=$(losetup --find --show --direct-io=on "$w/export/c0")
-mount -t ext4 -o "$opts" "$dev" "$w/mnt"
-state mount
-"$B" snapshot "$p" c0 after-mount >/dev/null
-[ "$idle" = 1 ] || printf hello >"$w/mnt/hello.txt"
-sync -f "$w/mnt"
-state write
-"$B" snapshot "$p" c0 after-write >/dev/null
-umount "$w/mnt"
-state umount
-"$B" snapshot "$p" c0 after-umount >/dev/null
-losetup -d "$dev"
-dev=""
-for s in after-mount after-write after-umount; do
-    echo "  -- ctrd-template -> $s"
-    "$B" diff "$p" ctrd-template "$s" | sed 's/^/     /'
-done
-
 echo "== times (ms; clone through the control socket, so a CLI process start included)"
 printf '  %-4s %8s %8s %8s %8s %8s %8s\n' run clone attach mount write umount detach
 now() { date +%s%N; }
@@ -101,4 +81,29 @@ for i in $(seq "$runs"); do
     awk -v i="$i" -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v e="$t4" -v f="$t5" -v g="$t6" \
         'BEGIN { printf "  %-4s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f\n", i, (b-a)/1e6, (c-b)/1e6, (d-c)/1e6, (e-d)/1e6, (f-e)/1e6, (g-f)/1e6 }'
 done
-state end
+echo "== blocks ($bs pool blocks)"
+state start
+"$B" clone "$p" ctrd-template c0 >/dev/null
+state clone
+dev=$(losetup --find --show --direct-io=on "$w/export/c0")
+mount -t ext4 -o "$opts" "$dev" "$w/mnt"
+state mount
+"$B" snapshot "$p" c0 after-mount >/dev/null
+[ "$idle" = 1 ] || printf hello >"$w/mnt/hello.txt"
+sync -f "$w/mnt"
+state write
+"$B" snapshot "$p" c0 after-write >/dev/null
+umount "$w/mnt"
+state umount
+"$B" snapshot "$p" c0 after-umount >/dev/null
+losetup -d "$dev"
+dev=""
+# `thinpool diff` reads the pool itself: stop the snapshotter first.
+kill -TERM "$sp"
+wait "$sp" || true
+sp=""
+for s in after-mount after-write after-umount; do
+    echo "  -- ctrd-template -> $s"
+    "$B" diff "$p" ctrd-template "$s" | sed 's/^/     /'
+done
+

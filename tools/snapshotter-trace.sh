@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     --block-size) bs=$2; shift ;;
     --runs) runs=$2; shift ;;
     --idle) idle=1 ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "snapshotter-trace: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

@@ -18,6 +18,7 @@ use fuser::{
     WriteFlags,
 };
 
+use super::resume::InitInfo;
 use super::state::Shared;
 use crate::error::Error;
 use crate::pool::VolumeId;
@@ -101,6 +102,13 @@ impl ThinFs {
 
 impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Recorded for the next server, which replays it (see `resume`).
+        let abi = config.kernel_abi();
+        *self.sh.init.lock().unwrap_or_else(|p| p.into_inner()) = Some(InitInfo {
+            major: abi.0,
+            minor: abi.1,
+            flags: config.capabilities().bits(),
+        });
         // The loop device submits asynchronous direct I/O: let the kernel keep
         // several requests in flight instead of waiting for each one.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
@@ -112,6 +120,7 @@ impl Filesystem for ThinFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _pass = self.sh.gate.enter();
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
@@ -129,6 +138,7 @@ impl Filesystem for ThinFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.sh.gate.enter();
         if ino.0 == ROOT {
             return reply.attr(&TTL, &self.attr(ROOT, 0, true, false));
         }
@@ -159,6 +169,7 @@ impl Filesystem for ThinFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = self.sh.gate.enter();
         // Sizes change with `thinpool resize`, modes follow the volume: only
         // no-op changes (and time updates, which are not kept) are accepted.
         let attr = if ino.0 == ROOT {
@@ -180,6 +191,7 @@ impl Filesystem for ThinFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -211,6 +223,7 @@ impl Filesystem for ThinFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         if let Some(id) = id_of(ino) {
             // A detach is a natural point to make everything durable.
             if self.sh.pool.is_dirty() {
@@ -232,6 +245,7 @@ impl Filesystem for ThinFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -269,6 +283,7 @@ impl Filesystem for ThinFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -287,6 +302,7 @@ impl Filesystem for ThinFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         // close(2): commit only if this volume was written since its last commit.
         if let Err(e) = self.commit(ino) {
             return reply.error(e);
@@ -302,6 +318,7 @@ impl Filesystem for ThinFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         match self.commit(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -318,6 +335,7 @@ impl Filesystem for ThinFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -357,6 +375,7 @@ impl Filesystem for ThinFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.sh.gate.enter();
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -371,6 +390,7 @@ impl Filesystem for ThinFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _pass = self.sh.gate.enter();
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -393,6 +413,7 @@ impl Filesystem for ThinFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.sh.gate.enter();
         // f_bsize is the pool block size: the loop device takes it as its
         // discard granularity, so fstrim sends whole pool blocks.
         let info = self.sh.pool.read_engine().info();
@@ -416,6 +437,7 @@ impl Filesystem for ThinFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _pass = self.sh.gate.enter();
         reply.ok();
     }
 }

@@ -369,12 +369,15 @@ fn fill(seed: u64, buf: &mut [u8]) {
     }
 }
 
+/// A file whose fsync returned, and the sha256 of what it holds.
+type Synced = (PathBuf, [u8; 32]);
+
 /// The second container: files written and fsync'd one after another until
 /// told to stop; returns (path, sha256) of every file whose fsync returned.
 fn start_syncer(
     dir: PathBuf,
     stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<Vec<(PathBuf, [u8; 32])>, String>> {
+) -> thread::JoinHandle<Result<Vec<Synced>, String>> {
     thread::spawn(move || {
         let mut done = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
@@ -389,7 +392,7 @@ fn start_syncer(
             if let Err(e) = res {
                 return Err(format!("fsync'd write {} failed: {e}", path.display()));
             }
-            done.retain(|(p, _): &(PathBuf, [u8; 32])| p != &path);
+            done.retain(|(p, _): &Synced| p != &path);
             done.push((path, Sha256::digest(&buf).into()));
             i += 1;
         }

@@ -447,6 +447,8 @@ fn run_with_event(env: &mut Env, what: &str, event: impl FnOnce(&mut Env)) -> Fi
 
 fn finish(mut env: Env) {
     env.stop_servers();
+    // The servers' own account of the pause (shown with --nocapture).
+    eprintln!("server logs:{}", env.logs());
     let deadline = Instant::now() + Duration::from_secs(10);
     while env.status().is_some() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
@@ -470,6 +472,17 @@ fn finish(mut env: Env) {
 }
 
 //------------------------------------------------------------------------------
+
+/// The same run with no restart: the latencies the other two compare with.
+#[test]
+fn baseline_without_restart() {
+    require_root();
+    let mut env = Env::new();
+    env.serve(&[]);
+    let res = run_with_event(&mut env, "baseline", |_| {});
+    assert!(res.ios > 0);
+    finish(env);
+}
 
 /// Planned takeover: `thinpool serve --takeover` while fio and the fsync'd
 /// writer run; the old server hands over and exits.

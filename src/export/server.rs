@@ -110,16 +110,27 @@ impl Drop for Cleanup {
 /// Serve every volume of `pool_path` as a file under `dir` until it is
 /// unmounted or the process is signalled (`thinpool serve`).
 pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
-    serve_with(pool_path, dir, opts, |_| Ok(()))
+    serve_bundle(pool_path, dir, opts, true, |_| Ok(()))
 }
 
 /// `serve`, calling `on_ready` with a handle on the running server (FUSE
 /// requests are already being served) before waiting for it to stop: the
-/// containerd snapshotter starts its gRPC service there.
+/// containerd snapshotter starts its gRPC service there. Such a server
+/// refuses a takeover: what `on_ready` started would not follow.
 pub fn serve_with(
     pool_path: &Path,
     dir: &Path,
     opts: &ServeOptions,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    serve_bundle(pool_path, dir, opts, false, on_ready)
+}
+
+fn serve_bundle(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    can_hand_over: bool,
     on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
 ) -> Result<(), ExportError> {
     let pool_path = not_served(pool_path)?;
@@ -128,6 +139,9 @@ pub fn serve_with(
     install_signal_handlers();
     let bundle = new_bundle(&pool_path, dir, opts, Some(file))?;
     let server = Server::from_bundle(pool, bundle, None)?;
+    if !can_hand_over {
+        server.sh.refuse_handover.store(true, Ordering::SeqCst);
+    }
     run_server(server, opts.background, on_ready)
 }
 
@@ -271,9 +285,11 @@ pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<()
         .ok_or_else(|| ExportError::Handover("no pool descriptor".into()))?
         .try_clone()?;
     // The old server holds the lock's description too, but no longer uses it.
+    let got = started.elapsed();
     let pool = open_locked(&file, &pool_path)?;
     install_signal_handlers();
     let server = Server::from_bundle(pool, bundle, None)?;
+    let ready = started.elapsed();
     conn.write_all(b"{\"op\":\"export_took_over\"}\n")?;
     // Its connection closes once every thread of the old server is gone:
     // only then may unanswered requests be resent (none of them may be
@@ -282,9 +298,13 @@ pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<()
     let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
     server.resend();
     eprintln!(
-        "thinpool: took over {} from process {} in {} ms",
+        "thinpool: took over {} from process {} in {} ms (bundle after {} ms, pool open and \
+         session ready after {} ms, old server gone and requests resent after {} ms)",
         pool_path.display(),
         st.pid,
+        started.elapsed().as_millis(),
+        got.as_millis(),
+        ready.as_millis(),
         started.elapsed().as_millis()
     );
     run_server(server, background, |_| Ok(()))
@@ -371,6 +391,7 @@ impl Server {
             init: Mutex::new(st.init),
             bundle: Mutex::new(None),
             holder,
+            refuse_handover: AtomicBool::new(false),
         });
         if st.init.is_some() && st.opens.is_empty() {
             // Resumed after a crash: the loop devices over our files are
@@ -730,21 +751,42 @@ fn quiesce_for_handover(sh: &Shared) -> Result<()> {
     if sh.stopping.load(Ordering::SeqCst) {
         return Err(Error::InUse("the server is stopping".into()));
     }
+    // Commit once while still serving: the fdatasync of everything written
+    // so far happens outside the pause, the one under the gate is small.
+    let t = Instant::now();
+    sh.commit()?;
+    let early = t.elapsed();
+    let t = Instant::now();
     if !sh.gate.close(QUIESCE_TIMEOUT) {
         return Err(Error::InUse(format!(
             "requests did not finish within {} s; nothing changed, retry",
             QUIESCE_TIMEOUT.as_secs()
         )));
     }
+    let drained = t.elapsed();
     if let Err(e) = sh.commit() {
         sh.gate.open();
         return Err(e);
     }
+    eprintln!(
+        "thinpool: quiesced (commit while serving {} ms; under the gate: requests drained in {} ms, \
+         commit {} ms)",
+        early.as_millis(),
+        drained.as_millis(),
+        (t.elapsed() - drained).as_millis()
+    );
     Ok(())
 }
 
 /// This server's bundle with its current state, to give away.
 fn current_bundle(sh: &Shared) -> Result<Bundle> {
+    if sh.refuse_handover.load(Ordering::SeqCst) {
+        return Err(Error::InvalidArgument(
+            "this server also serves in-process clients (the containerd snapshotter), \
+             which a takeover would not carry over; restart it instead (docs/EXPORT.md)"
+                .into(),
+        ));
+    }
     let guard = sh.bundle.lock().unwrap_or_else(|p| p.into_inner());
     let b = guard.as_ref().filter(|b| b.pool.is_some()).ok_or_else(|| {
         Error::InvalidArgument(

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub bundle: Mutex<Option<super::handover::Bundle>>,
     /// The holder's socket pair, when a holder started this server.
     pub holder: Option<std::os::fd::OwnedFd>,
+    /// In-process clients (the snapshotter) depend on this process: no handover.
+    pub refuse_handover: AtomicBool,
 }
 
 impl Shared {

@@ -302,7 +302,14 @@ fn start_fio(dir: &Path, out: &Path) -> Child {
             "--verify_backlog=256",
             "--verify_fatal=1",
             "--output-format=json",
+            // Every I/O's latency, stamped with the wall clock at completion.
+            "--log_avg_msec=0",
+            "--log_unix_epoch=1",
         ])
+        .arg(format!(
+            "--write_lat_log={}",
+            out.with_extension("lat").display()
+        ))
         .arg(format!("--directory={}", dir.display()))
         .arg(format!("--output={}", out.display()))
         .args(["--name=rand", "--rw=randwrite", "--bs=4k", "--size=96M"])
@@ -323,19 +330,25 @@ fn start_fio(dir: &Path, out: &Path) -> Child {
 struct FioResult {
     error: i64,
     max_lat_ms: f64,
+    /// Longest latency of the I/Os that completed during the event (and
+    /// the second after it), and of all the others.
+    event_max_ms: f64,
+    other_max_ms: f64,
     p9999_ms: f64,
     ios: u64,
 }
 
-fn finish_fio(child: Child, out: &Path) -> FioResult {
+/// fio's result, or its failure (its messages and report).
+fn finish_fio(child: Child, out: &Path) -> Result<FioResult, String> {
     let o = child.wait_with_output().unwrap();
     let text = fs::read_to_string(out).unwrap_or_default();
-    assert!(
-        o.status.success(),
-        "fio failed ({:?}): {}\n{text}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    if !o.status.success() {
+        return Err(format!(
+            "fio failed ({:?}): {}\n{text}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
     // fio may print notes before the JSON.
     let json = &text[text.find('{').expect("fio printed no JSON")..];
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -343,6 +356,8 @@ fn finish_fio(child: Child, out: &Path) -> FioResult {
     let mut r = FioResult {
         error: 0,
         max_lat_ms: 0.0,
+        event_max_ms: 0.0,
+        other_max_ms: 0.0,
         p9999_ms: 0.0,
         ios: 0,
     };
@@ -356,7 +371,45 @@ fn finish_fio(child: Child, out: &Path) -> FioResult {
             r.ios += job[dir]["total_ios"].as_u64().unwrap_or(0);
         }
     }
-    r
+    Ok(r)
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3
+}
+
+/// From fio's per-I/O latency logs: the longest latency of the I/Os that
+/// completed from `from` to `to` (unix ms), and of all the others.
+fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64) {
+    let prefix = out.with_extension("lat");
+    let name = prefix.file_name().unwrap().to_string_lossy().into_owned();
+    let (mut inside, mut outside) = (0f64, 0f64);
+    for e in fs::read_dir(out.parent().unwrap()).unwrap().flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        if !f.starts_with(&format!("{name}_lat.")) {
+            continue;
+        }
+        for line in fs::read_to_string(e.path()).unwrap().lines() {
+            let mut it = line.split(',').map(|x| x.trim());
+            let (Some(t), Some(lat)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let (Ok(t), Ok(lat)) = (t.parse::<f64>(), lat.parse::<f64>()) else {
+                continue;
+            };
+            let lat = lat / 1e6;
+            if t >= from && t <= to {
+                inside = inside.max(lat);
+            } else {
+                outside = outside.max(lat);
+            }
+        }
+    }
+    (inside, outside)
 }
 
 fn fill(seed: u64, buf: &mut [u8]) {
@@ -410,8 +463,18 @@ fn run_with_event(env: &mut Env, what: &str, event: impl FnOnce(&mut Env)) -> Fi
     let stop = Arc::new(AtomicBool::new(false));
     let syncer = start_syncer(sync_dir.clone(), stop.clone());
     thread::sleep(EVENT_AFTER);
+    let t0 = unix_ms();
     event(env);
-    let res = finish_fio(fio, &out);
+    // I/Os stuck in the event complete shortly after it: 1 s covers them.
+    let window = (t0, unix_ms() + 1000.0);
+    let fio = finish_fio(fio, &out);
+    let (event_max, other_max) = latency_split(&out, window.0, window.1);
+    eprintln!(
+        "{what}: longest fio latency of the I/Os completing from the event to 1 s after it: \
+         {event_max:.1} ms; of all the others: {other_max:.1} ms"
+    );
+    let mut res = fio.unwrap_or_else(|e| panic!("{what}: {e}"));
+    (res.event_max_ms, res.other_max_ms) = (event_max, other_max);
     stop.store(true, Ordering::SeqCst);
     let files = syncer
         .join()
@@ -435,10 +498,13 @@ fn run_with_event(env: &mut Env, what: &str, event: impl FnOnce(&mut Env)) -> Fi
     }
     env.unmount_and_check();
     eprintln!(
-        "{what}: fio {} I/Os, no error; longest latency {:.1} ms, clat p99.99 {:.1} ms; \
+        "{what}: fio {} I/Os, no error; longest latency {:.1} ms (I/Os completing from the \
+         event to 1 s after it: {:.1} ms; all others: {:.1} ms), clat p99.99 {:.1} ms; \
          {} fsync'd files intact",
         res.ios,
         res.max_lat_ms,
+        res.event_max_ms,
+        res.other_max_ms,
         res.p9999_ms,
         files.len()
     );

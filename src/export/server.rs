@@ -330,12 +330,12 @@ pub fn serve_handed(fd: OwnedFd) -> Result<(), ExportError> {
         server.resend();
     }
     let init = *server.sh.init.lock().unwrap_or_else(|p| p.into_inner());
-    server
+    let _ = server
         .sh
         .tell_holder(serde_json::json!({ "event": "ready", "init": init }));
     let sh = server.sh.clone();
     let res = run_server(server, background, |_| Ok(()));
-    sh.tell_holder(serde_json::json!({ "event": "stopped" }));
+    let _ = sh.tell_holder(serde_json::json!({ "event": "stopped" }));
     res
 }
 
@@ -614,7 +614,7 @@ fn ticker(sh: Arc<Shared>) {
                 let _ = sh.commit();
                 let _ = std::fs::remove_file(socket_path(&sh.pool_path));
                 let _ = sys::umount(&sh.dir, true);
-                sh.tell_holder(serde_json::json!({ "event": "stopped" }));
+                let _ = sh.tell_holder(serde_json::json!({ "event": "stopped" }));
                 std::process::exit(1);
             }
             handled_signals = signals;
@@ -815,7 +815,7 @@ fn hand_over(
             handover::VERSION
         )));
     }
-    if sh.holder.is_some() {
+    if sh.holder_alive() {
         return Err(Error::InvalidArgument(
             "this server is supervised: ask for export_restart".into(),
         ));
@@ -867,9 +867,9 @@ fn hand_over(
 /// Planned restart of a supervised server: quiesce, hand the state back to
 /// the holder (which keeps the descriptors) and let it start the new binary.
 fn restart(sh: &Shared) -> Result<()> {
-    if sh.holder.is_none() {
+    if !sh.holder_alive() {
         return Err(Error::InvalidArgument(
-            "this server is not supervised: use the takeover".into(),
+            "this server is not supervised (or its holder is gone): use the takeover".into(),
         ));
     }
     let bundle = current_bundle(sh)?;
@@ -881,7 +881,12 @@ fn restart(sh: &Shared) -> Result<()> {
         ));
     }
     quiesce_for_handover(sh)?;
-    sh.tell_holder(serde_json::json!({ "event": "restart", "opens": bundle.state.opens }));
+    if let Err(e) =
+        sh.tell_holder(serde_json::json!({ "event": "restart", "opens": bundle.state.opens }))
+    {
+        sh.gate.open();
+        return Err(Error::Io(e));
+    }
     Ok(())
 }
 
@@ -931,10 +936,7 @@ fn status(sh: &Shared) -> ServerStatus {
         stopping: sh.stopping.load(Ordering::SeqCst),
         open,
         // SAFETY: getppid has no preconditions.
-        supervisor: sh
-            .holder
-            .as_ref()
-            .map(|_| unsafe { libc::getppid() } as u32),
+        supervisor: sh.holder_alive().then(|| unsafe { libc::getppid() } as u32),
     }
 }
 

@@ -85,11 +85,30 @@ impl Shared {
 
     /// Tell the holder (if a holder started us) about an event; a holder
     /// that is gone is not an error: we serve on without one.
-    pub fn tell_holder(&self, event: serde_json::Value) {
-        if let Some(fd) = &self.holder {
-            use std::os::fd::AsRawFd;
-            let _ = super::handover::send_msg(fd.as_raw_fd(), &event, &[]);
+    pub fn tell_holder(&self, event: serde_json::Value) -> std::io::Result<()> {
+        match &self.holder {
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                super::handover::send_msg(fd.as_raw_fd(), &event, &[])
+            }
+            None => Ok(()),
         }
+    }
+
+    /// A holder started us and is still there (its end of the pair is open).
+    pub fn holder_alive(&self) -> bool {
+        let Some(fd) = &self.holder else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r == 0 || (r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) == 0)
     }
 
     pub fn in_use(&self, id: VolumeId) -> bool {

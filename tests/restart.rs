@@ -155,6 +155,10 @@ impl Env {
     /// `thinpool serve POOL EXPORT EXTRA...` in the background; wait until it answers.
     /// (During a takeover: until the new server answers.)
     fn serve(&mut self, extra: &[&str]) {
+        self.serve_env(extra, &[]);
+    }
+
+    fn serve_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         let before = self.server_pid();
         let log = fs::File::create(
             self.tmp
@@ -167,6 +171,7 @@ impl Env {
             .arg(&self.pool)
             .arg(&self.export)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -611,4 +616,86 @@ fn crash_restart_under_fio_is_a_pause() {
     assert!(res.ios > 0);
     assert!(alive(holder), "the holder survives");
     finish(env);
+}
+
+/// On a kernel that cannot resend (played here by hiding FUSE_HAS_RESEND):
+/// a takeover is refused with the reason and the server goes on; a killed
+/// supervised server is not restarted, the holder says why and ends the
+/// export, and the loop device fails its I/O as before.
+#[test]
+fn without_resend_takeover_is_refused_and_a_crash_ends_the_export() {
+    require_root();
+    let mut env = Env::new();
+    env.serve_env(&["--supervise"], &[("THINPOOL_TEST_NO_RESEND", "1")]);
+    let file = env.export.join("sync");
+    let dev = sh(
+        "losetup",
+        &[
+            "--find".as_ref(),
+            "--show".as_ref(),
+            "--direct-io=on".as_ref(),
+            file.as_os_str(),
+        ],
+    );
+    env.mounted.push((dev.clone(), PathBuf::new()));
+    let pid = env.server_pid().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_thinpool"))
+        .arg("serve")
+        .arg(&env.pool)
+        .arg(&env.export)
+        .arg("--takeover")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot resend"),
+        "takeover: {err}"
+    );
+    assert_eq!(env.server_pid(), Some(pid), "the server goes on");
+    sh(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=64k",
+            "count=16",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+
+    // SAFETY: killing the serving process of our own pool.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let holder = &mut env.children[0];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the holder did not give up");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        env.logs()
+            .contains("cannot resend the requests it had read"),
+        "{}",
+        env.logs()
+    );
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={dev}"),
+            "bs=64k",
+            "count=16",
+            "oflag=direct",
+            "status=none",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "I/O after the export ended must fail"
+    );
+    sh("losetup", &["-d", &dev]);
+    env.mounted.clear();
+    sh("umount", &["-l".as_ref(), env.export.as_os_str()]);
+    let check = tp(&["check".as_ref(), env.pool.as_os_str()]);
+    assert!(check.contains("clean"), "thinpool check: {check}");
 }

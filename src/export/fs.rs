@@ -104,10 +104,15 @@ impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Recorded for the next server, which replays it (see `resume`).
         let abi = config.kernel_abi();
+        let mut flags = config.capabilities();
+        if std::env::var_os("THINPOOL_TEST_NO_RESEND").is_some() {
+            // Tests play a kernel before 6.9 (docs/EXPORT.md, "Limits").
+            flags.remove(InitFlags::FUSE_HAS_RESEND);
+        }
         *self.sh.init.lock().unwrap_or_else(|p| p.into_inner()) = Some(InitInfo {
             major: abi.0,
             minor: abi.1,
-            flags: config.capabilities().bits(),
+            flags: flags.bits(),
         });
         // The loop device submits asynchronous direct I/O: let the kernel keep
         // several requests in flight instead of waiting for each one.

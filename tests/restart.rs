@@ -387,12 +387,14 @@ fn unix_ms() -> f64 {
         * 1e3
 }
 
-/// From fio's per-I/O latency logs: the longest latency of the I/Os that
-/// completed from `from` to `to` (unix ms), and of all the others.
-fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64) {
+/// From fio's per-I/O latency logs: the longest latency of the I/Os in
+/// flight when the event began at `from` (issued before, completed after:
+/// they waited through it), of those that completed from `from` to `to`
+/// (unix ms), and of all the others.
+fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64, f64) {
     let prefix = out.with_extension("lat");
     let name = prefix.file_name().unwrap().to_string_lossy().into_owned();
-    let (mut inside, mut outside) = (0f64, 0f64);
+    let (mut spanning, mut inside, mut outside) = (0f64, 0f64, 0f64);
     for e in fs::read_dir(out.parent().unwrap()).unwrap().flatten() {
         let f = e.file_name().to_string_lossy().into_owned();
         if !f.starts_with(&format!("{name}_lat.")) {
@@ -407,6 +409,9 @@ fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64) {
                 continue;
             };
             let lat = lat / 1e6;
+            if t - lat <= from && t >= from {
+                spanning = spanning.max(lat);
+            }
             if t >= from && t <= to {
                 inside = inside.max(lat);
             } else {
@@ -414,7 +419,7 @@ fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64) {
             }
         }
     }
-    (inside, outside)
+    (spanning, inside, outside)
 }
 
 fn fill(seed: u64, buf: &mut [u8]) {
@@ -473,10 +478,11 @@ fn run_with_event(env: &mut Env, what: &str, event: impl FnOnce(&mut Env)) -> Fi
     // I/Os stuck in the event complete shortly after it: 1 s covers them.
     let window = (t0, unix_ms() + 1000.0);
     let fio = finish_fio(fio, &out);
-    let (event_max, other_max) = latency_split(&out, window.0, window.1);
+    let (spanning, event_max, other_max) = latency_split(&out, window.0, window.1);
     eprintln!(
-        "{what}: longest fio latency of the I/Os completing from the event to 1 s after it: \
-         {event_max:.1} ms; of all the others: {other_max:.1} ms"
+        "{what}: longest fio latency of the I/Os in flight when it began: {spanning:.1} ms; \
+         of those completing from then to 1 s after it: {event_max:.1} ms; of all the \
+         others: {other_max:.1} ms"
     );
     let mut res = fio.unwrap_or_else(|e| {
         let hint = if what.starts_with("crash") && e.contains("bad magic header 0") {

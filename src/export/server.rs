@@ -850,6 +850,10 @@ fn hand_over(
             Ok(())
         }
         other => {
+            // Safe only because opening a pool writes nothing: if opening
+            // ever commits (intent-log replay), a new server that opened
+            // the pool and then failed has moved the pool past our state,
+            // and we must not serve on from memory.
             eprintln!(
                 "thinpool: process {pid} did not take over ({}); serving on",
                 match other {

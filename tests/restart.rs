@@ -97,6 +97,19 @@ fn loops_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// `losetup -d`, tolerating a device already gone (one with autoclear set,
+/// as `losetup -D` run elsewhere on the host leaves it, goes at its umount).
+fn detach(dev: &str) {
+    let out = Command::new("losetup").args(["-d", dev]).output().unwrap();
+    let name = dev.trim_start_matches("/dev/");
+    let gone = !Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists();
+    assert!(
+        out.status.success() || gone,
+        "{}",
+        describe("losetup", &["-d", dev], &out)
+    );
+}
+
 fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(") ")
@@ -241,10 +254,17 @@ impl Env {
 
     /// Unmount, check each ext4 with `e2fsck -fn`, detach.
     fn unmount_and_check(&mut self) {
-        for (dev, mp) in std::mem::take(&mut self.mounted) {
+        // Each leaves the list only once done: a failure leaves the rest to Drop.
+        while let Some((dev, mp)) = self.mounted.first().cloned() {
             sh("umount", &[mp.as_os_str()]);
-            sh("e2fsck", &["-fn", &dev]);
-            sh("losetup", &["-d", &dev]);
+            let fsck = Command::new("e2fsck").args(["-fn", &dev]).output().unwrap();
+            detach(&dev);
+            self.mounted.remove(0);
+            assert!(
+                fsck.status.success(),
+                "{}",
+                describe("e2fsck", &["-fn", &dev], &fsck)
+            );
         }
     }
 
@@ -707,7 +727,7 @@ fn without_resend_takeover_is_refused_and_a_crash_ends_the_export() {
         !out.status.success(),
         "I/O after the export ended must fail"
     );
-    sh("losetup", &["-d", &dev]);
+    detach(&dev);
     env.mounted.clear();
     sh("umount", &["-l".as_ref(), env.export.as_os_str()]);
     let check = tp(&["check".as_ref(), env.pool.as_os_str()]);

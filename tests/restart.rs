@@ -308,6 +308,16 @@ impl Drop for Env {
         if thread::panicking() {
             eprintln!("server logs:{}", self.logs());
         }
+        // Lazy unmounts finish in the background: retry what TempDir would
+        // give up on at its first error.
+        for _ in 0..20 {
+            match fs::remove_dir_all(self.tmp.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    thread::sleep(Duration::from_millis(100))
+                }
+                _ => break,
+            }
+        }
     }
 }
 
@@ -327,6 +337,8 @@ fn start_fio(dir: &Path, out: &Path) -> Child {
             "--verify_backlog=256",
             "--verify_fatal=1",
             "--output-format=json",
+            // Jobs as threads: once fio has exited, none is still writing its logs.
+            "--thread",
             // Every I/O's latency, stamped with the wall clock at completion.
             "--log_avg_msec=0",
             "--log_unix_epoch=1",

@@ -339,6 +339,8 @@ fn start_fio(dir: &Path, out: &Path) -> Child {
             "--output-format=json",
             // Jobs as threads: once fio has exited, none is still writing its logs.
             "--thread",
+            // No verify-state files in the working directory (the checkout).
+            "--verify_state_save=0",
             // Every I/O's latency, stamped with the wall clock at completion.
             "--log_avg_msec=0",
             "--log_unix_epoch=1",

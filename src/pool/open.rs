@@ -199,6 +199,9 @@ impl Pool {
             annot_len: 0,
             annot_pages: 0,
             annot_index: Vec::new(),
+            log_start: 0,
+            log_blocks: 0,
+            log_nonce: 0,
         };
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -212,15 +215,22 @@ impl Pool {
             data_dirty: false,
             failed: None,
             read_only: false,
+            log: Default::default(),
+            replayed: None,
         };
+        // The first commit also places the intent log (`ensure_log`).
         pool.commit_inner(true)?;
         Ok(pool)
     }
 
     /// Open for inspection only (info, list, check): a shared lock, so
     /// several readers may look at an unserved pool at once; nothing changes.
+    /// The intent log is replayed in memory, so what it shows is the
+    /// pool's true state; nothing is written.
     pub fn open_read_only(path: &Path) -> Result<Pool> {
-        let mut pool = Pool::open_with(Box::new(open_file(path, false)?), path)?;
+        let storage = Box::new(open_file(path, false)?);
+        let sb = Pool::read_superblock(&*storage, path)?;
+        let mut pool = Pool::open_at(storage, path, sb)?;
         pool.read_only = true;
         Ok(pool)
     }
@@ -230,19 +240,29 @@ impl Pool {
         Pool::open_with(Box::new(open_file(path, true)?), path)
     }
 
-    /// Open a pool on any storage, at its newest valid commit.
+    /// Open a pool on any storage, at its newest valid commit plus the
+    /// valid prefix of its intent log, which is then committed (a crash
+    /// before that commit is durable replays the same records again).
     pub fn open_with(storage: Box<dyn Storage>, path: &Path) -> Result<Pool> {
         let sb = Pool::read_superblock(&*storage, path)?;
-        Pool::open_at(storage, path, sb)
+        let mut pool = Pool::open_at(storage, path, sb)?;
+        if pool.replayed.as_ref().is_some_and(|r| r.records > 0) {
+            pool.commit()?;
+        }
+        Ok(pool)
     }
 
-    /// Open at a given commit's superblock (repair tries the older slot).
+    /// Open at a given commit's superblock (repair tries the older slot),
+    /// with its intent log replayed in memory (not committed).
     pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
-        Pool::open_shared(storage.into(), path, sb)
+        let mut pool = Pool::open_shared(storage.into(), path, sb)?;
+        pool.replay_log()?;
+        Ok(pool)
     }
 
     /// The last commit of `storage`, for inspection only, beside the pool
-    /// that owns the storage (which must not commit meanwhile).
+    /// that owns the storage (which must not commit meanwhile). Its log
+    /// is the owner's: not replayed.
     pub(crate) fn open_committed(storage: Arc<dyn Storage>, path: &Path) -> Result<Pool> {
         let sb = Pool::read_superblock(&*storage, path)?;
         let mut pool = Pool::open_shared(storage, path, sb)?;
@@ -334,19 +354,31 @@ impl Pool {
             data_dirty: false,
             failed: None,
             read_only: false,
+            log: Default::default(),
+            replayed: None,
         };
+        pool.log = super::log::Log::new(&pool.sb);
         pool.check_table_pages()?;
         pool.update_reserve();
         Ok(pool)
     }
 
-    /// No block may hold two table pages (each table checked its own at load).
+    /// No block may hold two table pages (each table checked its own at
+    /// load), nor a table page and the log; the log's blocks are in use.
     fn check_table_pages(&self) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         for p in self.table_pages() {
             if !seen.insert(p) {
                 return Err(Error::corrupt(format!(
                     "block {p} holds pages of both the refcount and the catalog table"
+                )));
+            }
+        }
+        for b in self.log_blocks() {
+            if seen.contains(&b) || self.space.rc(b) != 1 {
+                return Err(Error::corrupt(format!(
+                    "intent log block {b} is also a table page or not counted as used (refcount {})",
+                    self.space.rc(b)
                 )));
             }
         }

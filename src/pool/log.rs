@@ -78,6 +78,8 @@ pub(crate) struct Log {
     pub(super) appended: u64,
     /// A run for the log was looked for (pools from before version 3).
     tried: bool,
+    /// Tests: fewer records per half than fit, so halves fill often.
+    limit: Option<u32>,
 }
 
 impl Log {
@@ -94,6 +96,12 @@ impl Log {
 
     fn records_per_half(&self) -> u32 {
         ((self.blocks as u64 / 2) * self.block_size / LOG_RECORD_SIZE as u64) as u32
+    }
+
+    /// Records the write path may put in a half.
+    fn capacity(&self) -> u32 {
+        let n = self.records_per_half();
+        self.limit.map_or(n, |l| l.min(n))
     }
 
     /// Byte offset of the half that epoch `generation` writes.
@@ -159,6 +167,14 @@ impl Pool {
         }
     }
 
+    /// Test machinery: let the write path put at most `records` records in
+    /// a half (at least 1), so tests see halves fill and commits restart
+    /// the log. The format is unchanged: replay reads the whole half.
+    #[doc(hidden)]
+    pub fn limit_log(&mut self, records: u32) {
+        self.log.limit = Some(records.max(1));
+    }
+
     /// Whether map changes are being logged.
     pub fn logging(&self) -> bool {
         self.log.active()
@@ -184,7 +200,7 @@ impl Pool {
     /// the caller commits and tries again.
     pub(super) fn log_room(&self) -> Result<()> {
         let l = &self.log;
-        if !l.active() || (l.usable && l.next < l.records_per_half()) {
+        if !l.active() || (l.usable && l.next < l.capacity()) {
             Ok(())
         } else {
             Err(Error::LogFull)

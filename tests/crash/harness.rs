@@ -53,7 +53,7 @@ use thinpool::io::crash::{apply, crash_image, CrashMode, IoOp, Rng};
 use thinpool::io::{CrashStorage, MemStorage};
 use thinpool::{CreateOptions, Pool, VolumeId};
 
-use super::{BS, POOL_SIZE, SEEDS};
+use super::{BS, LOG_FAILURES, LOG_SEEDS, POOL_SIZE, SEEDS};
 const NAMES: usize = 6;
 const SECTOR: usize = 512;
 
@@ -979,7 +979,7 @@ fn crash_with_the_intent_log() {
     let seeds: u64 = std::env::var("CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(SEEDS);
+        .unwrap_or(LOG_SEEDS);
     let first: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1017,7 +1017,7 @@ fn crash_with_the_intent_log() {
 #[test]
 fn io_failure_with_the_intent_log_leaves_a_commit_and_a_log_prefix() {
     let mut points = 0;
-    for n in 1..30u64 {
+    for n in 1..LOG_FAILURES {
         for on_write in [true, false] {
             let count = if on_write { n * 5 } else { n };
             let t = run_workload(2000 + n, 60, Some((on_write, count)), true);

@@ -25,7 +25,7 @@ use crate::space::Kind;
 /// Bytes of one half of the log of a new pool (two halves).
 const HALF_BYTES: u64 = 256 * 1024;
 /// The log takes at most this fraction of a small pool's blocks.
-const POOL_FRACTION: u64 = 16;
+const POOL_FRACTION: u64 = 256;
 
 /// Log size (blocks, even) for a pool of `total` blocks of `bs` bytes:
 /// two halves of 256 KiB (at least one block each), 0 for tiny pools.
@@ -96,6 +96,11 @@ impl Log {
 
     fn records_per_half(&self) -> u32 {
         ((self.blocks as u64 / 2) * self.block_size / LOG_RECORD_SIZE as u64) as u32
+    }
+
+    /// Do not look for a run for the log (in this session).
+    pub(super) fn set_tried(&mut self, tried: bool) {
+        self.tried = tried;
     }
 
     /// Records the write path may put in a half.
@@ -297,7 +302,11 @@ impl Pool {
     /// When a commit is sealed: its superblock gets a fresh nonce, and
     /// records from now on belong to the epoch after it.
     pub(super) fn seal_log(&mut self) {
-        self.sb.log_nonce = next_nonce();
+        self.sb.log_nonce = if self.sb.log_blocks > 0 {
+            next_nonce()
+        } else {
+            0
+        };
         self.log.start_epoch(&self.sb);
         self.log.unsynced = false;
     }

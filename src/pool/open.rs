@@ -22,6 +22,11 @@ use crate::map::Nodes;
 use crate::pdata::PagedArray;
 use crate::space::{try_vec, SpaceMap};
 
+thread_local! {
+    /// `create_without_log` is running on this thread.
+    static NO_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn new_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
     if let Ok(f) = File::open("/dev/urandom") {
@@ -66,7 +71,11 @@ pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
         path,
         if write { libc::LOCK_EX } else { libc::LOCK_SH },
     )?;
-    Ok(FileStorage::new(file))
+    Ok(if write {
+        FileStorage::new(file)
+    } else {
+        FileStorage::read_only(file)
+    })
 }
 
 /// Take the pool's owner lock: exclusive to write, shared to inspect.
@@ -219,8 +228,23 @@ impl Pool {
             replayed: None,
         };
         // The first commit also places the intent log (`ensure_log`).
+        pool.log.set_tried(NO_LOG.with(|c| c.get()));
         pool.commit_inner(true)?;
         Ok(pool)
+    }
+
+    /// Test machinery: a pool as versions 1 and 2 made it, without an
+    /// intent log (it gains one at its first commit after a reopen).
+    #[doc(hidden)]
+    pub fn create_without_log(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &CreateOptions,
+    ) -> Result<Pool> {
+        NO_LOG.with(|c| c.set(true));
+        let r = Pool::create_with(storage, path, opts);
+        NO_LOG.with(|c| c.set(false));
+        r
     }
 
     /// Open for inspection only (info, list, check): a shared lock, so

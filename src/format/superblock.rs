@@ -206,7 +206,7 @@ impl Superblock {
         if self.log_blocks > 0 {
             let first = super::reserved_blocks(self.block_size);
             let end = self.log_start.checked_add(self.log_blocks as u64);
-            if self.log_blocks % 2 != 0
+            if !self.log_blocks.is_multiple_of(2)
                 || self.log_start < first
                 || end.is_none_or(|e| e > self.total_blocks)
             {

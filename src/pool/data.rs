@@ -220,6 +220,11 @@ impl Pool {
             Placed::Fresh(new)
         } else {
             let mut buf = vec![0u8; bs];
+            if old != 0 {
+                // A log-pinned block is copied even while its first
+                // contents are on their way: merge on top of them.
+                self.space.inflight().wait_filled(&[old]);
+            }
             let merged = (|| {
                 if old != 0 {
                     self.storage.read_at(&mut buf, old * bs as u64)?;

@@ -61,6 +61,15 @@ impl Pool {
             + self.annotations.layout().worst_case_pages()
             + 4;
         self.space.set_commit_reserve(n);
+        // A served pool (logging) commits rarely: keep room for a commit.
+        if !self.read_only && self.log.active() {
+            let bs = self.block_size() as u64;
+            for b in self.space.top_up_kept() {
+                if self.storage.reserve(b * bs, bs).is_err() {
+                    self.space.unkeep(b);
+                }
+            }
+        }
     }
 
     /// A full commit of everything changed (also what was logged).

@@ -170,6 +170,7 @@ impl Pool {
         if !on {
             self.log.usable = false;
         }
+        self.update_reserve();
     }
 
     /// Test machinery: let the write path put at most `records` records in

@@ -299,6 +299,29 @@ impl SpaceMap {
         self.dirty_pages.insert(b as usize / self.per_page);
     }
 
+    /// Free blocks (holes) to give host space to, so that `kept` holds
+    /// `kept_floor` blocks: a commit finds room on a full host even when
+    /// no commit since the open has freed metadata pages to keep (with the
+    /// intent log, commits are rare). The caller reserves their space, and
+    /// gives back with [`unkeep`](Self::unkeep) those it could not.
+    pub fn top_up_kept(&mut self) -> Vec<u64> {
+        let n = self.kept_floor.saturating_sub(self.kept.len());
+        let blocks: Vec<u64> = self.free.iter_ones().take(n).map(|b| b as u64).collect();
+        for &b in &blocks {
+            self.free.set(b as usize, false);
+            self.kept.insert(b);
+        }
+        blocks
+    }
+
+    /// A block from `top_up_kept` whose host space could not be had.
+    pub fn unkeep(&mut self, b: u64) {
+        if self.kept.remove(&b) {
+            self.free.set(b as usize, true);
+            self.hint = self.hint.min(b);
+        }
+    }
+
     /// Allocate a block with count 1, leaving the reserves `budget` may not use.
     pub fn alloc(&mut self, kind: Kind, budget: Budget) -> Result<u64> {
         let keep = match budget {

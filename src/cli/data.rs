@@ -49,7 +49,7 @@ pub(crate) fn write(a: WriteArgs) -> Result<()> {
 }
 
 pub(crate) fn read(a: ReadArgs) -> Result<()> {
-    let mut pool = open_unserved(&a.pool, Some(&a.name))?;
+    let mut pool = super::open_unserved_read_only(&a.pool, Some(&a.name))?;
     let id = pool.lookup(&a.name)?;
     let size = pool.volume_size(id)?;
     let length = a.length.unwrap_or(size.saturating_sub(a.offset));

@@ -477,8 +477,22 @@ pub(crate) fn request(pool: &Path, req: Request) -> Result<Response> {
 /// through the control socket: while a server owns the pool, the volume's
 /// exported file is the way in. `volume: None` for whole-pool verbs (check).
 pub(crate) fn open_unserved(pool: &Path, volume: Option<&str>) -> Result<Pool> {
+    open_unserved_with(pool, volume, open_pool)
+}
+
+/// `open_unserved` for inspection: a shared lock, and nothing written (the
+/// intent log is replayed in memory only).
+pub(crate) fn open_unserved_read_only(pool: &Path, volume: Option<&str>) -> Result<Pool> {
+    open_unserved_with(pool, volume, |p| open_pool_with(p, Pool::open_read_only))
+}
+
+fn open_unserved_with(
+    pool: &Path,
+    volume: Option<&str>,
+    open: impl FnOnce(&Path) -> Result<Pool>,
+) -> Result<Pool> {
     let server = match thinpool::export::control::status(pool) {
-        None => return open_pool(pool),
+        None => return open(pool),
         Some(s) => s,
     };
     let way_in = match (&server, volume) {

@@ -242,7 +242,7 @@ fn pool_of_export(dir: &Path) -> Option<PathBuf> {
 /// that was the last thing using the pool.
 pub fn detach(device: &Path) -> Result<(), ExportError> {
     let a = attachment(device)?;
-    sys::losetup_detach(&a.dev.path())?;
+    a.dev.detach()?;
     after_detach(&a)
 }
 
@@ -408,6 +408,6 @@ pub fn umount(dir: &Path) -> Result<(), ExportError> {
     if sys::mounts().iter().any(|o| o.majmin == a.dev.majmin) {
         return Ok(());
     }
-    sys::losetup_detach(&a.dev.path())?;
+    a.dev.detach()?;
     after_detach(&a)
 }

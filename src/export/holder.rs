@@ -207,3 +207,24 @@ pub(crate) fn restart(pool: &Path, old_pid: u32, holder: u32) -> Result<(), Expo
         RESTART_TIMEOUT.as_secs()
     )))
 }
+
+/// `thinpool serve --takeover`: a supervised server is restarted by its
+/// holder (which starts the binary as it now is); any other hands its
+/// export over to this process, which then serves until stopped.
+pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
+    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
+    let st = match control::status(&pool_path) {
+        Some(Ok(st)) => st,
+        Some(Err(e)) => return Err(e.into()),
+        None => {
+            return Err(ExportError::Handover(format!(
+                "no server is serving {}",
+                pool_path.display()
+            )))
+        }
+    };
+    if let Some(holder) = st.supervisor {
+        return restart(&pool_path, st.pid, holder);
+    }
+    server::take_over_from(pool_path, st, dir, opts)
+}

@@ -26,8 +26,8 @@ pub use client::{
     attach, attach_file, default_export_dir, detach, mount, mount_served, umount, Mkfs,
     MountOptions, StartServer,
 };
-pub use holder::supervise;
-pub use server::{serve, serve_handed, serve_with, take_over, ServeOptions, Server, ServerHandle};
+pub use holder::{supervise, take_over};
+pub use server::{serve, serve_handed, serve_with, ServeOptions, Server, ServerHandle};
 
 use std::path::{Path, PathBuf};
 

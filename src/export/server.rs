@@ -249,23 +249,15 @@ pub(crate) fn new_bundle(
     })
 }
 
-/// `thinpool serve --takeover`: take the running server's export over (it
-/// hands over and exits), then serve until stopped.
-pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
-    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
-    let st = match super::control::status(&pool_path) {
-        Some(Ok(st)) => st,
-        Some(Err(e)) => return Err(e.into()),
-        None => {
-            return Err(ExportError::Handover(format!(
-                "no server is serving {}",
-                pool_path.display()
-            )))
-        }
-    };
-    if let Some(holder) = st.supervisor {
-        return super::holder::restart(&pool_path, st.pid, holder);
-    }
+/// `thinpool serve --takeover` of an unsupervised server `st` (the holder
+/// decides, `holder::take_over`): take its export over (it hands over and
+/// exits), then serve until stopped.
+pub(crate) fn take_over_from(
+    pool_path: PathBuf,
+    st: ServerStatus,
+    dir: &Path,
+    opts: &ServeOptions,
+) -> Result<(), ExportError> {
     let want = std::fs::canonicalize(dir).map_err(ExportError::path(dir))?;
     if want != st.dir {
         return Err(ExportError::Handover(format!(

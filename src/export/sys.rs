@@ -120,6 +120,24 @@ pub(crate) fn losetup_detach(dev: &Path) -> Result<(), ExportError> {
     run(Command::new("losetup").arg("-d").arg(dev)).map(drop)
 }
 
+impl LoopDev {
+    /// Detach this device if it is still the one we found: a device that
+    /// has gone meanwhile (autoclear after its last unmount) may already
+    /// carry someone else's file under the same name, and detaching that
+    /// would break their mount. Gone counts as detached.
+    pub(crate) fn detach(&self) -> Result<(), ExportError> {
+        let still_ours =
+            || loop_device(&self.name).is_some_and(|d| d.backing_file == self.backing_file);
+        if !still_ours() {
+            return Ok(());
+        }
+        match losetup_detach(&self.path()) {
+            Err(_) if !still_ours() => Ok(()),
+            r => r,
+        }
+    }
+}
+
 /// Flush a block device's cache down to its backing file (fsync of the device).
 pub(crate) fn flush_device(dev: &Path) -> io::Result<()> {
     fs::File::open(dev)?.sync_all()

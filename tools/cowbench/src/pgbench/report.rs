@@ -315,8 +315,9 @@ where
     let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     let label = |y: &f64| {
         let i = y.round();
+        // The first target at the top.
         if (y - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-            names[i as usize].clone()
+            names[names.len() - 1 - i as usize].clone()
         } else {
             String::new()
         }
@@ -336,7 +337,7 @@ where
         .x_label_formatter(&|v| fmt_num(*v))
         .draw()?;
     chart.draw_series(rows.iter().enumerate().map(|(i, (_, v, pc))| {
-        let y = i as f64;
+        let y = (rows.len() - 1 - i) as f64;
         let col = if *pc { CACHED } else { DIRECT };
         Rectangle::new([(0.0, y - 0.35), (*v, y + 0.35)], col.filled())
     }))?;

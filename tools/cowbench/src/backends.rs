@@ -51,6 +51,30 @@ pub trait Backend {
     fn pool_counters(&mut self) -> Option<serde_json::Value> {
         None
     }
+    /// Whether the serving process holds its storage file open with O_DIRECT
+    /// (read from /proc), for backends with such a process; while mounted.
+    fn storage_o_direct(&mut self) -> Option<bool> {
+        None
+    }
+}
+
+/// Is `file` open with O_DIRECT in process `pid`? (`flags` of /proc/PID/fdinfo, octal.)
+pub(crate) fn open_o_direct(pid: i32, file: &Path) -> Option<bool> {
+    let want = file.canonicalize().ok()?;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let info =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_str()?))
+                .ok()?;
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())?;
+        return Some(flags & libc::O_DIRECT as u32 != 0);
+    }
+    None
 }
 
 /// The tools a backend needs; `Some(reason)` if it has to be skipped.
@@ -241,28 +265,28 @@ impl Thinpool {
         Ok(dir)
     }
 
+    /// Processes whose command line names our pool file (the path is unique to this run).
+    fn server_pids(&self) -> Vec<i32> {
+        let want = self.pool_s();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let me = std::process::id() as i32;
+        rd.flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd);
+                (pid != me && cmd.split('\0').any(|a| a == want)).then_some(pid)
+            })
+            .collect()
+    }
+
     /// Any server process still serving our pool file after the last umount
     /// (ours: the path is unique to this run) is stopped by its pid.
     fn stop_servers(&self) {
-        let want = self.pool_s();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let me = std::process::id() as i32;
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.split('\0').any(|a| a == want) {
-                kill_pid(pid);
-            }
+        for pid in self.server_pids() {
+            kill_pid(pid);
         }
     }
 }
@@ -342,6 +366,11 @@ impl Backend for Thinpool {
         let pool = self.pool_s();
         self.tp(&["remove", &pool, name])?;
         Ok(())
+    }
+    fn storage_o_direct(&mut self) -> Option<bool> {
+        self.server_pids()
+            .into_iter()
+            .find_map(|pid| open_o_direct(pid, &self.pool))
     }
     fn pool_counters(&mut self) -> Option<serde_json::Value> {
         let out = self.tp(&["info", &self.pool_s(), "--json"]).ok()?;

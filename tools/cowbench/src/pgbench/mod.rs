@@ -392,6 +392,9 @@ fn cycle(
     let name = format!("pg{r}");
     b.create(&name)?;
     let root = b.mount(&name)?;
+    if let Some(d) = b.storage_o_direct() {
+        s.add("storage_o_direct", "", if d { 1.0 } else { 0.0 });
+    }
     let loopdev = targets::loop_of(&root);
     let data = root.join(format!("pgdata-{r}"));
     let tm = Instant::now();

@@ -211,13 +211,21 @@ fn markdown(r: &PgReport, plot_dir: &str, plotted: bool) -> String {
                 b.reason.clone().unwrap_or_default().replace('|', "/")
             ),
         };
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} |",
-            b.name,
-            st,
-            b.notes.join("; ").replace('|', "/")
-        );
+        let mut notes = b.notes.join("; ").replace('|', "/");
+        if let Some(d) = get(b, "storage_o_direct") {
+            let how = if d.min > 0.5 {
+                "with"
+            } else if d.max < 0.5 {
+                "without"
+            } else {
+                "in some cycles with"
+            };
+            let _ = write!(
+                notes,
+                "; checked while mounted (the server's /proc/PID/fdinfo): pool file open {how} O_DIRECT"
+            );
+        }
+        let _ = writeln!(s, "| {} | {} | {} |", b.name, st, notes);
     }
     s.push('\n');
     let _ = writeln!(

@@ -218,6 +218,15 @@ impl Pool {
                 w.issues.push(is);
             }
             let n_blocks = r.size.div_ceil(bs);
+            if r.preallocated && count < n_blocks {
+                // Not damage (the holes read as zeros), but its writes there
+                // will allocate: the engine never leaves one.
+                report.notes.push(format!(
+                    "volume '{}' is preallocated but {} of its {n_blocks} blocks are unmapped",
+                    r.name,
+                    n_blocks - count
+                ));
+            }
             if end > n_blocks {
                 let mut is = Issue::new(
                     IssueKind::MappedPastEnd,

@@ -17,6 +17,9 @@ pub enum Request {
     CreateVolume {
         name: String,
         size: u64,
+        /// Allocate and map every block now (`volume create --preallocate`).
+        #[serde(default)]
+        preallocate: bool,
     },
     /// `writable: false` is a read-only snapshot, `true` a clone.
     Snapshot {
@@ -63,8 +66,15 @@ pub fn execute(pool: &mut Pool, req: Request) -> Result<Response> {
     Ok(match req {
         Request::Info => Response::Info(pool.info()?),
         Request::List => Response::List(pool.list()?),
-        Request::CreateVolume { name, size } => {
-            pool.create_volume(&name, size)?;
+        Request::CreateVolume {
+            name,
+            size,
+            preallocate,
+        } => {
+            match preallocate {
+                true => pool.create_volume_preallocated(&name, size, &mut |_, _| {})?,
+                false => pool.create_volume(&name, size)?,
+            };
             Response::Volume(pool.volume_info(&name)?)
         }
         Request::Snapshot {

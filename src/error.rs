@@ -34,6 +34,10 @@ pub enum Error {
     #[error("the file system holding the pool is full (free space there and retry; the pool is unharmed)")]
     HostFull,
 
+    /// Not enough free blocks for an all-at-once allocation (says how many).
+    #[error("{0}")]
+    NotEnoughSpace(String),
+
     #[error("volume '{0}' already exists")]
     VolumeExists(String),
 
@@ -70,7 +74,7 @@ impl Error {
     /// The errno a kernel caller (FUSE) should see for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::NoSpace | Error::HostFull => libc::ENOSPC,
+            Error::NoSpace | Error::HostFull | Error::NotEnoughSpace(_) => libc::ENOSPC,
             Error::ReadOnly(_) | Error::PoolReadOnly(_) => libc::EROFS,
             Error::OutOfRange { .. } | Error::InvalidArgument(_) => libc::EINVAL,
             Error::NoSuchVolume(_) => libc::ENOENT,

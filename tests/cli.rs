@@ -1364,3 +1364,79 @@ fn acceptance_import_snapshot_clone_export() {
     assert_eq!(e.names(), ["base", "snap"]);
     e.check();
 }
+
+#[test]
+fn volume_create_preallocate_maps_and_reserves_every_block() {
+    let e = Env::new("64M");
+    let host_before = fs::metadata(&e.pool).unwrap().blocks() * 512;
+    ok(&[
+        s("volume"),
+        s("create"),
+        e.p(),
+        s("db"),
+        s("--size"),
+        s("8M"),
+        s("--preallocate"),
+    ]);
+    let db = e.vol("db");
+    assert_eq!(db["preallocated"], true, "{db}");
+    assert_eq!(u(&db, "mapped_bytes"), 8 * MIB);
+    assert_eq!(u(&db, "exclusive_bytes"), 8 * MIB);
+    // The host holds the space (allocated, reading as zeros).
+    let host = fs::metadata(&e.pool).unwrap().blocks() * 512;
+    assert!(host >= host_before + 8 * MIB, "{host_before} -> {host}");
+    let info = e.info();
+    assert_eq!(u(&info, "preallocated_volumes"), 1);
+    assert_eq!(u(&info, "preallocated_bytes"), 8 * MIB);
+    let used = u(&info, "data_used_bytes");
+    assert!(used >= 8 * MIB, "{info}");
+    let text = ok_text(&[s("info"), e.p()]);
+    assert!(text.contains("1 (1 preallocated, 8.0M)"), "{text}");
+    e.volume("thin", "8M");
+    let table = ok_text(&[s("list"), e.p()]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("PREALLOC"), "{table}");
+    assert!(
+        lines[1].starts_with("db") && lines[1].ends_with("yes"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("thin") && lines[2].ends_with("no"),
+        "{table}"
+    );
+    assert_eq!(e.vol("thin")["preallocated"], false);
+    // Writes (a whole zero block among them) overwrite in place: no more space.
+    let data = random_bytes(300_000, 5);
+    e.write("db", 1000, &data);
+    e.write("db", 2 * MIB, &vec![0u8; BLOCK as usize]);
+    assert_eq!(u(&e.info(), "data_used_bytes"), used);
+    assert_eq!(u(&e.vol("db"), "mapped_bytes"), 8 * MIB);
+    assert_eq!(e.read("db", 1000, data.len() as u64), data);
+    assert!(e.read("db", 4 * MIB, 4 * MIB).iter().all(|&b| b == 0));
+    // A clone is thin; the origin stays preallocated.
+    ok(&[s("clone"), e.p(), s("db"), s("c")]);
+    assert_eq!(e.vol("c")["preallocated"], false);
+    assert_eq!(e.vol("db")["preallocated"], true);
+    e.check();
+    // Too large: refused, and nothing is left behind.
+    let err = fails(
+        &[
+            s("volume"),
+            s("create"),
+            e.p(),
+            s("big"),
+            s("--size"),
+            s("100M"),
+            s("--preallocate"),
+        ],
+        1,
+        &["cannot preallocate volume 'big'", "free blocks"],
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(e.names(), ["db", "thin", "c"]);
+    assert_eq!(u(&e.info(), "data_used_bytes"), used);
+    // Growing it preallocates the new part.
+    ok(&[s("resize"), e.p(), s("db"), s("--size"), s("10M")]);
+    assert_eq!(u(&e.vol("db"), "mapped_bytes"), 10 * MIB);
+    e.check();
+}

@@ -22,6 +22,11 @@ pub struct ServeArgs {
     /// Started by `attach`: exit when the last volume is detached (internal)
     #[arg(long, hide = true)]
     pub background: bool,
+    /// Open the pool file with O_DIRECT: its blocks are not kept in the host
+    /// page cache as well (see docs/EXPORT.md). Needs a file system with
+    /// O_DIRECT (not ramfs, nor tmpfs before Linux 6.6)
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// Serve POOL to containerd as a snapshotter: a proxy plugin answering
@@ -48,6 +53,9 @@ pub struct SnapshotterArgs {
     /// virtual size; used when the template is first made), e.g. 10G
     #[arg(long, value_parser = super::size_arg, default_value = "10G")]
     pub volume_size: u64,
+    /// Open the pool file with O_DIRECT (see `thinpool serve --direct`)
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// Attach a volume as a loop device and print /dev/loopN.
@@ -60,6 +68,10 @@ pub struct AttachArgs {
     /// Attach read-only (snapshots always are)
     #[arg(long)]
     pub read_only: bool,
+    /// If this starts the pool's server, it opens the pool file with
+    /// O_DIRECT (see `thinpool serve --direct`)
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// Detach a loop device attached by `thinpool attach`.
@@ -87,6 +99,10 @@ pub struct MountArgs {
     /// Mount options, passed to mount(8)
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Option<String>,
+    /// If this starts the pool's server, it opens the pool file with
+    /// O_DIRECT (see `thinpool serve --direct`)
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// Unmount a directory mounted by `thinpool mount` and detach its loop device.
@@ -99,8 +115,20 @@ pub struct UmountArgs {
 /// Start `thinpool serve POOL DIR --background` (this program) for `attach`
 /// and `mount`: the library never runs a program itself.
 fn start_server(pool: &Path, dir: &Path, log: File) -> std::io::Result<Child> {
+    spawn_server(pool, dir, log, false)
+}
+
+/// `start_server` with `--direct`.
+fn start_server_direct(pool: &Path, dir: &Path, log: File) -> std::io::Result<Child> {
+    spawn_server(pool, dir, log, true)
+}
+
+fn spawn_server(pool: &Path, dir: &Path, log: File, direct: bool) -> std::io::Result<Child> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("serve").arg(pool).arg(dir).arg("--background");
+    if direct {
+        cmd.arg("--direct");
+    }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -120,6 +148,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         background: a.background,
         threads: a.threads,
+        direct: a.direct,
     };
     export::serve(&a.pool, &a.dir, &opts).with_context(|| format!("serve {}", a.pool.display()))?;
     Ok(())
@@ -130,6 +159,7 @@ pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
         address: a.address,
         export_dir: a.export_dir,
         volume_size: a.volume_size,
+        direct: a.direct,
     };
     thinpool::snapshotter::run(&a.pool, &opts)
         .with_context(|| format!("snapshotter {}", a.pool.display()))?;
@@ -137,7 +167,12 @@ pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
 }
 
 pub fn attach(a: AttachArgs) -> Result<()> {
-    let dev = export::attach(&a.pool, &a.name, a.read_only, start_server)
+    let start = if a.direct {
+        start_server_direct
+    } else {
+        start_server
+    };
+    let dev = export::attach(&a.pool, &a.name, a.read_only, start)
         .with_context(|| format!("attach '{}' of {}", a.name, a.pool.display()))?;
     super::print(&format!("{}\n", dev.display()))?;
     Ok(())
@@ -154,7 +189,12 @@ pub fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         options: a.options,
     };
-    let dev = export::mount(&a.pool, &a.name, &a.dir, &opts, start_server).with_context(|| {
+    let start = if a.direct {
+        start_server_direct
+    } else {
+        start_server
+    };
+    let dev = export::mount(&a.pool, &a.name, &a.dir, &opts, start).with_context(|| {
         format!(
             "mount '{}' of {} on {}",
             a.name,

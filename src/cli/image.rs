@@ -147,7 +147,7 @@ fn data_runs(buf: &[u8], bs: usize) -> Vec<(usize, usize)> {
 }
 
 /// A byte progress bar on stderr, only when a person is watching it.
-fn progress(len: u64, verb: &'static str) -> ProgressBar {
+pub(crate) fn progress(len: u64, verb: &'static str) -> ProgressBar {
     if !io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }

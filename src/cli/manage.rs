@@ -55,11 +55,23 @@ pub(crate) fn list(a: ListArgs) -> Result<()> {
 }
 
 pub(crate) fn volume_create(a: VolumeCreateArgs) -> Result<()> {
+    // Unserved, a preallocation shows its progress; a server does it alone.
+    if a.preallocate && thinpool::export::control::status(&a.pool).is_none() {
+        let mut pool = super::open_pool(&a.pool)?;
+        let bar = super::image::progress(a.size, "preallocating");
+        let bs = pool.block_size() as u64;
+        pool.create_volume_preallocated(&a.name, a.size, &mut |done, _| {
+            bar.set_position((done * bs).min(a.size))
+        })?;
+        bar.finish_and_clear();
+        return Ok(());
+    }
     request(
         &a.pool,
         Request::CreateVolume {
             name: a.name,
             size: a.size,
+            preallocate: a.preallocate,
         },
     )?;
     Ok(())

@@ -145,7 +145,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum VolumeCommand {
-    /// Create an empty thin volume: it reads as zeros and uses no space until written
+    /// Create an empty volume that reads as zeros: thin (no space until
+    /// written), or with --preallocate every block allocated now
     Create(VolumeCreateArgs),
 }
 
@@ -213,6 +214,13 @@ pub(crate) struct VolumeCreateArgs {
     /// Virtual size, e.g. 10G. May exceed the pool's size (thin provisioning)
     #[arg(long, value_parser = size_arg)]
     pub size: u64,
+    /// Allocate every block now, contiguously where the pool allows, and
+    /// hold its space: writes then overwrite in place, never copying,
+    /// allocating or changing the map (a database's volume). Refused if the
+    /// pool lacks the free blocks. Snapshots of it still work (copy-on-write
+    /// applies to blocks they share); its clones are thin
+    #[arg(long)]
+    pub preallocate: bool,
 }
 
 #[derive(Args, Debug)]

@@ -61,7 +61,7 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
                 pct(i.metadata_used_bytes, i.size)
             ),
         ),
-        ("volumes", i.volumes.to_string()),
+        ("volumes", volumes_row(i)),
     ];
     let mut out = String::new();
     for (k, v) in rows {
@@ -77,6 +77,18 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
         );
     }
     out
+}
+
+/// "3", or "3 (1 preallocated, 10.0 GiB)".
+fn volumes_row(i: &PoolInfo) -> String {
+    match i.preallocated_volumes {
+        0 => i.volumes.to_string(),
+        n => format!(
+            "{} ({n} preallocated, {})",
+            i.volumes,
+            format_size(i.preallocated_bytes)
+        ),
+    }
 }
 
 /// The short form of a digest, as `docker images` shows an id.
@@ -121,6 +133,8 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
     let head = HEAD.map(String::from);
     // Committed layers: a short chain digest (full ones in `list --json`).
     let chain_col = vols.iter().any(|v| v.chain_digest.is_some());
+    // Preallocated volumes: a PREALLOC column, only when there are any.
+    let prealloc_col = vols.iter().any(|v| v.preallocated);
     for (n, r) in std::iter::once(&head).chain(&rows).enumerate() {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
@@ -129,6 +143,14 @@ pub(crate) fn volume_table(vols: &[VolumeInfo], now: u64) -> String {
                 true => write!(line, "{cell:>w$}  "),
                 false => write!(line, "{cell:<w$}  "),
             };
+        }
+        if prealloc_col {
+            let cell = match n {
+                0 => "PREALLOC",
+                _ if vols[n - 1].preallocated => "yes",
+                _ => "no",
+            };
+            let _ = write!(line, "{cell:<8}  ");
         }
         if chain_col {
             let chain = match n {
@@ -182,6 +204,7 @@ mod tests {
             parent: parent.map(Into::into),
             parent_id: None,
             read_only: ro,
+            preallocated: false,
             virtual_size: 10 << 30,
             mapped_bytes: 3 << 20,
             exclusive_bytes: 65536,
@@ -211,6 +234,20 @@ mod tests {
     }
 
     #[test]
+    fn preallocated_volumes_get_a_column() {
+        let mut db = vol("db", None, false);
+        db.preallocated = true;
+        let t = volume_table(&[vol("base", None, false), db], 1000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("CREATED   PREALLOC"), "{t}");
+        assert!(lines[1].ends_with("no"), "{t}");
+        assert!(lines[2].ends_with("yes"), "{t}");
+        // Without one, the table is as before.
+        let t = volume_table(&[vol("base", None, false)], 1000);
+        assert!(!t.contains("PREALLOC"), "{t}");
+    }
+
+    #[test]
     fn ages() {
         assert_eq!(ago(0), "just now");
         assert_eq!(ago(59), "59 seconds ago");
@@ -233,12 +270,23 @@ mod tests {
             data_free_bytes: 900 << 20,
             metadata_used_bytes: 1 << 20,
             volumes: 2,
+            preallocated_volumes: 0,
+            preallocated_bytes: 0,
+            direct_io: None,
             low_water_pct: 10,
             low_space: false,
             commits: None,
         };
         let s = pool_info(&i);
         assert!(s.contains("data used:  100M (10.0%)"), "{s}");
+        assert!(s.contains("volumes:    2\n"), "{s}");
+        i.preallocated_volumes = 1;
+        i.preallocated_bytes = 1 << 30;
+        assert!(
+            pool_info(&i).contains("volumes:    2 (1 preallocated, 1.0G)"),
+            "{}",
+            pool_info(&i)
+        );
         assert!(!s.contains("warning"), "{s}");
         i.data_used_bytes = 950 << 20;
         i.data_free_bytes = 50 << 20;

@@ -1,6 +1,8 @@
 //! The FUSE filesystem: one flat directory in which every volume is a regular
 //! file of its virtual size. Reads, writes, discards and flushes go straight to
-//! the engine; files are opened with direct I/O so nothing is cached twice.
+//! the engine; files are opened with direct I/O, so the kernel keeps no copy
+//! of a volume's pages above the engine. (The pool file below it is cached
+//! by the host unless the server opened it `O_DIRECT`: docs/EXPORT.md.)
 //!
 //! Inode numbers: the root is 1, volume `id` is `id + 2` (ids are never reused,
 //! so an inode never changes meaning while a file is open).

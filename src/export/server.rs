@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub background: bool,
     /// FUSE worker threads (0: pick from the CPU count).
     pub threads: usize,
+    /// Open the pool file `O_DIRECT`: no copy in the host page cache.
+    pub direct: bool,
 }
 
 //------------------------------------------------------------------------------
@@ -113,7 +115,11 @@ pub fn serve_with(
             dir: st.dir,
         });
     }
-    let pool = Pool::open(&pool_path)?;
+    // The one place a served pool is opened.
+    let pool = match opts.direct {
+        true => Pool::open_direct(&pool_path)?,
+        false => Pool::open(&pool_path)?,
+    };
     install_signal_handlers();
     let server = Server::start(pool, dir, opts)?;
     let background = opts.background;
@@ -608,7 +614,10 @@ fn handle_request(sh: &Shared, req: Request) -> Result<Response> {
             Ok(Response::Ok)
         }
         Request::Info => {
-            let mut info = sh.pool.read_engine().info()?;
+            let engine = sh.pool.read_engine();
+            let mut info = engine.info()?;
+            info.direct_io = Some(engine.storage().is_direct());
+            drop(engine);
             info.commits = Some(sh.pool.stats());
             Ok(Response::Info(info))
         }

@@ -9,7 +9,8 @@
 //!  32    8   mapped blocks
 //!  40    8   created (seconds since the Unix epoch)
 //!  48    1   map depth (levels of the radix tree, >= 1)
-//!  49    1   flags: bit 0 = read-only
+//!  49    1   flags: bit 0 = read-only, bit 1 = preallocated; other bits
+//!            must be zero (a record with one set is refused, not guessed at)
 //!  50    2   name length (<= 128)
 //!  52   12   reserved, zero
 //!  64  128   name (UTF-8, zero padded)
@@ -25,6 +26,9 @@ pub const NAME_MAX: usize = 128;
 /// Largest virtual size of a volume.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 63;
 const FLAG_READ_ONLY: u8 = 1;
+/// Every block was allocated and mapped at creation (`volume create --preallocate`).
+const FLAG_PREALLOCATED: u8 = 2;
+const FLAGS_KNOWN: u8 = FLAG_READ_ONLY | FLAG_PREALLOCATED;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VolumeRecord {
@@ -36,6 +40,9 @@ pub struct VolumeRecord {
     pub created: u64,
     pub depth: u8,
     pub read_only: bool,
+    /// Fully mapped from creation: writes overwrite in place, zero writes
+    /// and discards zero blocks instead of unmapping them.
+    pub preallocated: bool,
     pub name: String,
     pub diff_digest: [u8; 32],
     pub chain_digest: [u8; 32],
@@ -51,7 +58,12 @@ impl VolumeRecord {
         LE::write_u64(&mut b[32..40], self.mapped_blocks);
         LE::write_u64(&mut b[40..48], self.created);
         b[48] = self.depth;
-        b[49] = if self.read_only { FLAG_READ_ONLY } else { 0 };
+        b[49] = (if self.read_only { FLAG_READ_ONLY } else { 0 })
+            | (if self.preallocated {
+                FLAG_PREALLOCATED
+            } else {
+                0
+            });
         let name = self.name.as_bytes();
         LE::write_u16(&mut b[50..52], name.len() as u16);
         b[64..64 + name.len()].copy_from_slice(name);
@@ -76,6 +88,12 @@ impl VolumeRecord {
         if depth == 0 || depth > 64 {
             return Err(format!("volume '{name}': bad map depth {depth}"));
         }
+        let flags = b[49];
+        if flags & !FLAGS_KNOWN != 0 {
+            return Err(format!(
+                "volume '{name}': unknown flags {flags:#04x} (written by a newer thinpool?)"
+            ));
+        }
         Ok(Some(VolumeRecord {
             id,
             parent_id: LE::read_u64(&b[8..16]),
@@ -84,7 +102,8 @@ impl VolumeRecord {
             mapped_blocks: LE::read_u64(&b[32..40]),
             created: LE::read_u64(&b[40..48]),
             depth,
-            read_only: b[49] & FLAG_READ_ONLY != 0,
+            read_only: flags & FLAG_READ_ONLY != 0,
+            preallocated: flags & FLAG_PREALLOCATED != 0,
             name,
             diff_digest: b[192..224].try_into().unwrap(),
             chain_digest: b[224..256].try_into().unwrap(),
@@ -112,6 +131,7 @@ mod tests {
             created: 1700000000,
             depth: 3,
             read_only: true,
+            preallocated: true,
             name: "layer-1".into(),
             diff_digest: [1; 32],
             chain_digest: [2; 32],
@@ -120,5 +140,21 @@ mod tests {
         r.encode(&mut b);
         assert_eq!(VolumeRecord::decode(&b).unwrap(), Some(r));
         assert_eq!(VolumeRecord::decode(&[0u8; RECORD_SIZE]).unwrap(), None);
+    }
+
+    #[test]
+    fn unknown_flags_are_refused() {
+        let r = VolumeRecord {
+            id: 1,
+            size: 4096,
+            depth: 1,
+            name: "v".into(),
+            ..Default::default()
+        };
+        let mut b = vec![0u8; RECORD_SIZE];
+        r.encode(&mut b);
+        b[49] |= 0x04;
+        let e = VolumeRecord::decode(&b).unwrap_err();
+        assert!(e.contains("unknown flags 0x04"), "{e}");
     }
 }

@@ -3,9 +3,9 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
-use super::Storage;
+use super::{write_zeros, Storage};
 
 pub struct FileStorage {
     file: File,
@@ -19,26 +19,42 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: plain syscall on an fd we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            _ if r == 0 => Ok(()),
-            // A filesystem without fallocate still works: it just neither
-            // reserves space ahead nor gives it back.
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-            _ => Err(e),
-        }
+/// `fallocate(2)`; `Ok(false)` when the file system does not support `mode`
+/// (a pool there still works: it just neither reserves space ahead nor gives
+/// it back).
+pub(super) fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+    // SAFETY: plain syscall on an fd the caller owns; no memory is passed.
+    let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        return Ok(true);
     }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// `Storage::zero` of a file: `ZERO_RANGE` (zeros, space kept), else a
+/// punched hole then reserved (tmpfs has no `ZERO_RANGE`), else written zeros.
+/// Never only a punch: that is best effort and may leave old bytes.
+pub(super) fn zero_range<S: Storage + ?Sized>(
+    s: &S,
+    fd: RawFd,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    if fallocate(fd, libc::FALLOC_FL_ZERO_RANGE, offset, len)? {
+        return Ok(());
+    }
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // Mode 0 after the punch reserves the range and extends the file over it.
+    if fallocate(fd, punch, offset, len)? && fallocate(fd, 0, offset, len)? {
+        return Ok(());
+    }
+    write_zeros(s, offset, len)
 }
 
 impl Storage for FileStorage {
@@ -65,14 +81,15 @@ impl Storage for FileStorage {
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         // Mode 0 allocates (unwritten extents read as zeros) and costs next
         // to nothing where the range already has its space.
-        self.fallocate(0, offset, len)
+        fallocate(self.file.as_raw_fd(), 0, offset, len).map(drop)
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fallocate(self.file.as_raw_fd(), mode, offset, len).map(drop)
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        zero_range(self, self.file.as_raw_fd(), offset, len)
     }
 }

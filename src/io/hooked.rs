@@ -62,4 +62,11 @@ impl<S: Storage> Storage for Hooked<S> {
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.reserve(offset, len)
     }
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        // As written zeros, so the write hook sees (and may fail) them.
+        super::write_zeros(self, offset, len)
+    }
+    fn is_direct(&self) -> bool {
+        self.inner.is_direct()
+    }
 }

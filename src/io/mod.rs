@@ -3,6 +3,7 @@
 
 #[cfg(feature = "test-support")]
 pub mod crash;
+mod direct;
 mod file;
 #[cfg(feature = "test-support")]
 mod hooked;
@@ -10,6 +11,7 @@ mod mem;
 
 #[cfg(feature = "test-support")]
 pub use crash::CrashStorage;
+pub use direct::DirectStorage;
 pub use file::FileStorage;
 #[cfg(feature = "test-support")]
 pub use hooked::Hooked;
@@ -36,6 +38,29 @@ pub trait Storage: Send + Sync {
     fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Make the range read as zeros *and* hold its host space (the blocks
+    /// of a preallocated volume). Unlike `punch`, this is not best effort.
+    /// The default writes zeros; files use `FALLOC_FL_ZERO_RANGE`.
+    fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+    /// Reads and writes bypass the host page cache (`O_DIRECT`).
+    fn is_direct(&self) -> bool {
+        false
+    }
+}
+
+/// `zero` by writing zeros, a MiB at a time.
+pub(crate) fn write_zeros<S: Storage + ?Sized>(s: &S, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = CHUNK.min(len - at);
+        s.write_at(&zeros[..n as usize], offset + at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// `read_at` for metadata and data the pool points to: a read past the end of

@@ -30,3 +30,10 @@ pub fn shrink_record(pool: &mut Pool, name: &str, size: u64) -> Result<()> {
 pub fn root_block(pool: &Pool, name: &str) -> Result<u64> {
     Ok(pool.catalog.get_by_name(name)?.root)
 }
+
+/// Set a volume's preallocated flag without mapping its blocks.
+pub fn mark_preallocated(pool: &mut Pool, name: &str) -> Result<()> {
+    let id = pool.catalog.id_of(name)?;
+    pool.catalog.get_mut(id)?.preallocated = true;
+    pool.commit_forced()
+}

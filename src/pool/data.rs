@@ -115,12 +115,14 @@ impl Pool {
             self.check_mutable()?;
             self.check_writable(id)?;
             self.check_range(id, offset, data.len() as u64)?;
+            // A preallocated volume keeps every block mapped.
+            let unmap_zeros = !self.catalog.get(id)?.preallocated;
             while pos < data.len() {
                 let at = offset + pos as u64;
                 let (vb, within) = (at / bs, (at % bs) as usize);
                 let n = (bs as usize - within).min(data.len() - pos);
                 let chunk = &data[pos..pos + n];
-                if n == bs as usize && is_zero(chunk) {
+                if unmap_zeros && n == bs as usize && is_zero(chunk) {
                     // A whole block of zeros reads the same unmapped
                     // (qcow2's detect-zeroes=unmap): map nothing, or drop
                     // this volume's reference to what was there. A block
@@ -255,9 +257,49 @@ impl Pool {
         let mapped = self
             .view()
             .mapped_in_range(root, depth, first_full, end_full)?;
+        if self.catalog.get(id)?.preallocated {
+            let r = self.zero_mapped(id, &mapped);
+            if let Err(Error::Io(e)) = &r {
+                // Like a failed in-place write: what the blocks hold is unknown.
+                self.fail(&format!("zeroing data failed: {e}"));
+            }
+            return self.fail_on_corrupt(r);
+        }
         for (vb, _) in mapped {
             let r = self.retry_on_full(|p| p.unmap_block(id, vb));
             self.fail_on_corrupt(r)?;
+        }
+        Ok(())
+    }
+
+    /// Discard on a preallocated volume: its blocks stay mapped and are
+    /// zeroed — in place (runs coalesced) where this volume alone holds them,
+    /// by copy-on-write of a zero block where a snapshot shares them.
+    fn zero_mapped(&mut self, id: VolumeId, mapped: &[(u64, u64)]) -> Result<()> {
+        let bs = self.block_size() as u64;
+        let mut run: Option<(u64, u64)> = None;
+        let mut shared = Vec::new();
+        for &(vb, _) in mapped {
+            let rec = self.catalog.get(id)?;
+            match self.view().lookup_private(rec.root, rec.depth, vb)? {
+                Some(b) => match &mut run {
+                    Some((start, len)) if *start + *len == b => *len += 1,
+                    _ => {
+                        if let Some((start, len)) = run.replace((b, 1)) {
+                            self.storage.zero(start * bs, len * bs)?;
+                        }
+                    }
+                },
+                None => shared.push(vb),
+            }
+        }
+        if let Some((start, len)) = run {
+            self.storage.zero(start * bs, len * bs)?;
+        }
+        self.data_dirty = true;
+        let zeros = vec![0u8; bs as usize];
+        for vb in shared {
+            self.write(id, vb * bs, &zeros)?;
         }
         Ok(())
     }
@@ -275,7 +317,12 @@ impl Pool {
 
     /// Shadow the path to `vb` in volume `id` (see `Ctx::leaf_for_update`),
     /// recording a new root even if shadowing failed half way.
-    fn leaf_for_update(&mut self, id: VolumeId, vb: u64, create: bool) -> Result<Option<u64>> {
+    pub(super) fn leaf_for_update(
+        &mut self,
+        id: VolumeId,
+        vb: u64,
+        create: bool,
+    ) -> Result<Option<u64>> {
         let rec = self.catalog.get(id)?;
         let (mut root, depth) = (rec.root, rec.depth);
         let leaf = self.ctx().leaf_for_update(&mut root, depth, vb, create);
@@ -316,6 +363,15 @@ impl Pool {
     /// Make the range read as zeros (same as discard: unmapped blocks read as zeros).
     pub fn write_zeroes(&mut self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
         self.discard(id, offset, len)
+    }
+
+    /// (virtual, physical) block of every mapped block of `id`, ascending
+    /// (metadata only): where a volume's data lies in the pool file.
+    pub fn block_map(&mut self, id: VolumeId) -> Result<Vec<(u64, u64)>> {
+        self.check_ok()?;
+        let r = self.catalog.get(id)?;
+        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size() as u64));
+        self.view().mapped_in_range(root, depth, 0, n)
     }
 
     /// Virtual block numbers that are mapped in `id`, ascending (metadata only).

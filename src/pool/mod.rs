@@ -17,10 +17,12 @@ pub mod damage;
 mod data;
 mod geometry;
 pub(crate) mod open;
+mod prealloc;
 mod settings;
 mod shared;
 mod volumes;
 
+pub use prealloc::Progress;
 pub use shared::{CommitStats, SharedPool};
 
 use std::path::{Path, PathBuf};
@@ -65,6 +67,9 @@ pub struct VolumeInfo {
     pub parent: Option<String>,
     pub parent_id: Option<VolumeId>,
     pub read_only: bool,
+    /// Every block allocated and mapped at creation (`volume create --preallocate`).
+    #[serde(default)]
+    pub preallocated: bool,
     pub virtual_size: u64,
     /// Bytes of mapped blocks (ZFS `referenced`, Docker's virtual size).
     pub mapped_bytes: u64,
@@ -95,6 +100,14 @@ pub struct PoolInfo {
     pub data_free_bytes: u64,
     pub metadata_used_bytes: u64,
     pub volumes: usize,
+    /// Volumes created with `--preallocate`, and their virtual bytes.
+    #[serde(default)]
+    pub preallocated_volumes: usize,
+    #[serde(default)]
+    pub preallocated_bytes: u64,
+    /// The pool file is opened `O_DIRECT` (only known of a served pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_io: Option<bool>,
     /// Warn when free space falls below this percentage of the pool
     /// (dm-thin's low-water mark).
     pub low_water_pct: u32,

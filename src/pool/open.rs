@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     self, PageType, SlotError, Superblock, FORMAT_VERSION, RC_INDEX_MAX, SUPERBLOCK_SLOT_SIZE,
 };
-use crate::io::{FileStorage, Storage};
+use crate::io::{DirectStorage, FileStorage, Storage};
 use crate::map::Nodes;
 use crate::pdata::PagedArray;
 use crate::space::{try_vec, SpaceMap};
@@ -55,7 +55,30 @@ pub(super) fn uuid_string(u: &[u8; 16]) -> String {
 /// Open an existing pool file and take its owner lock: exclusive to change
 /// it (one process writes a pool at a time), shared to inspect it.
 pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
-    let file = OpenOptions::new().read(true).write(write).open(path)?;
+    Ok(FileStorage::new(open_locked(path, write, false)?))
+}
+
+/// `open_file` with `O_DIRECT`: the pool file bypasses the host page cache.
+pub(crate) fn open_file_direct(path: &Path, write: bool) -> Result<DirectStorage> {
+    Ok(DirectStorage::new(open_locked(path, write, true)?))
+}
+
+fn open_locked(path: &Path, write: bool, direct: bool) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) if direct => Error::InvalidArgument(format!(
+                "{}: the file system holding the pool does not support direct I/O \
+                 (O_DIRECT; ramfs does not, nor tmpfs before Linux 6.6); open it without --direct",
+                path.display()
+            )),
+            _ => Error::Io(e),
+        })?;
     if !file.metadata()?.is_file() {
         return Err(Error::NotAPool {
             path: path.to_path_buf(),
@@ -66,7 +89,7 @@ pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
         path,
         if write { libc::LOCK_EX } else { libc::LOCK_SH },
     )?;
-    Ok(FileStorage::new(file))
+    Ok(file)
 }
 
 /// Take the pool's owner lock: exclusive to write, shared to inspect.
@@ -228,6 +251,12 @@ impl Pool {
     /// Open an existing pool for reading and writing (exclusive lock).
     pub fn open(path: &Path) -> Result<Pool> {
         Pool::open_with(Box::new(open_file(path, true)?), path)
+    }
+
+    /// `open`, with the pool file opened `O_DIRECT` (`serve --direct`):
+    /// no copy of its blocks in the host page cache.
+    pub fn open_direct(path: &Path) -> Result<Pool> {
+        Pool::open_with(Box::new(open_file_direct(path, true)?), path)
     }
 
     /// Open a pool on any storage, at its newest valid commit.

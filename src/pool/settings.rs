@@ -30,6 +30,14 @@ impl Pool {
             data_free_bytes: (usable - used) * bs,
             metadata_used_bytes: (meta + self.space.reserved()) * bs,
             volumes: self.catalog.len(),
+            preallocated_volumes: self.catalog.iter().filter(|r| r.preallocated).count(),
+            preallocated_bytes: self
+                .catalog
+                .iter()
+                .filter(|r| r.preallocated)
+                .map(|r| r.size)
+                .sum(),
+            direct_io: None,
             low_water_pct: self.low_water_pct(),
             low_space: (usable - used) * 100 < usable * self.low_water_pct() as u64,
             commits: None,

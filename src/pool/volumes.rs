@@ -31,6 +31,7 @@ impl Pool {
             parent,
             parent_id: (r.parent_id != 0).then_some(r.parent_id),
             read_only: r.read_only,
+            preallocated: r.preallocated,
             virtual_size: r.size,
             mapped_bytes: r.mapped_blocks * bs,
             exclusive_bytes: excl * bs,
@@ -164,6 +165,8 @@ impl Pool {
             parent_id: src.id,
             created: now(),
             read_only: !writable,
+            // Its blocks are shared now: the copy allocates as it writes.
+            preallocated: false,
             name: name.to_string(),
             // A copy is not the committed layer itself (`layer::commit` sets these).
             diff_digest: [0; 32],
@@ -238,12 +241,31 @@ impl Pool {
             size.div_ceil(self.block_size() as u64),
             format::pointers_per_page(self.block_size()),
         );
+        let bs = self.block_size() as u64;
+        let (old_n, new_n) = (rec.size.div_ceil(bs), size.div_ceil(bs));
+        // A preallocated volume stays one: its new blocks are taken (and
+        // zeroed) before anything changes, and mapped once the tree is tall enough.
+        let runs = match rec.preallocated {
+            true => self.prealloc_for_growth(name, old_n, new_n, need)?,
+            false => Vec::new(),
+        };
         let (mut root, mut depth) = (rec.root, rec.depth);
-        self.ctx().grow(&mut root, &mut depth, need)?;
+        if let Err(e) = self.ctx().grow(&mut root, &mut depth, need) {
+            if !runs.is_empty() {
+                // Taken blocks no map holds must not be committed.
+                self.fail(&format!(
+                    "growing a preallocated volume failed half way: {e}"
+                ));
+            }
+            return Err(e);
+        }
         let r = self.catalog.get_mut(id)?;
         r.root = root;
         r.depth = depth;
         r.size = size;
+        if !runs.is_empty() {
+            self.map_runs(id, old_n, &runs)?;
+        }
         self.commit()
     }
 

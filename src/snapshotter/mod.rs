@@ -39,6 +39,8 @@ pub struct SnapshotterOptions {
     /// Virtual size of the ext4 template, so of every container's root file
     /// system (used only when the template is first made).
     pub volume_size: u64,
+    /// Open the pool file `O_DIRECT` (see `ServeOptions::direct`).
+    pub direct: bool,
 }
 
 /// Serve `pool` to containerd until signalled (SIGTERM/SIGINT: detach the
@@ -70,17 +72,25 @@ pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
     }
     let address = opts.address.clone();
     let size = opts.volume_size;
-    let res = serve_with(pool, &dir, &ServeOptions::default(), move |server| {
-        std::thread::Builder::new()
-            .name("snapshotter".into())
-            .spawn(move || {
-                if let Err(e) = serve_grpc(server.clone(), &address, size) {
-                    eprintln!("thinpool snapshotter: {e}");
-                    server.stop();
-                }
-            })?;
-        Ok(())
-    });
+    let res = serve_with(
+        pool,
+        &dir,
+        &ServeOptions {
+            direct: opts.direct,
+            ..ServeOptions::default()
+        },
+        move |server| {
+            std::thread::Builder::new()
+                .name("snapshotter".into())
+                .spawn(move || {
+                    if let Err(e) = serve_grpc(server.clone(), &address, size) {
+                        eprintln!("thinpool snapshotter: {e}");
+                        server.stop();
+                    }
+                })?;
+            Ok(())
+        },
+    );
     let _ = std::fs::remove_file(&opts.address);
     res
 }

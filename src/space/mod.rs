@@ -231,11 +231,7 @@ impl SpaceMap {
 
     /// Allocate a block with count 1, leaving the reserves `budget` may not use.
     pub fn alloc(&mut self, kind: Kind, budget: Budget) -> Result<u64> {
-        let keep = match budget {
-            Budget::Write => self.commit_reserve + UNMAP_RESERVE,
-            Budget::Unmap => self.commit_reserve,
-            Budget::Commit => 0,
-        };
+        let keep = self.keep(budget);
         if self.free_count <= keep {
             return Err(Error::NoSpace);
         }
@@ -269,6 +265,98 @@ impl SpaceMap {
         }
         self.touch(b as u64);
         Ok(b as u64)
+    }
+
+    /// Blocks `alloc` may hand out under `budget` (its reserves left out).
+    pub fn available(&self, budget: Budget) -> u64 {
+        self.free_count.saturating_sub(self.keep(budget))
+    }
+
+    fn keep(&self, budget: Budget) -> u64 {
+        match budget {
+            Budget::Write => self.commit_reserve + UNMAP_RESERVE,
+            Budget::Unmap => self.commit_reserve,
+            Budget::Commit => 0,
+        }
+    }
+
+    /// Allocate `n` data blocks (count 1 each) in as few contiguous runs as
+    /// the free map allows: the first free run that holds all of them, else
+    /// the longest runs, else (last) kept metadata blocks one by one.
+    /// Returns the runs `(first, len)` in ascending order; `NoSpace` (and
+    /// nothing taken) if fewer than `n` blocks are available.
+    pub fn alloc_runs(&mut self, n: u64, budget: Budget) -> Result<Vec<(u64, u64)>> {
+        if n > self.available(budget) {
+            return Err(Error::NoSpace);
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut runs = self.free_runs();
+        let mut taken: Vec<(u64, u64)> = match runs.iter().find(|r| r.1 >= n) {
+            Some(&(start, _)) => vec![(start, n)],
+            None => {
+                // Longest first (ties: lowest first), then back in disk order.
+                runs.sort_by_key(|&(start, len)| (std::cmp::Reverse(len), start));
+                let mut left = n;
+                let mut t = Vec::new();
+                for (start, len) in runs {
+                    if left == 0 {
+                        break;
+                    }
+                    let k = len.min(left);
+                    t.push((start, k));
+                    left -= k;
+                }
+                // The rest (if any) from the kept blocks.
+                while left > 0 {
+                    let b = self.kept.pop_first().ok_or(Error::NoSpace)?;
+                    self.free.set(b as usize, true);
+                    t.push((b, 1));
+                    left -= 1;
+                }
+                t.sort_unstable();
+                t
+            }
+        };
+        for &(start, len) in &taken {
+            for b in start..start + len {
+                let i = b as usize;
+                debug_assert!(self.free[i]);
+                self.free.set(i, false);
+                self.txn_new.set(i, true);
+                self.rc[i] = 1;
+                self.touch(b);
+            }
+            self.free_count -= len;
+            self.used += len;
+        }
+        // Merge runs that meet (a kept block next to a free run).
+        taken.dedup_by(|next, prev| {
+            let meets = prev.0 + prev.1 == next.0;
+            if meets {
+                prev.1 += next.1;
+            }
+            meets
+        });
+        Ok(taken)
+    }
+
+    /// Maximal runs of blocks free in the bitmap (kept blocks not included).
+    fn free_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut at = 0usize;
+        let n = self.free.len();
+        while at < n {
+            let Some(s) = self.free[at..].first_one() else {
+                break;
+            };
+            let start = at + s;
+            let len = self.free[start..].first_zero().unwrap_or(n - start);
+            runs.push((start as u64, len as u64));
+            at = start + len;
+        }
+        runs
     }
 
     pub fn inc(&mut self, b: u64) -> Result<()> {
@@ -467,6 +555,36 @@ mod tests {
         assert!(!s.can_overwrite(a));
         s.end_transaction();
         assert!(s.can_overwrite(a));
+    }
+
+    #[test]
+    fn runs_are_contiguous_where_the_map_allows() {
+        let mut s = SpaceMap::new(40 + UNMAP_RESERVE, 1, 1024).unwrap();
+        assert_eq!(s.alloc_runs(10, Budget::Write).unwrap(), vec![(1, 10)]);
+        // The write budget leaves the unmap reserve: 29 blocks are left.
+        assert!(matches!(
+            s.alloc_runs(30, Budget::Write),
+            Err(Error::NoSpace)
+        ));
+        assert_eq!(s.alloc_runs(29, Budget::Write).unwrap(), vec![(11, 29)]);
+        for b in [5, 6, 7, 20, 21, 22, 23, 24] {
+            s.dec(b, Kind::Data).unwrap();
+        }
+        // Free runs now: 5..8, 20..25, 40..56. The first that fits wins.
+        assert_eq!(s.alloc_runs(4, Budget::Write).unwrap(), vec![(20, 4)]);
+        // None fits 19: the longest runs, in disk order.
+        assert_eq!(
+            s.alloc_runs(19, Budget::Commit).unwrap(),
+            vec![(5, 3), (40, 16)]
+        );
+        assert_eq!(s.free_count(), 1);
+        assert!(matches!(
+            s.alloc_runs(2, Budget::Commit),
+            Err(Error::NoSpace)
+        ));
+        assert_eq!(s.free_count(), 1);
+        assert_eq!(s.rc(41), 1);
+        assert!(s.is_txn_new(41));
     }
 
     #[test]

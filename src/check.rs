@@ -34,6 +34,10 @@ pub struct CheckReport {
     /// by a crash, which the next commit rewrites).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// The intent log as the open found it: records replayed on top of the
+    /// last commit, and where (and why) the log ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<crate::pool::LogReplay>,
 }
 
 impl CheckReport {
@@ -171,6 +175,15 @@ impl Pool {
             ..Default::default()
         };
         self.check_superblocks(&mut report.notes);
+        if let Some(r) = self.log_replay() {
+            if r.records > 0 {
+                report.notes.push(format!(
+                    "intent log: {} records after generation {} replayed; the log ends at slot {}: {}",
+                    r.records, r.generation, r.end_slot, r.end
+                ));
+            }
+            report.log = Some(r.clone());
+        }
         let mut issues = Vec::new();
         let mut w = Walk {
             expected: try_vec(total, 0, "check's reference counts")?,
@@ -182,7 +195,8 @@ impl Pool {
             volume: String::new(),
         };
         w.expected[..reserved].fill(1);
-        for p in self.table_pages() {
+        // The intent log's blocks belong to the superblock, like the tables.
+        for p in self.table_pages().chain(self.log_blocks()) {
             w.expected[p as usize] = w.expected[p as usize].saturating_add(1);
             w.is_meta[p as usize] = true;
         }

@@ -68,6 +68,11 @@ pub enum Error {
     /// A send stream or image that cannot be received (says what is wrong).
     #[error("{0}")]
     Layer(String),
+
+    /// Internal: the intent log's half is full (or its epoch was not
+    /// started with logging on); the write path commits and retries.
+    #[error("the intent log is full; a commit is needed")]
+    LogFull,
 }
 
 impl Error {

@@ -109,7 +109,9 @@ pub fn repair_with(
     let fell_back = pool.generation() != newest;
     let (before, census) = pool.census(&mut |_, _| {})?;
     let slot_damaged = slots.iter().any(|s| s.is_none());
-    if before.is_clean() && !fell_back && !slot_damaged {
+    // Records of the intent log were replayed in memory: commit them.
+    let replayed = pool.log_replay().map_or(0, |r| r.records);
+    if before.is_clean() && !fell_back && !slot_damaged && replayed == 0 {
         report.new_generation = report.generation;
         report.after = before;
         return Ok(report);
@@ -127,6 +129,12 @@ pub fn repair_with(
         report
             .fixed
             .push(format!("rewrote the damaged superblock slot {}", 1 - slot));
+    }
+    if let Some(r) = pool.log_replay().filter(|r| r.records > 0) {
+        report.fixed.push(format!(
+            "replayed {} intent log records after generation {}; the log ends at slot {} ({}), the rest is not trusted",
+            r.records, r.generation, r.end_slot, r.end
+        ));
     }
     let walk_complete = !before.issues.iter().any(|i| i.kind == IssueKind::BadNode);
     for is in &before.issues {

@@ -1140,6 +1140,7 @@ fn fake_server(
         background: false,
         stopping: false,
         open: vec![],
+        supervisor: None,
     };
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();

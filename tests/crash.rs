@@ -5,6 +5,9 @@
 const BS: u64 = 4096;
 const POOL_SIZE: u64 = 24 << 20;
 const SEEDS: u64 = 6;
+/// Workloads and injected failures with the intent log on.
+const LOG_SEEDS: u64 = 6;
+const LOG_FAILURES: u64 = 30;
 
 #[path = "crash/harness.rs"]
 mod harness;

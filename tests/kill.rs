@@ -626,7 +626,6 @@ fn lost_writes(env: &Env, returned: u64, mut read: impl FnMut(u64) -> Vec<u8>) -
 /// cache before the reply. Without it, map changes not yet committed (the
 /// server commits about once a second) die with the process.
 #[test]
-#[ignore = "needs the intent log (issue 11); run with --ignored"]
 fn sigkill_loses_no_acknowledged_write() {
     require_root();
     let (mut env, returned) = write_unflushed_and_kill();
@@ -651,7 +650,6 @@ fn sigkill_loses_no_acknowledged_write() {
 /// write (the log's records replayed in memory), and they write nothing
 /// (docs/FORMAT.md: read-only opens upgrade and change nothing).
 #[test]
-#[ignore = "needs the intent log (issue 11); run with --ignored"]
 fn a_killed_pool_shows_acknowledged_writes_to_read_only_verbs() {
     require_root();
     let (env, returned) = write_unflushed_and_kill();

@@ -2,6 +2,7 @@
 //! Each is a thin wrapper over `thinpool::export`; see docs/EXPORT.md.
 
 use std::fs::File;
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +28,18 @@ pub struct ServeArgs {
     /// O_DIRECT (not ramfs, nor tmpfs before Linux 6.6)
     #[arg(long)]
     pub direct: bool,
+    /// Take over from the server running for POOL (planned restart or
+    /// upgrade): it hands over its FUSE connection, socket and pool and
+    /// exits; attached volumes see a pause, not an error
+    #[arg(long, conflicts_with = "supervise")]
+    pub takeover: bool,
+    /// Run a small holder process that keeps the FUSE connection and
+    /// restarts the server if it dies (attached volumes see a pause)
+    #[arg(long)]
+    pub supervise: bool,
+    /// Serve the bundle a holder sends on this descriptor (internal)
+    #[arg(long, hide = true)]
+    pub handover_fd: Option<i32>,
 }
 
 /// Serve POOL to containerd as a snapshotter: a proxy plugin answering
@@ -150,8 +163,43 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         threads: a.threads,
         direct: a.direct,
     };
-    export::serve(&a.pool, &a.dir, &opts).with_context(|| format!("serve {}", a.pool.display()))?;
+    let ctx = || format!("serve {}", a.pool.display());
+    if let Some(fd) = a.handover_fd {
+        // SAFETY: the holder passed us this descriptor and nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        export::serve_handed(fd).with_context(ctx)?;
+    } else if a.takeover {
+        export::take_over(&a.pool, &a.dir, &opts).with_context(ctx)?;
+    } else if a.supervise {
+        // The binary as it is now on disk: a planned restart runs the new one.
+        let exe = std::env::current_exe()?;
+        let threads = a.threads;
+        let mut start = |fd: RawFd| start_worker(&exe, fd, threads);
+        export::supervise(&a.pool, &a.dir, &opts, &mut start).with_context(ctx)?;
+    } else {
+        export::serve(&a.pool, &a.dir, &opts).with_context(ctx)?;
+    }
     Ok(())
+}
+
+/// Start `thinpool serve --handover-fd FD` for the holder, in its own
+/// process group (a Ctrl-C reaches the holder, which forwards it once).
+fn start_worker(exe: &Path, fd: RawFd, threads: usize) -> std::io::Result<Child> {
+    let mut cmd = Command::new(exe);
+    // POOL and DIR come with the bundle; these two only satisfy the parser.
+    cmd.args(["serve", "-", "-", "--handover-fd", &fd.to_string()]);
+    cmd.args(["--threads", &threads.to_string()]);
+    cmd.stdin(Stdio::null()).process_group(0);
+    // SAFETY: fcntl is async-signal-safe; it lets `fd` survive the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {

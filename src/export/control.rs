@@ -57,6 +57,13 @@ pub enum ServerRequest {
     /// Stop if nothing is open (waiting up to `wait_ms` for deferred loop
     /// releases). Honoured only by servers started in the background by `attach`.
     ExportShutdownIfIdle { wait_ms: u64 },
+    /// Handover protocol (docs/EXPORT.md): the new server asks for the
+    /// bundle; the answer carries descriptors.
+    ExportTakeover { version: u32, pid: u32 },
+    /// The new server has the export: the old one exits.
+    ExportTookOver,
+    /// A supervised server: quiesce and exit; the holder starts the binary again.
+    ExportRestart,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +78,9 @@ pub struct ServerStatus {
     pub stopping: bool,
     /// Volumes with open files (loop devices hold theirs open), with open counts.
     pub open: Vec<(String, u32)>,
+    /// The holder process that restarts this server (`serve --supervise`).
+    #[serde(default)]
+    pub supervisor: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +92,11 @@ pub struct ShutdownReply {
 /// Status of the server of `pool`, `None` when no server answers.
 pub fn status(pool: &Path) -> Option<Result<ServerStatus>> {
     server_call(pool, &ServerRequest::ExportStatus)
+}
+
+/// Ask a supervised server to hand back to its holder and exit.
+pub fn restart(pool: &Path) -> Option<Result<()>> {
+    server_call::<serde_json::Value>(pool, &ServerRequest::ExportRestart).map(|r| r.map(drop))
 }
 
 /// Ask a background server to exit if none of its volumes is in use.

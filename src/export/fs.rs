@@ -20,6 +20,7 @@ use fuser::{
     WriteFlags,
 };
 
+use super::resume::InitInfo;
 use super::state::Shared;
 use crate::error::Error;
 use crate::pool::VolumeId;
@@ -103,6 +104,18 @@ impl ThinFs {
 
 impl Filesystem for ThinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Recorded for the next server, which replays it (see `resume`).
+        let abi = config.kernel_abi();
+        let mut flags = config.capabilities();
+        if std::env::var_os("THINPOOL_TEST_NO_RESEND").is_some() {
+            // Tests play a kernel before 6.9 (docs/EXPORT.md, "Limits").
+            flags.remove(InitFlags::FUSE_HAS_RESEND);
+        }
+        *self.sh.init.lock().unwrap_or_else(|p| p.into_inner()) = Some(InitInfo {
+            major: abi.0,
+            minor: abi.1,
+            flags: flags.bits(),
+        });
         // The loop device submits asynchronous direct I/O: let the kernel keep
         // several requests in flight instead of waiting for each one.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
@@ -114,6 +127,7 @@ impl Filesystem for ThinFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _pass = self.sh.gate.enter();
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
@@ -131,6 +145,7 @@ impl Filesystem for ThinFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.sh.gate.enter();
         if ino.0 == ROOT {
             return reply.attr(&TTL, &self.attr(ROOT, 0, true, false));
         }
@@ -161,6 +176,7 @@ impl Filesystem for ThinFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = self.sh.gate.enter();
         // Sizes change with `thinpool resize`, modes follow the volume: only
         // no-op changes (and time updates, which are not kept) are accepted.
         let attr = if ino.0 == ROOT {
@@ -182,6 +198,7 @@ impl Filesystem for ThinFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -213,6 +230,7 @@ impl Filesystem for ThinFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         if let Some(id) = id_of(ino) {
             // A detach is a natural point to make everything durable.
             if self.sh.pool.is_dirty() {
@@ -234,6 +252,7 @@ impl Filesystem for ThinFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -271,6 +290,7 @@ impl Filesystem for ThinFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -289,6 +309,7 @@ impl Filesystem for ThinFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         // close(2): commit only if this volume was written since its last commit.
         if let Err(e) = self.commit(ino) {
             return reply.error(e);
@@ -304,6 +325,7 @@ impl Filesystem for ThinFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         match self.commit(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -320,6 +342,7 @@ impl Filesystem for ThinFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.sh.gate.enter();
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::EISDIR);
         };
@@ -359,6 +382,7 @@ impl Filesystem for ThinFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.sh.gate.enter();
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -373,6 +397,7 @@ impl Filesystem for ThinFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _pass = self.sh.gate.enter();
         if ino.0 != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -395,6 +420,7 @@ impl Filesystem for ThinFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.sh.gate.enter();
         // f_bsize is the pool block size: the loop device takes it as its
         // discard granularity, so fstrim sends whole pool blocks.
         let info = self.sh.pool.read_engine().info();
@@ -418,6 +444,7 @@ impl Filesystem for ThinFs {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _pass = self.sh.gate.enter();
         reply.ok();
     }
 }

@@ -6,12 +6,18 @@
 //! - [`client`]: attach/detach/mount/umount and background servers.
 //! - [`control`]: the socket's wire format and client.
 //! - `sys`: loop devices, the mount table, freeze, external tools.
+//! - [`handover`]: the bundle one server passes to the next (SCM_RIGHTS).
+//! - `resume`: mounting, serving an initialised connection, resend.
+//! - `holder`: `serve --supervise`, the process that keeps the descriptors.
 //!
 //! Usage and figures: docs/EXPORT.md.
 
 pub mod client;
 pub mod control;
 mod fs;
+pub mod handover;
+mod holder;
+mod resume;
 pub mod server;
 mod state;
 pub(crate) mod sys;
@@ -20,7 +26,8 @@ pub use client::{
     attach, attach_file, default_export_dir, detach, mount, mount_served, umount, Mkfs,
     MountOptions, StartServer,
 };
-pub use server::{serve, serve_with, ServeOptions, Server, ServerHandle};
+pub use holder::supervise;
+pub use server::{serve, serve_handed, serve_with, take_over, ServeOptions, Server, ServerHandle};
 
 use std::path::{Path, PathBuf};
 
@@ -93,6 +100,9 @@ pub enum ExportError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// A takeover or restart of the server could not be done.
+    #[error("handover: {0}")]
+    Handover(String),
     #[error("FUSE session ended with an error: {0}")]
     Session(std::io::Error),
     #[error("{0}")]

@@ -5,8 +5,9 @@
 //! acceptor plus one thread per connection, and a ticker that commits about
 //! once a second when something was written and watches for stop requests.
 
-use std::collections::HashMap;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,19 +15,27 @@ use std::sync::{Arc, Condvar, Mutex, RwLockReadGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, SessionACL};
 
 use super::control::{socket_path, Reply, ServerRequest, ServerStatus, ShutdownReply};
 use super::fs::{ino_of, ThinFs};
-use super::state::Shared;
+use super::handover::{self, Bundle, State};
+use super::resume;
+use super::state::{Gate, Shared};
 use super::sys::{self, Frozen};
 use super::ExportError;
 use crate::control::{execute, Request, Response};
 use crate::error::{Error, Result};
 use crate::pool::{Pool, SharedPool, VolumeId};
 
-const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Full commits on the timer; flushes between them cost one fdatasync
+/// (the intent log), so this only bounds the log and the replay.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(50);
+/// How long a handover waits for the requests being served to finish.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new server waits for the old one to confirm or to exit.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
@@ -41,13 +50,13 @@ pub struct ServeOptions {
 //------------------------------------------------------------------------------
 // Signals
 
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: the handler only touches an atomic, which is async-signal-safe.
         unsafe {
@@ -64,11 +73,21 @@ fn install_signal_handlers() {
 // serve
 
 /// Removes the socket (and the directory of a background server) on exit.
-struct Cleanup {
+pub(crate) struct Cleanup {
     socket: PathBuf,
     /// (device, inode) of the socket this server bound.
     bound: Option<(u64, u64)>,
     dir: Option<PathBuf>,
+}
+
+impl Cleanup {
+    pub(crate) fn new(socket: PathBuf, dir: Option<PathBuf>) -> Cleanup {
+        Cleanup {
+            bound: file_id(&socket),
+            socket,
+            dir,
+        }
+    }
 }
 
 /// Identity of the file at `path`, if any.
@@ -95,34 +114,46 @@ impl Drop for Cleanup {
 /// Serve every volume of `pool_path` as a file under `dir` until it is
 /// unmounted or the process is signalled (`thinpool serve`).
 pub fn serve(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
-    serve_with(pool_path, dir, opts, |_| Ok(()))
+    serve_bundle(pool_path, dir, opts, true, |_| Ok(()))
 }
 
 /// `serve`, calling `on_ready` with a handle on the running server (FUSE
 /// requests are already being served) before waiting for it to stop: the
-/// containerd snapshotter starts its gRPC service there.
+/// containerd snapshotter starts its gRPC service there. Such a server
+/// refuses a takeover: what `on_ready` started would not follow.
 pub fn serve_with(
     pool_path: &Path,
     dir: &Path,
     opts: &ServeOptions,
     on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
 ) -> Result<(), ExportError> {
-    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
-    if let Some(Ok(st)) = super::control::status(&pool_path) {
-        return Err(ExportError::AlreadyServed {
-            pool: pool_path,
-            pid: st.pid,
-            dir: st.dir,
-        });
-    }
-    // The one place a served pool is opened.
-    let pool = match opts.direct {
-        true => Pool::open_direct(&pool_path)?,
-        false => Pool::open(&pool_path)?,
-    };
+    serve_bundle(pool_path, dir, opts, false, on_ready)
+}
+
+fn serve_bundle(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    can_hand_over: bool,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let pool_path = not_served(pool_path)?;
+    let file = handover::lock_pool(&pool_path, opts.direct)?;
+    let pool = open_locked(&file, &pool_path)?;
     install_signal_handlers();
-    let server = Server::start(pool, dir, opts)?;
-    let background = opts.background;
+    let bundle = new_bundle(&pool_path, dir, opts, Some(file))?;
+    let server = Server::from_bundle(pool, bundle, None)?;
+    if !can_hand_over {
+        server.sh.refuse_handover.store(true, Ordering::SeqCst);
+    }
+    run_server(server, opts.background, on_ready)
+}
+
+fn run_server(
+    server: Server,
+    background: bool,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
     let dir = server.dir().to_path_buf();
     if let Err(e) = on_ready(server.handle()) {
         let _ = server.stop();
@@ -134,6 +165,190 @@ pub fn serve_with(
         let _ = std::fs::remove_file(dir.with_extension("log"));
     }
     Ok(())
+}
+
+/// The canonical pool path, if no server serves it yet.
+pub(crate) fn not_served(pool_path: &Path) -> Result<PathBuf, ExportError> {
+    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
+    if let Some(Ok(st)) = super::control::status(&pool_path) {
+        return Err(ExportError::AlreadyServed {
+            pool: pool_path,
+            pid: st.pid,
+            dir: st.dir,
+        });
+    }
+    Ok(pool_path)
+}
+
+/// Open the pool on its locked file (a copy of the descriptor: the lock
+/// stays on the file description the bundle keeps).
+fn open_locked(file: &File, pool_path: &Path) -> Result<Pool, ExportError> {
+    let file = file.try_clone()?;
+    // O_DIRECT travels with the open file (also across a handover).
+    // SAFETY: F_GETFL on a descriptor we own has no other effect.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    let storage: Box<dyn crate::io::Storage> = if flags >= 0 && flags & libc::O_DIRECT != 0 {
+        Box::new(crate::io::DirectStorage::new(file))
+    } else {
+        Box::new(crate::io::FileStorage::new(file))
+    };
+    Ok(Pool::open_with(storage, pool_path)?)
+}
+
+/// The descriptors of a new export: the control socket bound next to the
+/// pool and the FUSE export mounted on `dir` (not yet initialised).
+pub(crate) fn new_bundle(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    pool: Option<File>,
+) -> Result<Bundle, ExportError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ExportError::NeedsRoot);
+    }
+    if sys::is_dead_fuse_mount(dir) {
+        eprintln!(
+            "thinpool: {} is a dead FUSE mount (its server died); unmounting it",
+            dir.display()
+        );
+        let _ = sys::umount(dir, true);
+    }
+    if opts.background {
+        std::fs::create_dir_all(dir).map_err(ExportError::path(dir))?;
+    }
+    let dir = std::fs::canonicalize(dir).map_err(ExportError::path(dir))?;
+    let sock = socket_path(pool_path);
+    // We hold the pool lock, so any socket file left here is stale.
+    let _ = std::fs::remove_file(&sock);
+    let control = UnixListener::bind(&sock).map_err(|source| ExportError::Bind {
+        socket: sock.clone(),
+        source,
+    })?;
+    let fuse =
+        resume::mount(&dir, &format!("thinpool:{}", pool_path.display())).map_err(|source| {
+            let _ = std::fs::remove_file(&sock);
+            ExportError::FuseMount {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+    Ok(Bundle {
+        fuse,
+        control,
+        pool,
+        state: State {
+            version: handover::VERSION,
+            pool: pool_path.to_path_buf(),
+            dir,
+            background: opts.background,
+            threads: opts.threads,
+            init: None,
+            opens: Vec::new(),
+        },
+    })
+}
+
+/// `thinpool serve --takeover`: take the running server's export over (it
+/// hands over and exits), then serve until stopped.
+pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<(), ExportError> {
+    let pool_path = std::fs::canonicalize(pool_path).map_err(ExportError::path(pool_path))?;
+    let st = match super::control::status(&pool_path) {
+        Some(Ok(st)) => st,
+        Some(Err(e)) => return Err(e.into()),
+        None => {
+            return Err(ExportError::Handover(format!(
+                "no server is serving {}",
+                pool_path.display()
+            )))
+        }
+    };
+    if let Some(holder) = st.supervisor {
+        return super::holder::restart(&pool_path, st.pid, holder);
+    }
+    let want = std::fs::canonicalize(dir).map_err(ExportError::path(dir))?;
+    if want != st.dir {
+        return Err(ExportError::Handover(format!(
+            "the running server exports {}, not {}",
+            st.dir.display(),
+            want.display()
+        )));
+    }
+    let mut conn = UnixStream::connect(socket_path(&pool_path))?;
+    conn.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
+    let req = ServerRequest::ExportTakeover {
+        version: handover::VERSION,
+        pid: std::process::id(),
+    };
+    let mut line = serde_json::to_string(&req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    conn.write_all(line.as_bytes())?;
+    let started = Instant::now();
+    let mut bundle = Bundle::recv(conn.as_raw_fd())?;
+    bundle.state.threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        bundle.state.threads
+    };
+    let background = bundle.state.background;
+    let file = bundle
+        .pool
+        .as_ref()
+        .ok_or_else(|| ExportError::Handover("no pool descriptor".into()))?
+        .try_clone()?;
+    // The old server holds the lock's description too, but no longer uses it.
+    let got = started.elapsed();
+    let pool = open_locked(&file, &pool_path)?;
+    install_signal_handlers();
+    let server = Server::from_bundle(pool, bundle, None)?;
+    let ready = started.elapsed();
+    conn.write_all(b"{\"op\":\"export_took_over\"}\n")?;
+    // Its connection closes once every thread of the old server is gone:
+    // only then may unanswered requests be resent (none of them may be
+    // read again by the old server).
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+    server.resend();
+    eprintln!(
+        "thinpool: took over {} from process {} in {} ms (bundle after {} ms, pool open and \
+         session ready after {} ms, old server gone and requests resent after {} ms)",
+        pool_path.display(),
+        st.pid,
+        started.elapsed().as_millis(),
+        got.as_millis(),
+        ready.as_millis(),
+        started.elapsed().as_millis()
+    );
+    run_server(server, background, |_| Ok(()))
+}
+
+/// A server started by a holder (`--handover-fd`): receive the bundle on
+/// `fd`, serve, and tell the holder how it ended.
+pub fn serve_handed(fd: OwnedFd) -> Result<(), ExportError> {
+    let bundle = Bundle::recv(fd.as_raw_fd())?;
+    let pool_path = bundle.state.pool.clone();
+    let file = bundle
+        .pool
+        .as_ref()
+        .ok_or_else(|| ExportError::Handover("no pool descriptor".into()))?
+        .try_clone()?;
+    let pool = open_locked(&file, &pool_path)?;
+    install_signal_handlers();
+    let resumed = bundle.state.init.is_some();
+    let background = bundle.state.background;
+    let server = Server::from_bundle(pool, bundle, Some(fd))?;
+    if resumed {
+        // The previous server has exited (the holder waited for it).
+        server.resend();
+    }
+    let init = *server.sh.init.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = server
+        .sh
+        .tell_holder(serde_json::json!({ "event": "ready", "init": init }));
+    let sh = server.sh.clone();
+    let res = run_server(server, background, |_| Ok(()));
+    let _ = sh.tell_holder(serde_json::json!({ "event": "stopped" }));
+    res
 }
 
 /// A running export of one open pool, served from threads of this process:
@@ -151,55 +366,53 @@ pub struct Server {
 }
 
 impl Server {
-    /// Mount the FUSE export of `pool` (opened from its canonical path) on `dir`.
+    /// Mount the FUSE export of `pool` (opened from its canonical path) on
+    /// `dir`. Such a server cannot hand over (it does not hold the pool's
+    /// descriptor): library users stop and start theirs.
     pub fn start(pool: Pool, dir: &Path, opts: &ServeOptions) -> Result<Server, ExportError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(ExportError::NeedsRoot);
-        }
         let pool_path = pool.path().to_path_buf();
+        let bundle = new_bundle(&pool_path, dir, opts, None)?;
+        Server::from_bundle(pool, bundle, None)
+    }
+
+    /// Serve `pool` from a bundle: a new export, or one handed over (its
+    /// state carries the kernel's INIT; call [`Server::resend`] once the
+    /// previous server is gone).
+    pub(crate) fn from_bundle(
+        pool: Pool,
+        bundle: Bundle,
+        holder: Option<OwnedFd>,
+    ) -> Result<Server, ExportError> {
         let block_size = pool.block_size();
-        if sys::is_dead_fuse_mount(dir) {
-            eprintln!(
-                "thinpool: {} is a dead FUSE mount (its server died); unmounting it",
-                dir.display()
-            );
-            let _ = sys::umount(dir, true);
-        }
-        if opts.background {
-            std::fs::create_dir_all(dir).map_err(ExportError::path(dir))?;
-        }
-        let dir = std::fs::canonicalize(dir).map_err(ExportError::path(dir))?;
-
-        let sock = socket_path(&pool_path);
-        // We hold the pool lock, so any socket file left here is stale.
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).map_err(|source| ExportError::Bind {
-            socket: sock.clone(),
-            source,
-        })?;
-        let cleanup = Cleanup {
-            bound: file_id(&sock),
-            socket: sock.clone(),
-            dir: opts.background.then(|| dir.clone()),
-        };
-
+        let st = bundle.state.clone();
+        let sock = socket_path(&st.pool);
+        let cleanup = Cleanup::new(sock.clone(), st.background.then(|| st.dir.clone()));
         let sh = Arc::new(Shared {
             pool: SharedPool::new(pool),
-            pool_path: pool_path.clone(),
-            dir: dir.clone(),
-            background: opts.background,
+            pool_path: st.pool.clone(),
+            dir: st.dir.clone(),
+            background: st.background,
             started: SystemTime::now(),
             block_size,
             stopping: AtomicBool::new(false),
             ended: AtomicBool::new(false),
-            opens: Mutex::new(HashMap::new()),
+            opens: Mutex::new(st.opens.iter().copied().collect()),
             idle: Condvar::new(),
             notifier: Mutex::new(None),
+            gate: Gate::default(),
+            init: Mutex::new(st.init),
+            bundle: Mutex::new(None),
+            holder,
+            refuse_handover: AtomicBool::new(false),
         });
+        if st.init.is_some() && st.opens.is_empty() {
+            // Resumed after a crash: the loop devices over our files are
+            // what holds them open.
+            sh.recount_opens();
+        }
 
-        let threads = if opts.threads > 0 {
-            opts.threads
+        let threads = if st.threads > 0 {
+            st.threads
         } else {
             thread::available_parallelism()
                 .map(|n| n.get())
@@ -208,31 +421,28 @@ impl Server {
                 * 2
         };
         let mut config = Config::default();
-        config.mount_options = vec![
-            MountOption::FSName(format!("thinpool:{}", pool_path.display())),
-            MountOption::DefaultPermissions,
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-            MountOption::NoAtime,
-        ];
         config.acl = SessionACL::All;
         config.n_threads = Some(threads);
-        config.clone_fd = true;
+        // Every thread reads the bundle's own descriptor: a request read
+        // from it survives this process (see docs/EXPORT.md).
+        config.clone_fd = false;
 
-        let session = Session::new(ThinFs { sh: sh.clone() }, &dir, &config).map_err(|source| {
-            ExportError::FuseMount {
-                dir: dir.clone(),
+        let session = resume::session(ThinFs { sh: sh.clone() }, &bundle.fuse, st.init, config)
+            .map_err(|source| ExportError::FuseMount {
+                dir: st.dir.clone(),
                 source,
-            }
-        })?;
+            })?;
         *sh.notifier.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.notifier());
+        bundle.control.set_nonblocking(true)?;
+        let listener = bundle.control.try_clone()?;
+        *sh.bundle.lock().unwrap_or_else(|p| p.into_inner()) = Some(bundle);
         eprintln!(
-            "thinpool: serving {} on {} ({} threads, control socket {})",
-            pool_path.display(),
-            dir.display(),
+            "thinpool: serving {} on {} ({} threads, control socket {}){}",
+            st.pool.display(),
+            st.dir.display(),
             threads,
-            sock.display()
+            sock.display(),
+            if st.init.is_some() { ", resumed" } else { "" }
         );
         let session = thread::Builder::new()
             .name("fuse".into())
@@ -260,6 +470,21 @@ impl Server {
             helpers,
             _cleanup: cleanup,
         })
+    }
+
+    /// Ask the kernel to resend what the previous server read but did not
+    /// answer. Without kernel support (before 6.9) those requests stay
+    /// unanswered: say so.
+    pub(crate) fn resend(&self) {
+        let bundle = self.sh.bundle.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(b) = bundle.as_ref() else { return };
+        if let Err(e) = resume::notify_resend(&b.fuse) {
+            eprintln!(
+                "thinpool: the kernel cannot resend the requests the previous server \
+                 had not answered (FUSE_NOTIFY_RESEND needs Linux 6.9): {e}; \
+                 those requests stay unanswered"
+            );
+        }
     }
 
     /// The export directory (one file per volume).
@@ -311,8 +536,6 @@ impl Server {
             let _ = sys::umount(dir, true);
         }
         if !sh.ended.swap(true, Ordering::SeqCst) {
-            // Wake the acceptor so that it sees `ended` and lets go.
-            let _ = UnixStream::connect(socket_path(&sh.pool_path));
             eprintln!("thinpool: stopped serving {}", sh.pool_path.display());
         }
     }
@@ -390,6 +613,10 @@ fn ticker(sh: Arc<Shared>) {
     let mut unmounted = false;
     while !sh.ended.load(Ordering::SeqCst) {
         thread::sleep(TICK);
+        // Nothing happens here while a handover holds the gate.
+        let Some(_pass) = sh.gate.try_enter() else {
+            continue;
+        };
         let signals = SIGNALS.load(Ordering::SeqCst);
         if signals > handled_signals {
             if handled_signals > 0 && !unmounted {
@@ -399,6 +626,7 @@ fn ticker(sh: Arc<Shared>) {
                 let _ = sh.commit();
                 let _ = std::fs::remove_file(socket_path(&sh.pool_path));
                 let _ = sys::umount(&sh.dir, true);
+                let _ = sh.tell_holder(serde_json::json!({ "event": "stopped" }));
                 std::process::exit(1);
             }
             handled_signals = signals;
@@ -431,8 +659,9 @@ fn ticker(sh: Arc<Shared>) {
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             last_commit = Instant::now();
-            if sh.pool.is_dirty() {
-                if let Err(e) = sh.commit() {
+            // A full commit: flushes between two are intent-log syncs.
+            if sh.pool.needs_commit() {
+                if let Err(e) = sh.pool.commit() {
                     eprintln!("thinpool: periodic commit failed: {e}");
                 }
             }
@@ -456,12 +685,30 @@ fn stop_mount(dir: &Path) {
 //------------------------------------------------------------------------------
 // Control socket
 
+/// Accepts control connections (the listener is non-blocking: it may be
+/// shared with another server during a handover). Stops accepting while a
+/// handover holds the gate: connections then wait in the backlog for the
+/// next server.
 fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if sh.ended.load(Ordering::SeqCst) {
-            return;
+    let fd = listener.as_raw_fd();
+    while !sh.ended.load(Ordering::SeqCst) {
+        if sh.gate.is_closed() {
+            thread::sleep(TICK);
+            continue;
         }
-        let Ok(stream) = stream else { continue };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, TICK.as_millis() as i32) } <= 0 {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        let _ = stream.set_nonblocking(false);
         let sh = sh.clone();
         let _ = thread::Builder::new()
             .name("control-conn".into())
@@ -474,12 +721,28 @@ fn serve_conn(stream: UnixStream, sh: &Shared) {
         return;
     };
     let mut out = write_half;
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(Ok(line)) = lines.next() {
         if line.trim().is_empty() {
             continue;
         }
-        let reply = handle_line(sh, &line);
+        let reply = match serde_json::from_str::<ServerRequest>(&line) {
+            Ok(ServerRequest::ExportTakeover { version, pid }) => {
+                match hand_over(sh, &out, &mut lines, version, pid) {
+                    Ok(()) => unreachable_after_handover(),
+                    Err(e) => Reply::err(&e),
+                }
+            }
+            Ok(ServerRequest::ExportRestart) => match restart(sh) {
+                Ok(()) => {
+                    let _ = out.write_all(b"{\"ok\":\"restarting\"}\n");
+                    eprintln!("thinpool: handed back to the holder; exiting");
+                    std::process::exit(0);
+                }
+                Err(e) => Reply::err(&e),
+            },
+            _ => handle_line(sh, &line),
+        };
         let mut text = serde_json::to_string(&reply)
             .unwrap_or_else(|_| r#"{"error":"encode","errno":5}"#.into());
         text.push('\n');
@@ -489,15 +752,178 @@ fn serve_conn(stream: UnixStream, sh: &Shared) {
     }
 }
 
+/// The new server has the export: leave at once, touching nothing (no
+/// commit, no unmount, no socket removal; requests waiting at the gate are
+/// resent to the new server).
+fn unreachable_after_handover() -> ! {
+    std::process::exit(0)
+}
+
+/// Stop serving and commit: close the gate, wait for the requests inside.
+fn quiesce_for_handover(sh: &Shared) -> Result<()> {
+    if sh.stopping.load(Ordering::SeqCst) {
+        return Err(Error::InUse("the server is stopping".into()));
+    }
+    // Commit once while still serving: the fdatasync of everything written
+    // so far happens outside the pause, the one under the gate is small.
+    let t = Instant::now();
+    sh.commit()?;
+    let early = t.elapsed();
+    let t = Instant::now();
+    if !sh.gate.close(QUIESCE_TIMEOUT) {
+        return Err(Error::InUse(format!(
+            "requests did not finish within {} s; nothing changed, retry",
+            QUIESCE_TIMEOUT.as_secs()
+        )));
+    }
+    let drained = t.elapsed();
+    if let Err(e) = sh.commit() {
+        sh.gate.open();
+        return Err(e);
+    }
+    eprintln!(
+        "thinpool: quiesced (commit while serving {} ms; under the gate: requests drained in {} ms, \
+         commit {} ms)",
+        early.as_millis(),
+        drained.as_millis(),
+        (t.elapsed() - drained).as_millis()
+    );
+    Ok(())
+}
+
+/// This server's bundle with its current state, to give away.
+fn current_bundle(sh: &Shared) -> Result<Bundle> {
+    if sh.refuse_handover.load(Ordering::SeqCst) {
+        return Err(Error::InvalidArgument(
+            "this server also serves in-process clients (the containerd snapshotter), \
+             which a takeover would not carry over; restart it instead (docs/EXPORT.md)"
+                .into(),
+        ));
+    }
+    let guard = sh.bundle.lock().unwrap_or_else(|p| p.into_inner());
+    let b = guard.as_ref().filter(|b| b.pool.is_some()).ok_or_else(|| {
+        Error::InvalidArgument(
+            "this server was started on an open pool by a library user; it cannot hand over".into(),
+        )
+    })?;
+    let mut b = b.try_clone()?;
+    b.state.init = *sh.init.lock().unwrap_or_else(|p| p.into_inner());
+    b.state.opens = sh.lock_opens().iter().map(|(k, v)| (*k, *v)).collect();
+    Ok(b)
+}
+
+/// Planned takeover (handover protocol, docs/EXPORT.md): quiesce, send the
+/// bundle, and on the new server's confirmation exit; on anything else
+/// reopen the gate and go on serving.
+fn hand_over(
+    sh: &Shared,
+    out: &UnixStream,
+    lines: &mut std::io::Lines<BufReader<UnixStream>>,
+    version: u32,
+    pid: u32,
+) -> Result<()> {
+    if version != handover::VERSION {
+        return Err(Error::InvalidArgument(format!(
+            "handover version {version} asked, this server speaks {}",
+            handover::VERSION
+        )));
+    }
+    if sh.holder_alive() {
+        return Err(Error::InvalidArgument(
+            "this server is supervised: ask for export_restart".into(),
+        ));
+    }
+    let bundle = current_bundle(sh)?;
+    if bundle.state.init.is_none() {
+        return Err(Error::InUse(
+            "the FUSE connection is not initialised yet".into(),
+        ));
+    }
+    if !bundle.state.init.is_some_and(|i| i.has_resend()) {
+        return Err(Error::InvalidArgument(
+            "this kernel cannot resend FUSE requests (FUSE_NOTIFY_RESEND needs Linux 6.9): \
+             a takeover would leave requests unanswered; stop and start the server instead"
+                .into(),
+        ));
+    }
+    quiesce_for_handover(sh)?;
+    let t = Instant::now();
+    if let Err(e) = bundle.send(out.as_raw_fd(), true) {
+        sh.gate.open();
+        return Err(e.into());
+    }
+    let _ = out.set_read_timeout(Some(HANDOVER_TIMEOUT));
+    match lines.next() {
+        Some(Ok(l)) if l.contains("\"export_took_over\"") => {
+            eprintln!(
+                "thinpool: handed {} over to process {pid} ({} ms after the bundle); exiting",
+                sh.pool_path.display(),
+                t.elapsed().as_millis()
+            );
+            Ok(())
+        }
+        other => {
+            // Safe because we committed with the gate closed: the intent
+            // log after that commit is empty, so the new server's open
+            // replayed nothing and wrote nothing. Were it ever to commit
+            // at open, a failed new server would have moved the pool past
+            // our state, and we must not serve on from memory.
+            eprintln!(
+                "thinpool: process {pid} did not take over ({}); serving on",
+                match other {
+                    Some(Ok(l)) => l,
+                    Some(Err(e)) => e.to_string(),
+                    None => "connection closed".into(),
+                }
+            );
+            sh.gate.open();
+            Err(Error::InUse("the new server did not take over".into()))
+        }
+    }
+}
+
+/// Planned restart of a supervised server: quiesce, hand the state back to
+/// the holder (which keeps the descriptors) and let it start the new binary.
+fn restart(sh: &Shared) -> Result<()> {
+    if !sh.holder_alive() {
+        return Err(Error::InvalidArgument(
+            "this server is not supervised (or its holder is gone): use the takeover".into(),
+        ));
+    }
+    let bundle = current_bundle(sh)?;
+    if !bundle.state.init.is_some_and(|i| i.has_resend()) {
+        return Err(Error::InvalidArgument(
+            "this kernel cannot resend FUSE requests (FUSE_NOTIFY_RESEND needs Linux 6.9): \
+             a restart would leave requests unanswered"
+                .into(),
+        ));
+    }
+    quiesce_for_handover(sh)?;
+    if let Err(e) =
+        sh.tell_holder(serde_json::json!({ "event": "restart", "opens": bundle.state.opens }))
+    {
+        sh.gate.open();
+        return Err(Error::Io(e));
+    }
+    Ok(())
+}
+
 fn handle_line(sh: &Shared, line: &str) -> Reply {
     if let Ok(req) = serde_json::from_str::<ServerRequest>(line) {
         return match req {
             ServerRequest::ExportStatus => Reply::ok(status(sh)),
             ServerRequest::ExportShutdownIfIdle { wait_ms } => {
+                let _pass = sh.gate.enter();
                 Reply::ok(shutdown_if_idle(sh, wait_ms))
+            }
+            ServerRequest::ExportTakeover { .. }
+            | ServerRequest::ExportTookOver
+            | ServerRequest::ExportRestart => {
+                Reply::err(&Error::InvalidArgument("not a request on its own".into()))
             }
         };
     }
+    let _pass = sh.gate.enter();
     match serde_json::from_str::<Request>(line) {
         Ok(_) if sh.stopping.load(Ordering::SeqCst) => Reply::err(&Error::InUse(format!(
             "the server of {} is shutting down; retry",
@@ -527,6 +953,8 @@ fn status(sh: &Shared) -> ServerStatus {
         background: sh.background,
         stopping: sh.stopping.load(Ordering::SeqCst),
         open,
+        // SAFETY: getppid has no preconditions.
+        supervisor: sh.holder_alive().then(|| unsafe { libc::getppid() } as u32),
     }
 }
 

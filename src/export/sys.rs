@@ -206,8 +206,19 @@ pub(crate) fn umount(dir: &Path, lazy: bool) -> io::Result<()> {
 }
 
 /// True if `dir` is a FUSE mount whose server has gone (every access: ENOTCONN).
+/// Asked with statfs(2), which always reaches the FUSE server: stat(2) is
+/// answered from the kernel's attribute cache for up to the export's TTL after
+/// the server died, so a restart right after a kill -9 took the dead mount for
+/// a live one and then failed to mount over it (ENOTCONN).
 pub(crate) fn is_dead_fuse_mount(dir: &Path) -> bool {
-    matches!(fs::metadata(dir), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` has room for the
+    // struct statfs the call writes.
+    let r = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 //------------------------------------------------------------------------------

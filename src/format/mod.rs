@@ -1,10 +1,12 @@
 //! On-disk structures only: byte layouts, encode/decode, checksums.
 //! No I/O and no policy live here; `docs/FORMAT.md` is the byte map.
 
+mod log;
 mod page;
 mod record;
 mod superblock;
 
+pub use log::{data_crc, LogKind, LogRecord, RecordError, LOG_RECORD_SIZE};
 pub use page::{decode_page, encode_page, PageHeader, PageType, PAGE_HEADER_SIZE};
 pub use record::{digest_hex, VolumeRecord, MAX_VOLUME_SIZE, NAME_MAX, RECORD_SIZE};
 pub use superblock::{
@@ -17,8 +19,9 @@ pub const MAGIC: [u8; 8] = *b"THINPOOL";
 /// build reads every version from `OLDEST_READABLE_VERSION` to its own, and
 /// the first commit of an older pool writes this version (which older builds
 /// then refuse by name). History: 1 = the original format; 2 = adds the
-/// annotation table (per-volume metadata such as containerd snapshot records).
-pub const FORMAT_VERSION: u32 = 2;
+/// annotation table (per-volume metadata such as containerd snapshot records);
+/// 3 = adds the intent log (superblock bytes 2800..2824, `TPLG` records).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build opens.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Bytes reserved at the start of the file for the two superblock slots.

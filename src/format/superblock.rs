@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!    0    8   magic "THINPOOL"
-//!    8    4   format version (2; version 1 pools are read too)
+//!    8    4   format version (3; versions 1 and 2 are read too)
 //!   12    4   checksum crc32(slot[16..4096]) XOR SB_SALT
 //!   16    8   generation (commit number, starts at 1)
 //!   24    4   block size in bytes
@@ -24,7 +24,11 @@
 //! 2664    4   annotation index pages in use (k <= 16)
 //! 2668    4   annotation data pages
 //! 2672  128   annotation index page pointers (16 x u64; unused = 0)
-//! 2800 1296   reserved, zero
+//! 2800    8   log start: first block of the intent log (version 3; 0 = none)
+//! 2808    4   log blocks (even; 0 = no log: every flush is a full commit)
+//! 2812    4   reserved, zero
+//! 2816    8   log nonce: records of the epoch after this commit carry it
+//! 2824 1272   reserved, zero
 //! ```
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -42,7 +46,10 @@ const OFF_CAT_INDEX: usize = OFF_RC_INDEX + 8 * RC_INDEX_MAX;
 const OFF_ANNOT_LEN: usize = OFF_CAT_INDEX + 8 * CAT_INDEX_MAX;
 const OFF_ANNOT_N: usize = OFF_ANNOT_LEN + 8;
 const OFF_ANNOT_INDEX: usize = OFF_ANNOT_N + 8;
-const OFF_END: usize = OFF_ANNOT_INDEX + 8 * ANNOT_INDEX_MAX;
+const OFF_LOG_START: usize = OFF_ANNOT_INDEX + 8 * ANNOT_INDEX_MAX;
+const OFF_LOG_BLOCKS: usize = OFF_LOG_START + 8;
+const OFF_LOG_NONCE: usize = OFF_LOG_BLOCKS + 8;
+const OFF_END: usize = OFF_LOG_NONCE + 8;
 const _: () = assert!(OFF_END <= SUPERBLOCK_SLOT_SIZE);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +69,13 @@ pub struct Superblock {
     pub annot_len: u64,
     pub annot_pages: u32,
     pub annot_index: Vec<u64>,
+    /// The intent log (version 3): `log_blocks` blocks from `log_start`,
+    /// two halves; 0 blocks = no log. Zero in versions 1 and 2.
+    pub log_start: u64,
+    pub log_blocks: u32,
+    /// Records of the epoch after this commit carry this number, so a
+    /// record of an unfinished commit with the same generation is stale.
+    pub log_nonce: u64,
 }
 
 /// Why a slot could not be used.
@@ -102,6 +116,9 @@ impl Superblock {
         for (i, p) in self.annot_index.iter().enumerate() {
             LE::write_u64(&mut b[OFF_ANNOT_INDEX + 8 * i..][..8], *p);
         }
+        LE::write_u64(&mut b[OFF_LOG_START..][..8], self.log_start);
+        LE::write_u32(&mut b[OFF_LOG_BLOCKS..][..4], self.log_blocks);
+        LE::write_u64(&mut b[OFF_LOG_NONCE..][..8], self.log_nonce);
         let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
         LE::write_u32(&mut b[12..16], crc);
         b
@@ -154,6 +171,10 @@ impl Superblock {
             annot_index: (0..n_annot)
                 .map(|i| LE::read_u64(&b[OFF_ANNOT_INDEX + 8 * i..][..8]))
                 .collect(),
+            // Versions 1 and 2 kept these bytes reserved (zero): no log.
+            log_start: LE::read_u64(&b[OFF_LOG_START..][..8]),
+            log_blocks: LE::read_u32(&b[OFF_LOG_BLOCKS..][..4]),
+            log_nonce: LE::read_u64(&b[OFF_LOG_NONCE..][..8]),
         };
         sb.check_geometry().map_err(SlotError::Geometry)?;
         Ok(sb)
@@ -181,6 +202,21 @@ impl Superblock {
             || !self.annot_index.iter().all(in_range)
         {
             return Err("index pointer past the end of the pool".into());
+        }
+        if self.log_blocks > 0 {
+            let first = super::reserved_blocks(self.block_size);
+            let end = self.log_start.checked_add(self.log_blocks as u64);
+            if !self.log_blocks.is_multiple_of(2)
+                || self.log_start < first
+                || end.is_none_or(|e| e > self.total_blocks)
+            {
+                return Err(format!(
+                    "invalid log: {} blocks at block {}",
+                    self.log_blocks, self.log_start
+                ));
+            }
+        } else if self.log_start != 0 {
+            return Err(format!("log start {} without log blocks", self.log_start));
         }
         Ok(())
     }
@@ -210,13 +246,20 @@ mod tests {
             annot_len: 100,
             annot_pages: 1,
             annot_index: vec![4],
+            log_start: 10,
+            log_blocks: 8,
+            log_nonce: 0x1234_5678_9abc,
         }
     }
 
     #[test]
     fn reads_version_1() {
-        // A version 1 slot is a version 2 slot with the annotation fields zero.
+        // A version 1 slot is a version 3 slot with the annotation and log
+        // fields zero.
         let mut s = sample();
+        s.log_start = 0;
+        s.log_blocks = 0;
+        s.log_nonce = 0;
         s.annot_len = 0;
         s.annot_pages = 0;
         s.annot_index = vec![];
@@ -248,5 +291,25 @@ mod tests {
             Superblock::decode(&s.encode()),
             Err(SlotError::Geometry(_))
         ));
+        for (start, blocks) in [(0, 8), (995, 8), (10, 7), (u64::MAX - 2, 4), (5, 0)] {
+            let mut s = sample();
+            s.log_start = start;
+            s.log_blocks = blocks;
+            assert!(
+                matches!(Superblock::decode(&s.encode()), Err(SlotError::Geometry(_))),
+                "log {blocks} at {start}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_version_2_without_a_log() {
+        let mut s = sample();
+        (s.log_start, s.log_blocks, s.log_nonce) = (0, 0, 0);
+        let mut b = s.encode();
+        LE::write_u32(&mut b[8..12], 2);
+        let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
+        LE::write_u32(&mut b[12..16], crc);
+        assert_eq!(Superblock::decode(&b).unwrap(), s);
     }
 }

@@ -9,11 +9,25 @@ use super::{write_zeros, Storage};
 
 pub struct FileStorage {
     file: File,
+    /// Opened for inspection: nothing is written, so no space is reserved.
+    read_only: bool,
 }
 
 impl FileStorage {
     pub fn new(file: File) -> FileStorage {
-        FileStorage { file }
+        FileStorage {
+            file,
+            read_only: false,
+        }
+    }
+
+    /// A file opened read-only (a replay in memory allocates blocks it
+    /// never writes: reserving host space for them would fail).
+    pub fn read_only(file: File) -> FileStorage {
+        FileStorage {
+            file,
+            read_only: true,
+        }
     }
 
     pub fn file(&self) -> &File {
@@ -79,6 +93,9 @@ impl Storage for FileStorage {
     }
 
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         // Mode 0 allocates (unwritten extents read as zeros) and costs next
         // to nothing where the range already has its space.
         fallocate(self.file.as_raw_fd(), 0, offset, len).map(drop)

@@ -14,12 +14,27 @@ use crate::error::{Error, Result};
 use crate::format::SUPERBLOCK_SLOT_SIZE;
 use crate::io::Storage;
 
+/// What a caller needs made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum How {
+    /// Everything acknowledged so far: with the intent log, one fdatasync
+    /// of data and records; without it, a full commit.
+    Flush,
+    /// A full commit of whatever changed.
+    Full,
+    /// A full commit even with nothing changed (a new superblock; the log
+    /// restarts in its other half).
+    Forced,
+}
+
 /// What the first half of a commit left for the second.
 pub(crate) enum Seal {
     /// Nothing changed since the last commit.
     Nothing,
     /// Only data written in place: one fdatasync makes it durable.
     SyncOnly,
+    /// Data and intent-log records: one fdatasync makes them durable.
+    LogSync,
     /// Pages written; the superblock makes them the new commit.
     Pages(Sealed),
 }
@@ -46,24 +61,45 @@ impl Pool {
             + self.annotations.layout().worst_case_pages()
             + 4;
         self.space.set_commit_reserve(n);
+        // A served pool (logging) commits rarely: keep room for a commit.
+        if !self.read_only && self.log.active() {
+            let bs = self.block_size() as u64;
+            for b in self.space.top_up_kept() {
+                if self.storage.reserve(b * bs, bs).is_err() {
+                    self.space.unkeep(b);
+                }
+            }
+        }
     }
 
+    /// A full commit of everything changed (also what was logged).
     pub fn commit(&mut self) -> Result<()> {
         self.check_ok()?;
-        self.commit_inner(false)
+        self.commit_as(How::Full)
+    }
+
+    /// Make every write so far durable: with the intent log on, one
+    /// fdatasync (the records replay at open); else a commit.
+    pub fn flush(&mut self) -> Result<()> {
+        self.check_ok()?;
+        self.commit_as(How::Flush)
     }
 
     /// Commit even with nothing changed: writes a new superblock into the
     /// other slot (repair uses it to replace a damaged slot).
     pub(crate) fn commit_forced(&mut self) -> Result<()> {
         self.check_ok()?;
-        self.commit_inner(true)
+        self.commit_as(How::Forced)
     }
 
     pub(super) fn commit_inner(&mut self, force: bool) -> Result<()> {
-        match self.seal(force, || false)? {
+        self.commit_as(if force { How::Forced } else { How::Full })
+    }
+
+    pub(super) fn commit_as(&mut self, how: How) -> Result<()> {
+        match self.seal(how, || false)? {
             Seal::Nothing => Ok(()),
-            Seal::SyncOnly => self.sync_data(),
+            Seal::SyncOnly | Seal::LogSync => self.sync_data(),
             Seal::Pages(sealed) => {
                 let written = write_sealed(&*self.storage, &sealed);
                 self.finish(written)
@@ -98,11 +134,10 @@ impl Pool {
     /// a block the last commit does not use. From here on, changes belong
     /// to the next transaction. `data_written()` tells whether data was
     /// written in place since the last commit (read once the fills are done).
-    pub(crate) fn seal(
-        &mut self,
-        force: bool,
-        data_written: impl FnOnce() -> bool,
-    ) -> Result<Seal> {
+    /// With `How::Flush` and the intent log covering every change, nothing
+    /// is written: the records are already in the pool file.
+    pub(crate) fn seal(&mut self, how: How, data_written: impl FnOnce() -> bool) -> Result<Seal> {
+        let force = how == How::Forced;
         self.check_ok()?;
         self.space.inflight().wait_no_fills();
         if self.space.inflight().writes_failed() {
@@ -111,6 +146,16 @@ impl Pool {
             self.check_ok()?;
         }
         let data_dirty = std::mem::take(&mut self.data_dirty) | data_written();
+        if how == How::Flush && self.log.covers_changes() && !self.read_only {
+            // Every fill is done: no record the sync makes durable names
+            // a block whose data is still on its way.
+            let logged = std::mem::take(&mut self.log.unsynced);
+            return Ok(if logged || data_dirty {
+                Seal::LogSync
+            } else {
+                Seal::Nothing
+            });
+        }
         let meta_dirty = self.meta_dirty();
         if self.read_only {
             if meta_dirty || force || data_dirty {
@@ -151,6 +196,7 @@ impl Pool {
                 self.sb.generation
             ))
         })?;
+        self.ensure_log()?;
         self.nodes.write_dirty(&*self.storage, generation)?;
         // Shadowing a page allocates, which dirties refcount pages: repeat
         // until every dirty page has a home the last commit does not use.
@@ -187,6 +233,8 @@ impl Pool {
         self.sb.annot_len = self.annotations.stream_len();
         self.sb.annot_pages = self.annotations.layout().n_pages() as u32;
         self.sb.annot_index = self.annotations.layout().index_pointers().to_vec();
+        // Records from here on follow this commit (the other half).
+        self.seal_log();
         // Pages of this generation are ours to read back from now on.
         self.nodes.set_generation(generation);
         self.catalog.clear_dirty();
@@ -217,7 +265,12 @@ impl Pool {
 
     /// Commit and close. Dropping a pool commits too, but cannot report errors.
     pub fn close(mut self) -> Result<()> {
-        let r = self.commit();
+        // A read-only pool may hold a replayed log in memory: nothing to write.
+        let r = if self.read_only {
+            self.check_ok()
+        } else {
+            self.commit()
+        };
         self.failed = Some("closed".into());
         r
     }

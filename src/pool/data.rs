@@ -91,6 +91,11 @@ impl Pool {
                     self.commit()?;
                     committed = true;
                 }
+                // The log's half is full: commit (the log restarts).
+                Err(Error::LogFull) if planned > 0 || !committed => {
+                    self.commit_forced()?;
+                    committed = true;
+                }
                 r => return r,
             }
         }
@@ -167,6 +172,11 @@ impl Pool {
                 self.commit()?;
                 op(self)
             }
+            // The log's half is full: commit (the log restarts) and go on.
+            Err(Error::LogFull) => {
+                self.commit_forced()?;
+                op(self)
+            }
             r => r,
         }
     }
@@ -186,6 +196,8 @@ impl Pool {
             self.data_dirty = true;
             return Ok(Placed::InPlace(b));
         }
+        // A copy changes the map, which the log must be able to record.
+        self.log_room()?;
         let leaf = self
             .leaf_for_update(id, vb, true)?
             .expect("create=true always yields a leaf");
@@ -205,9 +217,16 @@ impl Pool {
         )?;
         let placed = if chunk.len() == bs {
             // A whole block needs no read of the old one.
+            self.remap(id, leaf, s, old, new)?;
+            self.log_map(id, vb, new, chunk)?;
             Placed::Fresh(new)
         } else {
             let mut buf = vec![0u8; bs];
+            if old != 0 {
+                // A log-pinned block is copied even while its first
+                // contents are on their way: merge on top of them.
+                self.space.inflight().wait_filled(&[old]);
+            }
             let merged = (|| {
                 if old != 0 {
                     self.storage.read_at(&mut buf, old * bs as u64)?;
@@ -219,15 +238,32 @@ impl Pool {
                 self.space.dec(new, Kind::Data)?;
                 return Err(e.into());
             }
+            self.remap(id, leaf, s, old, new)?;
+            self.log_map(id, vb, new, &buf)?;
             Placed::Merged
         };
+        Ok(placed)
+    }
+
+    /// Point slot `s` of `leaf` (volume `id`) at `new` instead of `old`.
+    fn remap(&mut self, id: VolumeId, leaf: u64, s: usize, old: u64, new: u64) -> Result<()> {
         self.nodes.get_mut(leaf)?[s] = new;
         if old != 0 {
             self.space.dec(old, Kind::Data)?;
         } else {
             self.catalog.get_mut(id)?.mapped_blocks += 1;
         }
-        Ok(placed)
+        Ok(())
+    }
+
+    /// Map `vb` of volume `id` to `new`, a block already taken (replay).
+    pub(super) fn set_mapping(&mut self, id: VolumeId, vb: u64, new: u64) -> Result<()> {
+        let leaf = self
+            .leaf_for_update(id, vb, true)?
+            .expect("create=true always yields a leaf");
+        let s = map::slot(vb, 0, self.nodes.fanout());
+        let old = self.nodes.get_mut(leaf)?[s];
+        self.remap(id, leaf, s, old, new)
     }
 
     /// Unmap whole blocks in the range (dropping references); zero the partial rest.
@@ -341,13 +377,15 @@ impl Pool {
         self.unmap_block(id, vb)
     }
 
-    fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+    pub(super) fn unmap_block(&mut self, id: VolumeId, vb: u64) -> Result<()> {
+        self.log_room()?;
         let Some(leaf) = self.leaf_for_update(id, vb, false)? else {
             return Ok(());
         };
         let s = map::slot(vb, 0, self.nodes.fanout());
         let old = std::mem::take(&mut self.nodes.get_mut(leaf)?[s]);
         if old != 0 {
+            self.log_unmap(id, vb)?;
             self.space.dec(old, Kind::Data)?;
             let r = self.catalog.get_mut(id)?;
             r.mapped_blocks = r.mapped_blocks.checked_sub(1).ok_or_else(|| {

@@ -7,6 +7,7 @@
 //! - `volumes`: volume management (create, snapshot, clone, remove, ...);
 //! - `settings`: pool-wide settings and usage (info, low-water, grow);
 //! - `annotate`: per-volume annotations (the containerd snapshotter's records);
+//! - `log`: the intent log (records of map changes, replay at open);
 //! - `shared`: the pool shared by many threads (the export server), with
 //!   data I/O outside the engine lock and group commit.
 
@@ -16,12 +17,14 @@ mod commit;
 pub mod damage;
 mod data;
 mod geometry;
+mod log;
 pub(crate) mod open;
 mod prealloc;
 mod settings;
 mod shared;
 mod volumes;
 
+pub use log::LogReplay;
 pub use prealloc::Progress;
 pub use shared::{CommitStats, SharedPool};
 
@@ -141,6 +144,10 @@ pub struct Pool {
     failed: Option<String>,
     /// Opened for inspection (shared lock): nothing may change.
     read_only: bool,
+    /// The intent log: where it is and the current epoch.
+    log: log::Log,
+    /// What replaying the log at open found.
+    replayed: Option<LogReplay>,
 }
 
 impl Pool {
@@ -219,6 +226,11 @@ impl Pool {
             .chain(ann.index_pointers())
             .copied()
             .filter(|&p| p != 0)
+    }
+
+    /// Blocks of the intent log (metadata, refcount 1, owned by the superblock).
+    pub(crate) fn log_blocks(&self) -> std::ops::Range<u64> {
+        self.sb.log_start..self.sb.log_start + self.sb.log_blocks as u64
     }
 
     pub fn path(&self) -> &Path {

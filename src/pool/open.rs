@@ -22,6 +22,11 @@ use crate::map::Nodes;
 use crate::pdata::PagedArray;
 use crate::space::{try_vec, SpaceMap};
 
+thread_local! {
+    /// `create_without_log` is running on this thread.
+    static NO_LOG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn new_uuid() -> [u8; 16] {
     let mut u = [0u8; 16];
     if let Ok(f) = File::open("/dev/urandom") {
@@ -55,7 +60,12 @@ pub(super) fn uuid_string(u: &[u8; 16]) -> String {
 /// Open an existing pool file and take its owner lock: exclusive to change
 /// it (one process writes a pool at a time), shared to inspect it.
 pub(crate) fn open_file(path: &Path, write: bool) -> Result<FileStorage> {
-    Ok(FileStorage::new(open_locked(path, write, false)?))
+    let file = open_locked(path, write, false)?;
+    Ok(if write {
+        FileStorage::new(file)
+    } else {
+        FileStorage::read_only(file)
+    })
 }
 
 /// `open_file` with `O_DIRECT`: the pool file bypasses the host page cache.
@@ -222,6 +232,9 @@ impl Pool {
             annot_len: 0,
             annot_pages: 0,
             annot_index: Vec::new(),
+            log_start: 0,
+            log_blocks: 0,
+            log_nonce: 0,
         };
         let mut pool = Pool {
             path: path.to_path_buf(),
@@ -235,15 +248,37 @@ impl Pool {
             data_dirty: false,
             failed: None,
             read_only: false,
+            log: Default::default(),
+            replayed: None,
         };
+        // The first commit also places the intent log (`ensure_log`).
+        pool.log.set_tried(NO_LOG.with(|c| c.get()));
         pool.commit_inner(true)?;
         Ok(pool)
     }
 
+    /// Test machinery: a pool as versions 1 and 2 made it, without an
+    /// intent log (it gains one at its first commit after a reopen).
+    #[doc(hidden)]
+    pub fn create_without_log(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        opts: &CreateOptions,
+    ) -> Result<Pool> {
+        NO_LOG.with(|c| c.set(true));
+        let r = Pool::create_with(storage, path, opts);
+        NO_LOG.with(|c| c.set(false));
+        r
+    }
+
     /// Open for inspection only (info, list, check): a shared lock, so
     /// several readers may look at an unserved pool at once; nothing changes.
+    /// The intent log is replayed in memory, so what it shows is the
+    /// pool's true state; nothing is written.
     pub fn open_read_only(path: &Path) -> Result<Pool> {
-        let mut pool = Pool::open_with(Box::new(open_file(path, false)?), path)?;
+        let storage = Box::new(open_file(path, false)?);
+        let sb = Pool::read_superblock(&*storage, path)?;
+        let mut pool = Pool::open_at(storage, path, sb)?;
         pool.read_only = true;
         Ok(pool)
     }
@@ -259,19 +294,29 @@ impl Pool {
         Pool::open_with(Box::new(open_file_direct(path, true)?), path)
     }
 
-    /// Open a pool on any storage, at its newest valid commit.
+    /// Open a pool on any storage, at its newest valid commit plus the
+    /// valid prefix of its intent log, which is then committed (a crash
+    /// before that commit is durable replays the same records again).
     pub fn open_with(storage: Box<dyn Storage>, path: &Path) -> Result<Pool> {
         let sb = Pool::read_superblock(&*storage, path)?;
-        Pool::open_at(storage, path, sb)
+        let mut pool = Pool::open_at(storage, path, sb)?;
+        if pool.replayed.as_ref().is_some_and(|r| r.records > 0) {
+            pool.commit()?;
+        }
+        Ok(pool)
     }
 
-    /// Open at a given commit's superblock (repair tries the older slot).
+    /// Open at a given commit's superblock (repair tries the older slot),
+    /// with its intent log replayed in memory (not committed).
     pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
-        Pool::open_shared(storage.into(), path, sb)
+        let mut pool = Pool::open_shared(storage.into(), path, sb)?;
+        pool.replay_log()?;
+        Ok(pool)
     }
 
     /// The last commit of `storage`, for inspection only, beside the pool
-    /// that owns the storage (which must not commit meanwhile).
+    /// that owns the storage (which must not commit meanwhile). Its log
+    /// is the owner's: not replayed.
     pub(crate) fn open_committed(storage: Arc<dyn Storage>, path: &Path) -> Result<Pool> {
         let sb = Pool::read_superblock(&*storage, path)?;
         let mut pool = Pool::open_shared(storage, path, sb)?;
@@ -363,19 +408,31 @@ impl Pool {
             data_dirty: false,
             failed: None,
             read_only: false,
+            log: Default::default(),
+            replayed: None,
         };
+        pool.log = super::log::Log::new(&pool.sb);
         pool.check_table_pages()?;
         pool.update_reserve();
         Ok(pool)
     }
 
-    /// No block may hold two table pages (each table checked its own at load).
+    /// No block may hold two table pages (each table checked its own at
+    /// load), nor a table page and the log; the log's blocks are in use.
     fn check_table_pages(&self) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         for p in self.table_pages() {
             if !seen.insert(p) {
                 return Err(Error::corrupt(format!(
                     "block {p} holds pages of both the refcount and the catalog table"
+                )));
+            }
+        }
+        for b in self.log_blocks() {
+            if seen.contains(&b) || self.space.rc(b) != 1 {
+                return Err(Error::corrupt(format!(
+                    "intent log block {b} is also a table page or not counted as used (refcount {})",
+                    self.space.rc(b)
                 )));
             }
         }

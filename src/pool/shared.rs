@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use serde::{Deserialize, Serialize};
 
-use super::commit::{write_sealed, Seal};
+use super::commit::{write_sealed, How, Seal};
 use super::{Pool, VolumeId, VolumeInfo};
 use crate::check::CheckReport;
 use crate::error::{Error, Result};
@@ -51,8 +51,17 @@ pub struct CommitStats {
     pub commits: u64,
     /// Data-only commits (one fdatasync each).
     pub data_syncs: u64,
-    /// fdatasyncs of the pool file issued by flushes.
+    /// fdatasyncs of the pool file issued by flushes and commits.
     pub fdatasyncs: u64,
+    /// Flushes made durable by one fdatasync of data and intent-log records.
+    #[serde(default)]
+    pub log_syncs: u64,
+    /// Intent-log records written since the pool was opened.
+    #[serde(default)]
+    pub log_records: u64,
+    /// Commits made because a half of the log was full.
+    #[serde(default)]
+    pub log_full_commits: u64,
 }
 
 #[derive(Default)]
@@ -62,6 +71,8 @@ struct Counters {
     flushes_shared: AtomicU64,
     commits: AtomicU64,
     data_syncs: AtomicU64,
+    log_syncs: AtomicU64,
+    log_full_commits: AtomicU64,
 }
 
 /// Commit sequence numbers: `started` commits began sealing, `done` ended.
@@ -88,7 +99,11 @@ pub struct SharedPool {
 }
 
 impl SharedPool {
-    pub fn new(pool: Pool) -> SharedPool {
+    /// Share `pool`, with its intent log on: a flush costs one fdatasync,
+    /// full commits happen on [`commit`](Self::commit), management
+    /// changes, a full log and at the end.
+    pub fn new(mut pool: Pool) -> SharedPool {
+        pool.set_logging(true);
         let changed = pool.has_changes();
         SharedPool {
             storage: pool.storage_arc(),
@@ -169,7 +184,18 @@ impl SharedPool {
                     if !self.read_engine().space().has_pending() {
                         return Err(e);
                     }
-                    self.flush()?;
+                    self.commit_with(How::Full)?;
+                    flushed = true;
+                }
+                // The log's half is full: commit (the log restarts in the
+                // other half) and go on.
+                // Other writers may fill it again first: no retry limit
+                // but a commit that fails.
+                Err(Error::LogFull) => {
+                    self.counters
+                        .log_full_commits
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.commit_with(How::Forced)?;
                     flushed = true;
                 }
                 r => return r,
@@ -215,6 +241,18 @@ impl SharedPool {
         self.flush_to(target)
     }
 
+    /// A full commit of everything written so far (the server's timer;
+    /// the intent log restarts), shared with flushes waiting meanwhile.
+    pub fn commit(&self) -> Result<()> {
+        self.commit_with(How::Full)
+    }
+
+    fn commit_with(&self, how: How) -> Result<()> {
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        let _commits = self.lock_commits();
+        self.commit_numbered(how)
+    }
+
     /// Wait for commit number `target` to be done, running it if nobody is.
     fn flush_to(&self, target: u64) -> Result<()> {
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
@@ -231,7 +269,7 @@ impl SharedPool {
             self.counters.flushes_shared.fetch_add(1, Ordering::Relaxed);
             return self.read_engine().check_ok();
         }
-        self.commit_numbered()
+        self.commit_numbered(How::Flush)
     }
 
     /// A management change committed before it returns, like one made with
@@ -241,33 +279,37 @@ impl SharedPool {
     pub fn change<R>(&self, f: impl FnOnce(&mut Pool) -> Result<R>) -> Result<R> {
         let _commits = self.lock_commits();
         let r = f(&mut self.write_engine())?;
-        self.commit_numbered()?;
+        self.commit_numbered(How::Full)?;
         Ok(r)
     }
 
     /// Take the next commit number and run that commit; the caller holds
     /// `commit_lock`.
-    fn commit_numbered(&self) -> Result<()> {
+    fn commit_numbered(&self, how: How) -> Result<()> {
         let mine = {
             let mut g = self.lock_group();
             g.started += 1;
             self.started.store(g.started, Ordering::SeqCst);
             g.started
         };
-        let r = self.commit_now();
+        let r = self.commit_now(how);
         self.lock_group().done = mine;
         r
     }
 
     /// One commit; the caller holds `commit_lock`.
-    fn commit_now(&self) -> Result<()> {
+    fn commit_now(&self, how: How) -> Result<()> {
         let seal = self
             .write_engine()
-            .seal(false, || self.dirty.swap(false, Ordering::SeqCst))?;
+            .seal(how, || self.dirty.swap(false, Ordering::SeqCst))?;
         match seal {
             Seal::Nothing => Ok(()),
-            Seal::SyncOnly => {
-                self.counters.data_syncs.fetch_add(1, Ordering::Relaxed);
+            Seal::SyncOnly | Seal::LogSync => {
+                let c = match seal {
+                    Seal::LogSync => &self.counters.log_syncs,
+                    _ => &self.counters.data_syncs,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.storage.sync() {
                     self.write_engine().fail(&format!("data sync failed: {e}"));
                     return Err(e.into());
@@ -307,7 +349,7 @@ impl SharedPool {
     /// the engine lock: commits wait meanwhile (their frees could reuse the
     /// pages being read), reads and writes do not.
     pub fn check(&self) -> Result<CheckReport> {
-        self.flush()?;
+        self.commit()?;
         let _commits = self.lock_commits();
         let path = self.read_engine().path().to_path_buf();
         let mut committed = Pool::open_committed(self.storage.clone(), &path)?;
@@ -321,19 +363,28 @@ impl SharedPool {
         let c = &self.counters;
         let commits = c.commits.load(Ordering::Relaxed);
         let data_syncs = c.data_syncs.load(Ordering::Relaxed);
+        let log_syncs = c.log_syncs.load(Ordering::Relaxed);
         CommitStats {
             flushes: c.flushes.load(Ordering::Relaxed),
             flushes_free: c.flushes_free.load(Ordering::Relaxed),
             flushes_shared: c.flushes_shared.load(Ordering::Relaxed),
             commits,
             data_syncs,
-            fdatasyncs: 2 * commits + data_syncs,
+            fdatasyncs: 2 * commits + data_syncs + log_syncs,
+            log_syncs,
+            log_records: self.read_engine().log_records(),
+            log_full_commits: c.log_full_commits.load(Ordering::Relaxed),
         }
     }
 
-    /// Data written since the last commit.
+    /// Data written since the last flush.
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Something is not in a full commit yet (maybe only in the log).
+    pub fn needs_commit(&self) -> bool {
+        self.is_dirty() || self.read_engine().has_changes()
     }
 
     /// Stop using the pool (see [`Pool::fail`]).

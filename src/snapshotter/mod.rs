@@ -13,6 +13,7 @@
 //! Set-up and figures: README ("Use with containerd"), docs/CONTAINERD.md.
 
 mod filter;
+mod index;
 mod record;
 mod service;
 pub mod store;

@@ -10,6 +10,9 @@
 //!   volume read-only under its new name: no copy.
 //! - Mounts are ext4 on a loop device over the volume's exported file.
 //!
+//! - The records are read from the pool once, at start, into an [`Index`]
+//!   (a cache checked against the pool on every use; see `index.rs`).
+//!
 //! Locking: one mutex serializes the snapshotter's operations; the pool lock
 //! is taken inside it and never held while a loop device is set up (the loop
 //! device opens the exported file, which the FUSE workers serve under the
@@ -20,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::index::{Entry, Index};
 use super::record::{Kind, Record};
 use crate::control::Request;
 use crate::error::Error;
-use crate::export::{sys, ServerHandle};
-use crate::pool::{Pool, VolumeId};
+use crate::export::{attach_file, sys, ServerHandle};
+use crate::pool::VolumeId;
 
 /// Volumes of the snapshotter are named with this prefix.
 pub const VOLUME_PREFIX: &str = "ctrd-";
@@ -42,6 +46,9 @@ pub const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
 /// megabytes per container.
 const RW_OPTIONS: &[&str] = &["rw", "noatime", "noinit_itable"];
 const RO_OPTIONS: &[&str] = &["ro"];
+/// ext4's block size: a pool block of this size holds exactly one ext4
+/// block, so a container's metadata write copies nothing beside it.
+const RECOMMENDED_BLOCK_SIZE: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapError {
@@ -95,6 +102,10 @@ pub fn inherited(labels: BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -104,61 +115,71 @@ fn now_ns() -> i64 {
 
 pub struct Store {
     server: ServerHandle,
-    /// Loop devices this process attached, per volume.
-    loops: Mutex<HashMap<VolumeId, PathBuf>>,
+    state: Mutex<State>,
+    /// `THINPOOL_SNAPSHOTTER_TRACE` set: print how long each step of
+    /// Prepare/Commit/Remove took (where a container's start time goes).
+    trace: bool,
 }
 
-/// A snapshot found by key: its volume and record.
-struct Found {
-    id: VolumeId,
-    volume: String,
-    rec: Record,
+/// What the store's one mutex guards.
+#[derive(Default)]
+struct State {
+    /// Loop devices this process attached, per volume.
+    loops: HashMap<VolumeId, PathBuf>,
+    /// The snapshot records, by key.
+    index: Index,
+}
+
+fn not_found(key: &str) -> SnapError {
+    SnapError::NotFound(format!("snapshot {key} does not exist"))
 }
 
 impl Store {
     pub fn new(server: ServerHandle) -> Store {
         Store {
             server,
-            loops: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
+            trace: std::env::var_os("THINPOOL_SNAPSHOTTER_TRACE").is_some(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<VolumeId, PathBuf>> {
-        self.loops.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn file(&self, volume: &str) -> PathBuf {
-        self.server.export_dir().join(volume)
-    }
-
-    /// Every snapshot record in the pool (a record that cannot be decoded
-    /// is reported and skipped: it is not containerd's).
-    fn records(pool: &Pool) -> Vec<(VolumeId, Record)> {
-        let mut v = Vec::new();
-        for id in pool.annotated() {
-            match pool.annotation(id).map(Record::decode) {
-                Some(Ok(r)) => v.push((id, r)),
-                Some(Err(e)) => eprintln!("thinpool snapshotter: volume #{id}: {e}"),
-                None => {}
-            }
+    /// With tracing on, print `what` and the time of each step since `t0`.
+    fn trace(&self, what: &str, key: &str, steps: &[(&str, Instant)], t0: Instant) {
+        if !self.trace {
+            return;
         }
-        v
+        let mut last = t0;
+        let mut line = format!("thinpool snapshotter: {what} {key}:");
+        for (name, t) in steps {
+            line.push_str(&format!(" {name} {:.1} ms,", ms(t.duration_since(last))));
+            last = *t;
+        }
+        line.push_str(&format!(" total {:.1} ms", ms(last.duration_since(t0))));
+        eprintln!("{line}");
     }
 
-    fn find(pool: &Pool, key: &str) -> Option<Found> {
-        Store::records(pool)
-            .into_iter()
-            .find(|(_, r)| r.key == key)
-            .map(|(id, rec)| Found {
-                id,
-                volume: pool.volume_name(id).unwrap_or_default(),
-                rec,
-            })
+    /// The snapshot named `key`.
+    fn get(&self, st: &mut State, key: &str) -> Result<Entry> {
+        st.index
+            .get(&self.server.pool(), key)
+            .ok_or_else(|| not_found(key))
     }
 
-    fn get(pool: &Pool, key: &str) -> Result<Found> {
-        Store::find(pool, key)
-            .ok_or_else(|| SnapError::NotFound(format!("snapshot {key} does not exist")))
+    /// A change to the pool, keeping the index honest when it fails (the
+    /// commit may or may not have happened).
+    fn change<R>(
+        &self,
+        st: &mut State,
+        f: impl FnOnce(&mut crate::pool::Pool) -> crate::error::Result<R>,
+    ) -> Result<R> {
+        self.server.change(f).map_err(|e| {
+            st.index.mark_stale();
+            e.into()
+        })
     }
 
     //--------------------------------------------------------------------------
@@ -167,7 +188,24 @@ impl Store {
     /// Make the pool ready: format the template once per pool (again if a
     /// crash interrupted it).
     pub fn start(&self, volume_size: u64) -> Result<()> {
-        let _g = self.lock();
+        let mut st = self.lock();
+        self.make_template(volume_size)?;
+        let pool = self.server.pool();
+        let bs = pool.block_size();
+        if bs > RECOMMENDED_BLOCK_SIZE {
+            eprintln!(
+                "thinpool snapshotter: the pool's blocks are {} KiB: every ext4 metadata block a \
+                 container writes copies {} KiB (pools made with --block-size 4K copy 4 KiB; \
+                 docs/CONTAINERD.md)",
+                bs / 1024,
+                bs / 1024
+            );
+        }
+        st.index = Index::load(&pool);
+        Ok(())
+    }
+
+    fn make_template(&self, volume_size: u64) -> Result<()> {
         let have = |name: &str| self.server.pool().lookup(name).ok();
         if let Some(id) = have(TEMPLATE) {
             if self.server.pool().is_read_only(id)? {
@@ -184,7 +222,7 @@ impl Store {
         let id = self
             .server
             .change(|p| p.stage_create(TEMPLATE_NEW, volume_size))?;
-        let dev = sys::losetup_attach(&self.file(TEMPLATE_NEW), false)?;
+        let dev = attach_file(self.server.export_dir(), TEMPLATE_NEW, false)?;
         let made = sys::run(
             std::process::Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-L", "thinpool"])
@@ -193,7 +231,11 @@ impl Store {
         );
         let _ = sys::losetup_detach(&dev);
         made?;
-        self.wait_released(id);
+        if !self.wait_released(id) {
+            return Err(SnapError::Internal(format!(
+                "{TEMPLATE_NEW} is still held after its loop device was detached"
+            )));
+        }
         self.server
             .change(|p| p.stage_snapshot(TEMPLATE_NEW, TEMPLATE, false, None))?;
         self.remove_volume(id, TEMPLATE_NEW)?;
@@ -207,12 +249,19 @@ impl Store {
     //--------------------------------------------------------------------------
     // Loop devices
 
-    fn attach(&self, loops: &mut HashMap<VolumeId, PathBuf>, f: &Found) -> Result<PathBuf> {
-        if let Some(d) = loops.get(&f.id) {
+    /// The volume's loop device: the one this process attached, or a new one
+    /// (the export's one attach path; committed snapshots and views read-only).
+    fn attach(&self, loops: &mut HashMap<VolumeId, PathBuf>, e: &Entry) -> Result<PathBuf> {
+        if let Some(d) = loops.get(&e.id) {
             return Ok(d.clone());
         }
-        let dev = sys::losetup_attach(&self.file(&f.volume), f.rec.kind != Kind::Active)?;
-        loops.insert(f.id, dev.clone());
+        let volume = self.server.pool().volume_name(e.id)?;
+        let dev = attach_file(
+            self.server.export_dir(),
+            &volume,
+            e.rec.kind != Kind::Active,
+        )?;
+        loops.insert(e.id, dev.clone());
         Ok(dev)
     }
 
@@ -224,20 +273,27 @@ impl Store {
         }
     }
 
-    /// A detached loop device lets go of its file a moment later.
+    /// A detached loop device lets go of its file a moment later (or, while
+    /// a file system is still mounted on it, when that is unmounted).
     fn wait_released(&self, id: VolumeId) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.server.in_use(id) {
             if Instant::now() >= deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
         true
     }
 
+    /// Remove a volume once nothing holds its file; FailedPrecondition if
+    /// something still does (containerd retries Remove at its next GC).
     fn remove_volume(&self, id: VolumeId, name: &str) -> Result<()> {
-        self.wait_released(id);
+        if !self.wait_released(id) {
+            return Err(SnapError::FailedPrecondition(format!(
+                "volume {name} is still in use (mounted?); not removed"
+            )));
+        }
         self.server.execute(Request::Remove {
             name: name.to_string(),
         })?;
@@ -272,32 +328,33 @@ impl Store {
             return Err(SnapError::InvalidArgument("empty snapshot key".into()));
         }
         let labels = inherited(labels);
-        let mut loops = self.lock();
-        let found = {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        let locked = Instant::now();
+        let source = {
             let pool = self.server.pool();
-            let records = Store::records(&pool);
-            if records.iter().any(|(_, r)| r.key == key) {
+            if st.index.get(&pool, key).is_some() {
                 return Err(SnapError::AlreadyExists(format!(
                     "snapshot {key} already exists"
                 )));
             }
             // The remote-snapshotter protocol: the layer is already here.
             if let Some(target) = labels.get(SNAPSHOT_REF) {
-                if records.iter().any(|(_, r)| {
-                    r.kind == Kind::Committed
-                        && r.labels.get(SNAPSHOT_REF) == Some(target)
-                        && r.parent == parent
-                }) {
+                if st
+                    .index
+                    .committed_ref(&pool, SNAPSHOT_REF, target, parent)
+                    .is_some()
+                {
                     return Err(SnapError::AlreadyExists(format!(
                         "target snapshot {target} already exists"
                     )));
                 }
             }
-            let source = if parent.is_empty() {
+            if parent.is_empty() {
                 TEMPLATE.to_string()
             } else {
-                match records.iter().find(|(_, r)| r.key == parent) {
-                    Some((id, r)) if r.kind == Kind::Committed => pool.volume_name(*id)?,
+                match st.index.get(&pool, parent) {
+                    Some(e) if e.rec.kind == Kind::Committed => pool.volume_name(e.id)?,
                     Some(_) => {
                         return Err(SnapError::FailedPrecondition(format!(
                             "parent {parent} is not a committed snapshot"
@@ -309,103 +366,146 @@ impl Store {
                         )))
                     }
                 }
-            };
-            drop(pool);
-            let t = now_ns();
-            let rec = Record {
-                kind,
-                key: key.to_string(),
-                parent: parent.to_string(),
-                created_ns: t,
-                updated_ns: t,
-                labels,
-            };
-            let volume = volume_name(key, t);
-            let id = self.server.change(|p| {
-                p.stage_snapshot(&source, &volume, kind == Kind::Active, Some(rec.encode()))
-            })?;
-            Found { id, volume, rec }
+            }
         };
-        match self.attach(&mut loops, &found) {
-            Ok(dev) => Ok(self.mounts_of(&dev, kind)),
+        let t = now_ns();
+        let rec = Record {
+            kind,
+            key: key.to_string(),
+            parent: parent.to_string(),
+            created_ns: t,
+            updated_ns: t,
+            labels,
+        };
+        let volume = volume_name(key, t);
+        let raw = rec.encode();
+        let looked = Instant::now();
+        let id = self.change(&mut st, |p| {
+            p.stage_snapshot(&source, &volume, kind == Kind::Active, Some(raw))
+        })?;
+        let committed = Instant::now();
+        let entry = Entry::new(id, rec);
+        st.index.insert(entry.clone());
+        match self.attach(&mut st.loops, &entry) {
+            Ok(dev) => {
+                let steps = [
+                    ("lock", locked),
+                    ("lookup", looked),
+                    ("clone+commit", committed),
+                    ("attach", Instant::now()),
+                ];
+                self.trace("prepare", key, &steps, t0);
+                Ok(self.mounts_of(&dev, kind))
+            }
             Err(e) => {
                 // Leave nothing half-made behind.
-                let _ = self.remove_volume(found.id, &found.volume);
+                if self.remove_volume(id, &volume).is_ok() {
+                    st.index.remove(key);
+                } else {
+                    st.index.mark_stale();
+                }
                 Err(e)
             }
         }
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let mut loops = self.lock();
-        let f = Store::get(&self.server.pool(), key)?;
-        if f.rec.kind == Kind::Committed {
+        let mut st = self.lock();
+        let e = self.get(&mut st, key)?;
+        if e.rec.kind == Kind::Committed {
             return Err(SnapError::FailedPrecondition(format!(
                 "snapshot {key} is committed: it has no mounts (view or prepare on it)"
             )));
         }
-        let dev = self.attach(&mut loops, &f)?;
-        Ok(self.mounts_of(&dev, f.rec.kind))
+        let dev = self.attach(&mut st.loops, &e)?;
+        Ok(self.mounts_of(&dev, e.rec.kind))
     }
 
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
         if name.is_empty() {
             return Err(SnapError::InvalidArgument("empty snapshot name".into()));
         }
-        let mut loops = self.lock();
-        let f = {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        let e = {
             let pool = self.server.pool();
-            if Store::find(&pool, name).is_some() {
+            if st.index.get(&pool, name).is_some() {
                 return Err(SnapError::AlreadyExists(format!(
                     "snapshot {name} already exists"
                 )));
             }
-            Store::get(&pool, key)?
+            st.index.get(&pool, key).ok_or_else(|| not_found(key))?
         };
-        if f.rec.kind != Kind::Active {
+        if e.rec.kind != Kind::Active {
             return Err(SnapError::FailedPrecondition(format!(
                 "snapshot {key} is not active"
             )));
         }
-        self.detach(&mut loops, f.id);
-        if !self.wait_released(f.id) {
+        let looked = Instant::now();
+        self.detach(&mut st.loops, e.id);
+        let detached = Instant::now();
+        if !self.wait_released(e.id) {
             return Err(SnapError::FailedPrecondition(format!(
                 "snapshot {key} is still in use (mounted?)"
             )));
         }
+        let released = Instant::now();
         let t = now_ns();
         let rec = Record {
             kind: Kind::Committed,
             key: name.to_string(),
-            parent: f.rec.parent,
+            parent: e.rec.parent,
             created_ns: t,
             updated_ns: t,
             labels: inherited(labels),
         };
-        self.server
-            .change(|p| p.stage_annotation(f.id, Some(rec.encode()), true))?;
+        let raw = rec.encode();
+        self.change(&mut st, |p| p.stage_annotation(e.id, Some(raw), true))?;
+        st.index.replace(key, Entry::new(e.id, rec));
+        let steps = [
+            ("lookup", looked),
+            ("detach", detached),
+            ("release", released),
+            ("freeze+commit", Instant::now()),
+        ];
+        self.trace("commit", key, &steps, t0);
         Ok(())
     }
 
     pub fn remove(&self, key: &str) -> Result<()> {
-        let mut loops = self.lock();
-        let f = {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        let (e, volume) = {
             let pool = self.server.pool();
-            let f = Store::get(&pool, key)?;
-            if Store::records(&pool).iter().any(|(_, r)| r.parent == key) {
+            let e = st.index.get(&pool, key).ok_or_else(|| not_found(key))?;
+            if st.index.has_children(&pool, key) {
                 return Err(SnapError::FailedPrecondition(format!(
                     "snapshot {key} has children"
                 )));
             }
-            f
+            let volume = pool.volume_name(e.id)?;
+            (e, volume)
         };
-        self.detach(&mut loops, f.id);
-        self.remove_volume(f.id, &f.volume)
+        let looked = Instant::now();
+        self.detach(&mut st.loops, e.id);
+        let detached = Instant::now();
+        if let Err(err) = self.remove_volume(e.id, &volume) {
+            st.index.mark_stale();
+            return Err(err);
+        }
+        st.index.remove(key);
+        let steps = [
+            ("lookup", looked),
+            ("detach", detached),
+            ("release+remove", Instant::now()),
+        ];
+        self.trace("remove", key, &steps, t0);
+        Ok(())
     }
 
     pub fn stat(&self, key: &str) -> Result<Record> {
-        let _g = self.lock();
-        Ok(Store::get(&self.server.pool(), key)?.rec)
+        let mut st = self.lock();
+        Ok(self.get(&mut st, key)?.rec)
     }
 
     /// Update labels (the only mutable field): `paths` as in a field mask,
@@ -416,9 +516,9 @@ impl Store {
         labels: BTreeMap<String, String>,
         paths: &[String],
     ) -> Result<Record> {
-        let _g = self.lock();
-        let f = Store::get(&self.server.pool(), key)?;
-        let mut rec = f.rec;
+        let mut st = self.lock();
+        let e = self.get(&mut st, key)?;
+        let mut rec = e.rec;
         if paths.is_empty() || paths.iter().any(|p| p == "labels") {
             rec.labels = labels;
         } else {
@@ -436,8 +536,9 @@ impl Store {
         }
         rec.labels = inherited(rec.labels);
         rec.updated_ns = now_ns();
-        self.server
-            .change(|p| p.stage_annotation(f.id, Some(rec.encode()), false))?;
+        let raw = rec.encode();
+        self.change(&mut st, |p| p.stage_annotation(e.id, Some(raw), false))?;
+        st.index.replace(key, Entry::new(e.id, rec.clone()));
         Ok(rec)
     }
 
@@ -448,11 +549,12 @@ impl Store {
             .map(|f| super::filter::Filter::parse(f))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(SnapError::InvalidArgument)?;
-        let _g = self.lock();
+        let mut st = self.lock();
         let pool = self.server.pool();
-        Ok(Store::records(&pool)
+        Ok(st
+            .index
+            .all(&pool)
             .into_iter()
-            .map(|(_, r)| r)
             .filter(|r| filters.is_empty() || filters.iter().any(|f| f.matches(r)))
             .collect())
     }
@@ -461,17 +563,17 @@ impl Store {
     /// map's reference counts: no data block is read. Inodes are not counted
     /// (0): that would mean reading the file system.
     pub fn usage(&self, key: &str) -> Result<(i64, i64)> {
-        let _g = self.lock();
+        let mut st = self.lock();
         let pool = self.server.pool();
-        let f = Store::get(&pool, key)?;
-        let info = pool.volume_info(&f.volume)?;
+        let e = st.index.get(&pool, key).ok_or_else(|| not_found(key))?;
+        let info = pool.volume_info(&pool.volume_name(e.id)?)?;
         Ok((info.exclusive_bytes as i64, 0))
     }
 
     /// Remove what a crash left half-made: snapshot volumes without a record,
     /// and loop devices of volumes that are gone or committed.
     pub fn cleanup(&self) -> Result<()> {
-        let mut loops = self.lock();
+        let mut st = self.lock();
         let (orphans, stale): (Vec<(VolumeId, String)>, Vec<VolumeId>) = {
             let pool = self.server.pool();
             let orphans = pool
@@ -481,7 +583,8 @@ impl Store {
                     n.starts_with(VOLUME_PREFIX) && n != TEMPLATE && pool.annotation(*id).is_none()
                 })
                 .collect();
-            let stale = loops
+            let stale = st
+                .loops
                 .keys()
                 .copied()
                 .filter(|id| {
@@ -493,11 +596,11 @@ impl Store {
             (orphans, stale)
         };
         for id in stale {
-            self.detach(&mut loops, id);
+            self.detach(&mut st.loops, id);
         }
         for (id, name) in orphans {
             eprintln!("thinpool snapshotter: cleanup removes half-made volume {name}");
-            self.detach(&mut loops, id);
+            self.detach(&mut st.loops, id);
             self.remove_volume(id, &name)?;
         }
         Ok(())
@@ -505,10 +608,10 @@ impl Store {
 
     /// Detach every loop device this process attached (on shutdown).
     pub fn detach_all(&self) {
-        let mut loops = self.lock();
-        let ids: Vec<VolumeId> = loops.keys().copied().collect();
+        let mut st = self.lock();
+        let ids: Vec<VolumeId> = st.loops.keys().copied().collect();
         for id in ids {
-            self.detach(&mut loops, id);
+            self.detach(&mut st.loops, id);
         }
     }
 }

@@ -94,6 +94,12 @@ pub struct SpaceMap {
     /// `was_shared` of the sealed transaction: until its commit is durable,
     /// the commit before it is the one a crash goes back to.
     sealed_shared: HashSet<u64>,
+    /// Data blocks mapped by intent-log records of the open epoch, and of
+    /// the sealed one: a crash replays those records, which check each
+    /// block's content, so these are never written in place, and are not
+    /// reused before the commit that ends their epoch.
+    log_pinned: HashSet<u64>,
+    sealed_log_pinned: HashSet<u64>,
     /// Freed while I/O on them was in flight: free once unpinned (with
     /// whether they still hold their host space).
     held: Vec<(u64, bool)>,
@@ -141,6 +147,8 @@ impl SpaceMap {
             sealed_meta: Vec::new(),
             sealed_data: Vec::new(),
             sealed_shared: HashSet::new(),
+            log_pinned: HashSet::new(),
+            sealed_log_pinned: HashSet::new(),
             held: Vec::new(),
             inflight: Arc::new(InFlight::default()),
             dirty_pages: BTreeSet::new(),
@@ -207,9 +215,71 @@ impl SpaceMap {
     }
 
     /// A data block may be overwritten in place only if this volume alone
-    /// holds it now and the last commit did not share it.
+    /// holds it now, the last commit did not share it, and no log record
+    /// waiting for a commit names it.
     pub fn can_overwrite(&self, b: u64) -> bool {
-        self.rc[b as usize] == 1 && (self.is_txn_new(b) || !self.was_shared(b))
+        self.rc[b as usize] == 1
+            && (self.is_txn_new(b) || !self.was_shared(b))
+            && !self.is_log_pinned(b)
+    }
+
+    /// A log record of the open epoch maps `b` (see `log_pinned`).
+    pub fn pin_logged(&mut self, b: u64) {
+        self.log_pinned.insert(b);
+    }
+
+    pub fn is_log_pinned(&self, b: u64) -> bool {
+        !self.log_pinned.is_empty() && self.log_pinned.contains(&b)
+            || !self.sealed_log_pinned.is_empty() && self.sealed_log_pinned.contains(&b)
+    }
+
+    /// Take a free block for the intent log's replay: the record that maps
+    /// it was written after the last commit, where the block was free.
+    /// False if it is not free.
+    pub fn claim(&mut self, b: u64) -> bool {
+        let i = b as usize;
+        if b < self.reserved || i >= self.rc.len() || self.rc[i] != 0 || !self.free[i] {
+            return false;
+        }
+        self.free.set(i, false);
+        self.free_count -= 1;
+        self.txn_new.set(i, true);
+        self.rc[i] = 1;
+        self.used += 1;
+        self.touch(b);
+        true
+    }
+
+    /// Allocate `n` contiguous free metadata blocks (the intent log), or
+    /// None when no such run is free. Leaves the reserves alone.
+    pub fn alloc_run(&mut self, n: u64) -> Option<u64> {
+        if n == 0 || self.free_count <= self.commit_reserve + UNMAP_RESERVE + n {
+            return None;
+        }
+        let (mut start, mut len) = (0usize, 0u64);
+        for i in self.free.iter_ones() {
+            if len > 0 && i == start + len as usize {
+                len += 1;
+            } else {
+                (start, len) = (i, 1);
+            }
+            if len == n {
+                break;
+            }
+        }
+        if len < n {
+            return None;
+        }
+        for i in start..start + n as usize {
+            self.free.set(i, false);
+            self.txn_new.set(i, true);
+            self.rc[i] = 1;
+            self.touch(i as u64);
+        }
+        self.free_count -= n;
+        self.used += n;
+        self.meta += n;
+        Some(start as u64)
     }
 
     /// The last commit may reach `b` through a path that is not the caller's.
@@ -227,6 +297,29 @@ impl SpaceMap {
 
     fn touch(&mut self, b: u64) {
         self.dirty_pages.insert(b as usize / self.per_page);
+    }
+
+    /// Free blocks (holes) to give host space to, so that `kept` holds
+    /// `kept_floor` blocks: a commit finds room on a full host even when
+    /// no commit since the open has freed metadata pages to keep (with the
+    /// intent log, commits are rare). The caller reserves their space, and
+    /// gives back with [`unkeep`](Self::unkeep) those it could not.
+    pub fn top_up_kept(&mut self) -> Vec<u64> {
+        let n = self.kept_floor.saturating_sub(self.kept.len());
+        let blocks: Vec<u64> = self.free.iter_ones().take(n).map(|b| b as u64).collect();
+        for &b in &blocks {
+            self.free.set(b as usize, false);
+            self.kept.insert(b);
+        }
+        blocks
+    }
+
+    /// A block from `top_up_kept` whose host space could not be had.
+    pub fn unkeep(&mut self, b: u64) {
+        if self.kept.remove(&b) {
+            self.free.set(b as usize, true);
+            self.hint = self.hint.min(b);
+        }
     }
 
     /// Allocate a block with count 1, leaving the reserves `budget` may not use.
@@ -390,11 +483,14 @@ impl SpaceMap {
         if kind == Kind::Meta {
             self.meta -= 1;
         }
-        if self.txn_new[i] {
+        if self.txn_new[i] && !self.is_log_pinned(b) {
             // Never committed: nobody else can see it, reuse at once.
             self.txn_new.set(i, false);
             self.release(b, false);
         } else if kind == Kind::Data {
+            // A logged block waits like a committed one: a crash replays
+            // the record that maps it, which checks its content.
+            self.txn_new.set(i, false);
             self.pending_data.push(b);
         } else {
             self.pending_meta.push(b);
@@ -444,6 +540,7 @@ impl SpaceMap {
         self.sealed_meta = std::mem::take(&mut self.pending_meta);
         self.sealed_data = std::mem::take(&mut self.pending_data);
         self.sealed_shared = std::mem::take(&mut self.was_shared);
+        self.sealed_log_pinned = std::mem::take(&mut self.log_pinned);
         self.txn_new.fill(false);
         self.dirty_pages.clear();
     }
@@ -463,6 +560,7 @@ impl SpaceMap {
             self.release(b, false);
         }
         self.sealed_shared.clear();
+        self.sealed_log_pinned.clear();
         // Those still pinned are held: their I/O may still need the space.
         data.retain(|&b| self.free[b as usize]);
         data

@@ -11,6 +11,20 @@
 //! 3. pass `check()` (every refcount equals the references found);
 //! 4. stay usable (a sample of images is written to and committed again).
 //!
+//! # With the intent log (`crash_with_the_intent_log`)
+//!
+//! The same workloads run with logging on (as a served pool has it), a few
+//! records per log half (so halves fill and commits restart the log), and
+//! `Flush` ops (one fdatasync). The image opens at the last commit plus a
+//! prefix of the log: the model state is that of the commit the replay
+//! started from, and on top of the rule below, every change followed by a
+//! flush or commit that returned before the cut must be there (the
+//! versions allowed start at the last such one). Cuts are also made right
+//! after every log record is written (between the append and its
+//! fdatasync), and for a sample of images whose open replayed records,
+//! the replay's own commit is cut at every I/O point: the pool must open
+//! again, check clean and show exactly what the first replay showed.
+//!
 //! # What data a volume may hold after a cut (the acceptance rule)
 //!
 //! Let the image open at commit `g` whose model state is `S_g`. The set of
@@ -39,7 +53,7 @@ use thinpool::io::crash::{apply, crash_image, CrashMode, IoOp, Rng};
 use thinpool::io::{CrashStorage, MemStorage};
 use thinpool::{CreateOptions, Pool, VolumeId};
 
-use super::{BS, POOL_SIZE, SEEDS};
+use super::{BS, LOG_FAILURES, LOG_SEEDS, POOL_SIZE, SEEDS};
 const NAMES: usize = 6;
 const SECTOR: usize = 512;
 
@@ -98,12 +112,20 @@ struct Event {
     offset: u64,
     len: u64,
     data: Option<Vec<u8>>,
+    /// Index of the op that made it.
+    op: usize,
+    /// Log position where the first flush or commit after it returned:
+    /// a crash from there on must show it (usize::MAX: none did).
+    durable_from: usize,
 }
 
 /// One workload's record: the I/O log, the data changes, and the model at
 /// each commit generation (with the number of events before it).
 struct Trace {
     seed: u64,
+    /// Logging was on; where the log is (first block, blocks).
+    logging: bool,
+    log_area: (u64, u32),
     base: Vec<u8>,
     log: Vec<IoOp>,
     events: Vec<Event>,
@@ -158,11 +180,17 @@ enum Op {
         freeze: bool,
     },
     Commit,
+    /// `Pool::flush`: with the log on, one fdatasync of data and records.
+    Flush,
 }
 
 impl Op {
     fn commits(&self) -> bool {
         !matches!(self, Op::Write { .. } | Op::Discard { .. })
+    }
+
+    fn changes_data(&self) -> bool {
+        matches!(self, Op::Write { .. } | Op::Discard { .. })
     }
 }
 
@@ -354,7 +382,7 @@ fn model_apply(model: &mut Model, op: &Op, id: Option<VolumeId>) {
             model.insert(name.clone(), v);
         }
         Op::Grow { vol, blocks } => model.get_mut(vol).unwrap().size = blocks * BS,
-        Op::Commit => {}
+        Op::Commit | Op::Flush => {}
     }
 }
 
@@ -414,10 +442,14 @@ fn pool_apply(p: &mut Pool, op: &Op) -> thinpool::Result<Option<VolumeId>> {
             p.commit()?;
             None
         }
+        Op::Flush => {
+            p.flush()?;
+            None
+        }
     })
 }
 
-fn data_event(op: &Op, model: &Model, log_start: usize) -> Option<Event> {
+fn data_event(op: &Op, model: &Model, log_start: usize, step: usize) -> Option<Event> {
     let (vol, offset, len, data) = match op {
         Op::Write { vol, offset, data } => (vol, *offset, data.len() as u64, Some(data.clone())),
         Op::Discard { vol, offset, len } => (vol, *offset, *len, None),
@@ -430,12 +462,14 @@ fn data_event(op: &Op, model: &Model, log_start: usize) -> Option<Event> {
         offset,
         len,
         data,
+        op: step,
+        durable_from: usize::MAX,
     })
 }
 
 /// Run `n_ops` random ops. With `fail`, the storage starts failing writes
 /// (or syncs) at that countdown and the workload stops at the first error.
-fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>) -> Trace {
+fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>, logging: bool) -> Trace {
     let mut rng = Rng::new(seed);
     let st = CrashStorage::new();
     let opts = CreateOptions {
@@ -443,11 +477,19 @@ fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>) -> Trace {
         block_size: BS as u32,
     };
     let mut pool = Pool::create_with(Box::new(st.clone()), Path::new("crash"), &opts).unwrap();
+    if logging {
+        pool.set_logging(true);
+        // A few records per half: halves fill and commits restart the log.
+        pool.limit_log(4 + rng.below(28) as u32);
+    }
+    let log_area = pool.log_area();
     st.record(true);
     let base = st.durable();
     let mut model = Model::new();
     let mut events = Vec::new();
     let mut states = BTreeMap::new();
+    // (op index, log position) of every flush or commit that returned.
+    let mut flushes: Vec<(usize, usize)> = Vec::new();
     states.insert(pool.generation(), (0, model.clone()));
     match fail {
         Some((true, n)) => st.fail_write_in(Some(n)),
@@ -458,22 +500,37 @@ fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>) -> Trace {
         // The last op commits, so dropping the pool commits nothing new.
         let op = if step + 1 == n_ops {
             Op::Commit
+        } else if logging && rng.chance(1, 6) {
+            Op::Flush
         } else {
             gen_op(&mut rng, &model)
         };
         let gen = pool.generation();
         let log_start = st.log_len();
-        events.extend(data_event(&op, &model, log_start));
+        let n_before = events.len();
+        // A write or discard may commit half way (a full log half, or frees
+        // waiting for a commit): such a commit holds part of it, so its
+        // state is the one before the op, with the op as a later change.
+        let before = op.changes_data().then(|| model.clone());
+        events.extend(data_event(&op, &model, log_start, step));
         match pool_apply(&mut pool, &op) {
             Ok(id) => {
                 model_apply(&mut model, &op, id);
-                if pool.generation() != gen {
+                let now = pool.generation();
+                if let Some(before) = &before {
+                    for g in gen + 1..=now {
+                        states.insert(g, (n_before, before.clone()));
+                    }
+                } else if now != gen {
                     assert_eq!(
-                        pool.generation(),
+                        now,
                         gen + 1,
                         "seed {seed} step {step}: {op:?} committed twice"
                     );
-                    states.insert(pool.generation(), (events.len(), model.clone()));
+                    states.insert(now, (events.len(), model.clone()));
+                }
+                if op.commits() {
+                    flushes.push((step, st.log_len()));
                 }
             }
             Err(e) => {
@@ -487,7 +544,9 @@ fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>) -> Trace {
                         std::mem::discriminant(&op)
                     );
                 }
-                if op.commits() {
+                if let Some(before) = before {
+                    states.insert(gen + 1, (n_before, before));
+                } else if op.commits() {
                     // Its superblock may have landed before the failing sync.
                     let mut m = model.clone();
                     model_apply(&mut m, &op, None);
@@ -499,8 +558,15 @@ fn run_workload(seed: u64, n_ops: usize, fail: Option<(bool, u64)>) -> Trace {
     }
     // A failed pool does not commit again; a healthy one commits on drop.
     drop(pool);
+    for e in &mut events {
+        if let Some(&(_, at)) = flushes.iter().find(|(op, _)| *op > e.op) {
+            e.durable_from = at;
+        }
+    }
     Trace {
         seed,
+        logging,
+        log_area,
         base,
         log: st.take_log(),
         events,
@@ -526,6 +592,40 @@ struct Verifier<'a> {
     trace: &'a Trace,
     points: usize,
     reused: usize,
+    /// Images whose open replayed log records, and how many of those had
+    /// their replay cut (crash points in the replay's commit).
+    replayed: usize,
+    replay_cuts: usize,
+    replay_points: usize,
+}
+
+/// What a pool shows, to compare two opens of one image: each volume's
+/// record, and the crc of every mapped block.
+type Contents = Vec<(String, u64, bool, Vec<(u64, u32)>)>;
+
+fn contents(p: &mut Pool) -> Contents {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; BS as usize];
+    for v in p.list().unwrap() {
+        let blocks = p
+            .mapped_blocks(v.id)
+            .unwrap()
+            .into_iter()
+            .map(|vb| {
+                p.read(v.id, vb * BS, &mut buf).unwrap();
+                (vb, crc32(&buf))
+            })
+            .collect();
+        out.push((v.name, v.virtual_size, v.read_only, blocks));
+    }
+    out
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // FNV-1a is enough to tell blocks apart here.
+    b.iter().fold(0x811c_9dc5u32, |h, &x| {
+        (h ^ x as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
 impl Verifier<'_> {
@@ -536,10 +636,14 @@ impl Verifier<'_> {
         let t = self.trace;
         let ctx = format!("seed {} cut at log position {cut} ({what})", t.seed);
         self.points += 1;
+        let keep = t.logging.then(|| img.clone());
         let mem = MemStorage::from_bytes(img);
         let mut p = Pool::open_with(Box::new(mem), Path::new("crash"))
             .unwrap_or_else(|e| panic!("{ctx}: the pool does not open: {e}"));
-        let g = p.generation();
+        // With the log, the pool is at a commit plus the records replayed
+        // on top of it (and committed).
+        let replayed = p.log_replay().filter(|r| r.records > 0).cloned();
+        let g = replayed.as_ref().map_or(p.generation(), |r| r.generation);
         assert!(
             g == durable_gen || g == landed_gen,
             "{ctx}: opened at generation {g}, expected {durable_gen} (last completed commit) or {landed_gen}"
@@ -603,6 +707,9 @@ impl Verifier<'_> {
                     .get(&vb)
                     .map(|b| b.to_vec())
                     .unwrap_or_else(zero_block)];
+                // Changes followed by a flush or commit that returned are
+                // durable: versions before the last of them are not allowed.
+                let mut floor = 0;
                 let mut scratch = Vol {
                     id: None,
                     size: v.size,
@@ -624,19 +731,36 @@ impl Verifier<'_> {
                         .map(|d| &d[(a - e.offset) as usize..(b - e.offset) as usize]);
                     model_change(&mut scratch, a, b - a, part);
                     versions.push(scratch.blocks[&vb].to_vec());
+                    if e.durable_from <= cut {
+                        floor = versions.len() - 1;
+                    }
                 }
                 for (s, got) in buf.chunks(SECTOR).enumerate() {
                     let r = s * SECTOR..(s + 1) * SECTOR;
-                    if !versions.iter().any(|ver| ver[r.clone()] == *got) {
+                    if !versions[floor..].iter().any(|ver| ver[r.clone()] == *got) {
+                        let older = versions[..floor].iter().any(|ver| ver[r.clone()] == *got);
                         panic!(
                             "{vctx}: block {vb} sector {s} holds data of no allowed version \
-                             ({} versions; first bytes {:?}, committed {:?})",
+                             ({} versions, the first {floor} not allowed (flushed later): {}; \
+                             first bytes {:?}, committed {:?})",
                             versions.len(),
+                            if older {
+                                "it holds one of those"
+                            } else {
+                                "nor one of those"
+                            },
                             &got[..8],
                             &versions[0][r.start..r.start + 8]
                         );
                     }
                 }
+            }
+        }
+        if let (Some(img), Some(r)) = (keep, &replayed) {
+            self.replayed += 1;
+            // Cut the replay's own commit, for a sample of replays.
+            if self.replayed % 10 == 1 {
+                self.crash_the_replay(img, &ctx, r.records, &mut p);
             }
         }
         // A sample of images must stay usable: write, commit, check again.
@@ -658,14 +782,101 @@ impl Verifier<'_> {
     }
 }
 
+impl Verifier<'_> {
+    /// `img` opened by replaying `records` log records into `first`: open
+    /// it again on a recording storage, then cut the power at every I/O
+    /// point of the replay's commit. Each image must open, check clean
+    /// and show exactly what `first` shows.
+    fn crash_the_replay(&mut self, img: Vec<u8>, ctx: &str, records: u64, first: &mut Pool) {
+        self.replay_cuts += 1;
+        let want = contents(first);
+        let st = CrashStorage::from_bytes(img.clone());
+        st.record(true);
+        let p = Pool::open_with(Box::new(st.clone()), Path::new("crash")).unwrap();
+        assert_eq!(
+            p.log_replay().map(|r| r.records),
+            Some(records),
+            "{ctx}: replay again"
+        );
+        drop(p);
+        let log = st.take_log();
+        assert!(
+            log.contains(&IoOp::Sync),
+            "{ctx}: the replay committed nothing"
+        );
+        let mut rng = Rng::new(self.replay_cuts as u64);
+        let modes = [
+            CrashMode::AllLanded,
+            CrashMode::NoneLanded,
+            CrashMode::Sectors,
+            CrashMode::TornPrefix,
+        ];
+        let (mut durable, mut epoch) = (img, 0);
+        for cut in 0..=log.len() {
+            let at_sync = log.get(cut) == Some(&IoOp::Sync);
+            let ms: Vec<CrashMode> = if at_sync || cut == log.len() {
+                modes.to_vec()
+            } else {
+                vec![modes[rng.below(4) as usize]]
+            };
+            for m in ms {
+                self.replay_points += 1;
+                let img = crash_image(&durable, &log[epoch..cut], m, rng.next_u64());
+                let rctx = format!("{ctx}: replay cut at {cut} of {} ({m:?})", log.len());
+                let mut p = Pool::open_with(Box::new(MemStorage::from_bytes(img)), Path::new("c"))
+                    .unwrap_or_else(|e| panic!("{rctx}: does not open: {e}"));
+                let r = p.check().unwrap();
+                assert!(r.is_clean(), "{rctx}: {:#?}", r.problems);
+                assert!(
+                    contents(&mut p) == want,
+                    "{rctx}: not what the first replay showed"
+                );
+            }
+            if at_sync {
+                for op in &log[epoch..cut] {
+                    apply(&mut durable, op);
+                }
+                epoch = cut + 1;
+            }
+        }
+    }
+}
+
+/// Positions in `log` (between `from` and `to`) right after an intent log
+/// record was written.
+fn after_records(t: &Trace, from: usize, to: usize) -> Vec<usize> {
+    let (start, blocks) = t.log_area;
+    let (lo, hi) = (start * BS, (start + blocks as u64) * BS);
+    (from..to)
+        .filter(|&i| {
+            matches!(&t.log[i], IoOp::Write { offset, data }
+                if data.len() == 64 && (lo..hi).contains(offset))
+        })
+        .map(|i| i + 1)
+        .collect()
+}
+
 /// Replay a trace, cutting the power at every sync (in every crash mode) and
 /// at `between` random points between syncs. Returns (crash points, reused).
-fn crash_everywhere(t: &Trace, seed: u64, between: usize) -> (usize, usize) {
+/// What a run of crash points covered.
+#[derive(Default, Debug)]
+struct Counts {
+    points: usize,
+    reused: usize,
+    replayed: usize,
+    replay_cuts: usize,
+    replay_points: usize,
+}
+
+fn crash_everywhere(t: &Trace, seed: u64, between: usize) -> Counts {
     let mut rng = Rng::new(seed);
     let mut v = Verifier {
         trace: t,
         points: 0,
         reused: 0,
+        replayed: 0,
+        replay_cuts: 0,
+        replay_points: 0,
     };
     let mut durable = t.base.clone();
     let mut durable_gen = newest_generation(&durable);
@@ -715,6 +926,13 @@ fn crash_everywhere(t: &Trace, seed: u64, between: usize) -> (usize, usize) {
             &[CrashMode::Sectors],
             &mut rng,
         );
+        // Right after each log record was written, before its fdatasync.
+        if t.logging {
+            for cut in after_records(t, epoch, i) {
+                let m = modes[rng.below(4) as usize];
+                cut_at(&mut v, &durable, durable_gen, epoch, cut, &[m], &mut rng);
+            }
+        }
         // Between the previous sync and this one.
         for _ in 0..between {
             if i > epoch + 1 {
@@ -740,7 +958,13 @@ fn crash_everywhere(t: &Trace, seed: u64, between: usize) -> (usize, usize) {
             &mut rng,
         );
     }
-    (v.points, v.reused)
+    Counts {
+        points: v.points,
+        reused: v.reused,
+        replayed: v.replayed,
+        replay_cuts: v.replay_cuts,
+        replay_points: v.replay_points,
+    }
 }
 
 //------------------------------------------------------------------------------
@@ -758,11 +982,11 @@ fn crash_at_every_sync_and_between() {
         .unwrap_or(1);
     let (mut points, mut reused, mut syncs) = (0, 0, 0);
     for seed in first..first + seeds {
-        let t = run_workload(seed, 160, None);
+        let t = run_workload(seed, 160, None, false);
         syncs += t.log.iter().filter(|o| **o == IoOp::Sync).count();
-        let (n, r) = crash_everywhere(&t, seed, 2);
-        points += n;
-        reused += r;
+        let c = crash_everywhere(&t, seed, 2);
+        points += c.points;
+        reused += c.reused;
     }
     eprintln!("crash harness: {seeds} workloads, {syncs} syncs, {points} crash points, {reused} recovered pools reused");
     assert!(points >= 2000, "only {points} crash points");
@@ -774,10 +998,9 @@ fn io_failure_anywhere_leaves_the_last_commit() {
     for n in 1..60u64 {
         for on_write in [true, false] {
             let count = if on_write { n * 7 } else { n };
-            let t = run_workload(1000 + n, 60, Some((on_write, count)));
+            let t = run_workload(1000 + n, 60, Some((on_write, count)), false);
             // The storage's log ends where the failure stopped everything.
-            let (p, _) = crash_everywhere(&t, n, 0);
-            points += p;
+            points += crash_everywhere(&t, n, 0).points;
         }
     }
     eprintln!("I/O failure: {points} crash points after injected failures");
@@ -862,4 +1085,57 @@ fn crash_at_every_call_of_a_preallocating_create() {
         "preallocating create: {} calls, {points} crash points",
         log.len()
     );
+}
+
+#[test]
+fn crash_with_the_intent_log() {
+    let seeds: u64 = std::env::var("CRASH_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(LOG_SEEDS);
+    let first: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let (mut total, mut syncs, mut records) = (Counts::default(), 0, 0);
+    for seed in first..first + seeds {
+        let t = run_workload(100 + seed, 160, None, true);
+        syncs += t.log.iter().filter(|o| **o == IoOp::Sync).count();
+        records += after_records(&t, 0, t.log.len()).len();
+        let c = crash_everywhere(&t, seed, 2);
+        total.points += c.points;
+        total.reused += c.reused;
+        total.replayed += c.replayed;
+        total.replay_cuts += c.replay_cuts;
+        total.replay_points += c.replay_points;
+    }
+    let all = total.points + total.replay_points;
+    eprintln!(
+        "crash harness with the intent log: {seeds} workloads, {syncs} syncs, {records} log records, \
+         {all} crash points ({} in workloads, {} of them opened by replaying records; \
+         {} in the commits of {} replays), {} recovered pools reused",
+        total.points, total.replayed, total.replay_points, total.replay_cuts, total.reused
+    );
+    assert!(
+        total.replayed > 100,
+        "too few images replayed records: {total:?}"
+    );
+    assert!(
+        total.replay_points > 200,
+        "too few cuts in replays: {total:?}"
+    );
+    assert!(all >= 2000, "only {all} crash points");
+}
+
+#[test]
+fn io_failure_with_the_intent_log_leaves_a_commit_and_a_log_prefix() {
+    let mut points = 0;
+    for n in 1..LOG_FAILURES {
+        for on_write in [true, false] {
+            let count = if on_write { n * 5 } else { n };
+            let t = run_workload(2000 + n, 60, Some((on_write, count)), true);
+            points += crash_everywhere(&t, n, 0).points;
+        }
+    }
+    eprintln!("I/O failure with the intent log: {points} crash points after injected failures");
 }

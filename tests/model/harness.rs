@@ -4,6 +4,13 @@
 //! exactly what the model holds, and `check()` (every block's refcount equals
 //! the references found by walking every map) must be clean. After removing
 //! everything, nothing but metadata is left allocated.
+//!
+//! With the intent log (`engine_matches_model_with_the_intent_log`) the
+//! pool logs every map change, halves of a few records fill and restart,
+//! `Flush` is one fdatasync, and `Kill` drops the pool without a commit —
+//! a killed server: the page cache (the memory storage) keeps what was
+//! written, and the reopened pool, after replaying its log, must hold every
+//! acknowledged write exactly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,6 +57,9 @@ enum Op {
     },
     Commit,
     Reopen,
+    Flush,
+    /// Drop the pool without committing, then open it again.
+    Kill,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -64,6 +74,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (n.clone(), 0u64..GROW_BLOCKS * BS).prop_map(|(vol, extra)| Op::Grow { vol, extra }),
         1 => Just(Op::Commit),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Kill),
     ]
 }
 
@@ -76,13 +88,29 @@ fn name(i: usize) -> String {
     format!("vol{i}")
 }
 
-fn run(ops: Vec<Op>) {
+/// Open `mem`, with the intent log on (`log`: at most that many records
+/// per half) or off.
+fn open(mem: &MemStorage, log: Option<u32>) -> Pool {
+    let mut p = Pool::open_with(Box::new(mem.clone()), Path::new("mem")).unwrap();
+    if let Some(n) = log {
+        p.set_logging(true);
+        p.limit_log(n);
+    }
+    p
+}
+
+fn run(ops: Vec<Op>, log: Option<u32>) {
     let mem = MemStorage::new();
     let opts = CreateOptions {
         size: POOL_SIZE,
         block_size: BS as u32,
     };
     let mut pool = Some(Pool::create_with(Box::new(mem.clone()), Path::new("mem"), &opts).unwrap());
+    if let Some(n) = log {
+        let p = pool.as_mut().unwrap();
+        p.set_logging(true);
+        p.limit_log(n);
+    }
     let mut model: BTreeMap<String, Vol> = BTreeMap::new();
     for (step, op) in ops.into_iter().enumerate() {
         let p = pool.as_mut().unwrap();
@@ -187,9 +215,30 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Commit => p.commit().unwrap(),
+            Op::Flush => p.flush().unwrap(),
             Op::Reopen => {
                 pool.take().unwrap().close().unwrap();
-                pool = Some(Pool::open_with(Box::new(mem.clone()), Path::new("mem")).unwrap());
+                pool = Some(open(&mem, log));
+            }
+            Op::Kill if log.is_some() => {
+                let mut p = pool.take().unwrap();
+                let logged = p.log_records() > 0;
+                let g = p.generation();
+                // Dropped with nothing committed: what a SIGKILL leaves.
+                p.fail("killed");
+                drop(p);
+                let p = open(&mem, log);
+                if logged {
+                    assert!(p.log_replay().is_some(), "step {step}: no replay");
+                }
+                assert!(p.generation() <= g + 1, "step {step}");
+                pool = Some(p);
+            }
+            Op::Kill => {
+                // Without the log nothing survives a kill uncommitted:
+                // the model would not hold; close instead.
+                pool.take().unwrap().close().unwrap();
+                pool = Some(open(&mem, log));
             }
         }
         verify(pool.as_mut().unwrap(), &model, step);
@@ -235,6 +284,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(CASES), max_shrink_iters: 2000, ..ProptestConfig::default() })]
     #[test]
     fn engine_matches_model(ops in prop::collection::vec(op(), 20..80)) {
-        run(ops);
+        run(ops, None);
+    }
+
+    #[test]
+    fn engine_matches_model_with_the_intent_log(
+        ops in prop::collection::vec(prop_oneof![5 => op(), 1 => Just(Op::Kill)], 20..80),
+        per_half in 2u32..40,
+    ) {
+        run(ops, Some(per_half));
     }
 }

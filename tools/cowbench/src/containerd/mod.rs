@@ -8,6 +8,7 @@ mod env;
 mod files;
 mod report;
 mod snapshotters;
+mod steps;
 mod thinpool;
 
 use std::path::{Path, PathBuf};
@@ -64,6 +65,9 @@ pub struct CtrdReport {
     pub fetch_s: Option<Stat>,
     /// A `ctr` call that does nothing (`ctr version`), ms: in every `ctr` figure.
     pub ctr_call_ms: f64,
+    /// Per thinpool snapshotter: the median time of each step of its calls.
+    #[serde(default)]
+    pub steps: Vec<(String, Vec<steps::Step>)>,
     pub files: Option<files::FilesCheck>,
     pub total_seconds: f64,
 }
@@ -154,14 +158,14 @@ pub fn main(o: Opts) -> Result<()> {
     let load_before = run("uptime", &[])?.trim().to_string();
 
     // Declared before containerd, so dropped after it (its mounts come off first).
-    let service = match o.snapshotters.iter().any(|s| s == "thinpool") {
-        true => Some(thinpool::Service::start(
-            &o.thinpool_bin,
-            &work.path().join("thinpool"),
-        )?),
-        false => None,
-    };
-    let proxies: Vec<env::Proxy> = service.iter().map(|s| s.proxy()).collect();
+    let services = snapshotters::THINPOOL
+        .iter()
+        .filter(|(name, _)| o.snapshotters.iter().any(|s| s == name))
+        .map(|(name, bs)| {
+            thinpool::Service::start(&o.thinpool_bin, &work.path().join(name), name, bs)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let proxies: Vec<env::Proxy> = services.iter().map(|s| s.proxy()).collect();
     let env = Env::start(work.path(), &proxies)?;
     let image = env.push(&oci, TAG, "cowbench/debian")?;
     log(format!(
@@ -171,12 +175,14 @@ pub fn main(o: Opts) -> Result<()> {
     let snaps: Vec<Snapshotter> = o
         .snapshotters
         .iter()
-        .map(|s| match (s.as_str(), &service) {
-            ("thinpool", Some(svc)) => Ok(Snapshotter::Thinpool {
+        .map(|s| match services.iter().find(|svc| svc.name == s) {
+            Some(svc) => Ok(Snapshotter::Thinpool {
+                name: svc.name,
+                block_size: svc.block_size,
                 pool: svc.pool.clone(),
                 bin: svc.bin.clone(),
             }),
-            _ => Snapshotter::builtin(s, &env.root()),
+            None => Snapshotter::builtin(s, &env.root()),
         })
         .collect::<Result<_>>()?;
 
@@ -227,7 +233,11 @@ pub fn main(o: Opts) -> Result<()> {
         None
     };
     drop(env);
-    drop(service);
+    let steps = services
+        .iter()
+        .map(|svc| (svc.name.to_string(), steps::parse(&svc.log())))
+        .collect();
+    drop(services);
     let report = CtrdReport {
         tool: format!("cowbench {}", env!("CARGO_PKG_VERSION")),
         command: format!(
@@ -265,6 +275,7 @@ pub fn main(o: Opts) -> Result<()> {
             .collect(),
         fetch_s: Stat::from_samples(&fetches, "s"),
         ctr_call_ms,
+        steps,
         files,
         total_seconds: started.elapsed().as_secs_f64(),
     };

@@ -173,6 +173,7 @@ fn markdown(r: &CtrdReport, plot_dir: &str, plotted: bool) -> String {
         let _ = writeln!(s, "- {t}");
     }
     s.push('\n');
+    s.push_str(&steps_table(r));
     match &r.files {
         None => {
             let _ = writeln!(
@@ -295,4 +296,36 @@ fn plot(r: &CtrdReport, path: &Path) -> Result<bool> {
     )?;
     root.present()?;
     Ok(true)
+}
+
+/// The snapshotter's own share of each call (its `THINPOOL_SNAPSHOTTER_TRACE`
+/// lines), medians over the whole run.
+fn steps_table(r: &CtrdReport) -> String {
+    let mut s = String::new();
+    if r.steps.iter().all(|(_, v)| v.is_empty()) {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "Inside thinpool's snapshotter (its `THINPOOL_SNAPSHOTTER_TRACE` lines; median ms per call over the run, calls counted):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| snapshotter | call | steps (median ms) | calls |\n|---|---|---|---|"
+    );
+    for (name, steps) in &r.steps {
+        let mut calls: Vec<&str> = steps.iter().map(|x| x.call.as_str()).collect();
+        calls.dedup();
+        for c in calls {
+            let of: Vec<&super::steps::Step> = steps.iter().filter(|x| x.call == c).collect();
+            let parts: Vec<String> = of
+                .iter()
+                .map(|x| format!("{} {:.1}", x.step, x.median_ms))
+                .collect();
+            let n = of.iter().map(|x| x.count).max().unwrap_or(0);
+            let _ = writeln!(s, "| {name} | {c} | {} | {n} |", parts.join(" · "));
+        }
+    }
+    s.push('\n');
+    s
 }

@@ -16,6 +16,9 @@ use crate::util::{kill_pid, path_str, run};
 const POOL_SIZE: &str = "64G";
 
 pub struct Service {
+    /// The proxy plugin's name (`thinpool`, `thinpool-64k`).
+    pub name: &'static str,
+    pub block_size: &'static str,
     child: Option<Child>,
     dir: PathBuf,
     pub pool: PathBuf,
@@ -24,14 +27,32 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn start(bin: &Path, dir: &Path) -> Result<Service> {
+    /// A pool with `block_size` blocks in `dir` and its snapshotter, which
+    /// prints the time of each Prepare/Commit/Remove step to its log.
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        name: &'static str,
+        block_size: &'static str,
+    ) -> Result<Service> {
         std::fs::create_dir_all(dir)?;
         let pool = dir.join("containers.pool");
         let socket = dir.join("snapshotter.sock");
         let b = path_str(bin)?;
-        run(b, &["create", path_str(&pool)?, "--size", POOL_SIZE])?;
+        run(
+            b,
+            &[
+                "create",
+                path_str(&pool)?,
+                "--size",
+                POOL_SIZE,
+                "--block-size",
+                block_size,
+            ],
+        )?;
         let log = std::fs::File::create(dir.join("snapshotter.log"))?;
         let child = Command::new(bin)
+            .env("THINPOOL_SNAPSHOTTER_TRACE", "1")
             .arg("snapshotter")
             .arg(&pool)
             .arg("--address")
@@ -44,6 +65,8 @@ impl Service {
             .spawn()
             .with_context(|| format!("start {b} snapshotter"))?;
         let mut s = Service {
+            name,
+            block_size,
             child: Some(child),
             dir: dir.to_path_buf(),
             pool,
@@ -69,9 +92,14 @@ impl Service {
 
     pub fn proxy(&self) -> Proxy {
         Proxy {
-            name: "thinpool".into(),
+            name: self.name.into(),
             socket: self.socket.clone(),
         }
+    }
+
+    /// The snapshotter's log: its step timings (`THINPOOL_SNAPSHOTTER_TRACE`).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("snapshotter.log")).unwrap_or_default()
     }
 }
 

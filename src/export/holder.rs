@@ -1,0 +1,209 @@
+//! `thinpool serve --supervise`: the holder. It locks the pool, binds the
+//! control socket and mounts the export, then runs the serving process and
+//! hands it the bundle; it does no pool I/O and answers no request. When the
+//! server dies, the holder still holds the FUSE connection (so loop devices
+//! see a pause, not an error) and starts a new server with the same bundle.
+//! See docs/EXPORT.md, "Restarting the server".
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::process::{Child, ExitStatus};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::control;
+use super::handover::{self, Bundle};
+use super::resume::InitInfo;
+use super::server::{self, Cleanup, ServeOptions, SIGNALS};
+use super::ExportError;
+use crate::pool::VolumeId;
+
+/// A server that dies this often this quickly is not started again.
+const MAX_CRASHES: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(30);
+const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts the serving process (the binary supplies it: the library never
+/// runs a program): `thinpool serve --handover-fd FD`, `FD` inherited.
+pub type StartWorker<'a> = &'a mut dyn FnMut(RawFd) -> std::io::Result<Child>;
+
+/// How a server run ended, from what it told the holder.
+enum Ended {
+    /// It stopped (signal, unmount): the holder stops too.
+    Stopped,
+    /// Planned restart: start the binary again with these open counts.
+    Restart(Vec<(VolumeId, u32)>),
+    /// It died after it was serving.
+    Crashed(ExitStatus),
+    /// It died before it was serving: starting it again would fail again.
+    NeverReady(ExitStatus),
+}
+
+/// Hold the export of `pool_path` on `dir` and keep a server running on it.
+pub fn supervise(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+    start: StartWorker<'_>,
+) -> Result<(), ExportError> {
+    let pool_path = server::not_served(pool_path)?;
+    let file = handover::lock_pool(&pool_path, opts.direct)?;
+    server::install_signal_handlers();
+    let mut bundle = server::new_bundle(&pool_path, dir, opts, Some(file))?;
+    let _cleanup = Cleanup::new(
+        control::socket_path(&pool_path),
+        opts.background.then(|| bundle.state.dir.clone()),
+    );
+    eprintln!(
+        "thinpool: holder {} keeps the export of {} on {}",
+        std::process::id(),
+        pool_path.display(),
+        bundle.state.dir.display()
+    );
+    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    loop {
+        match run_once(&mut bundle, start)? {
+            Ended::Stopped => return Ok(()),
+            Ended::Restart(opens) => {
+                eprintln!("thinpool: holder: planned restart of the server");
+                bundle.state.opens = opens;
+            }
+            Ended::NeverReady(status) => {
+                return Err(ExportError::Handover(format!(
+                    "the server exited before serving ({status}); see its messages above"
+                )))
+            }
+            Ended::Crashed(status) => {
+                bundle.state.opens.clear();
+                if !bundle.state.init.is_some_and(|i: InitInfo| i.has_resend()) {
+                    // Today's behaviour: closing our descriptors ends the
+                    // connection, and the loop devices see I/O errors.
+                    return Err(ExportError::Handover(format!(
+                        "the server died ({status}) and this kernel cannot resend the \
+                         requests it had read (FUSE_NOTIFY_RESEND needs Linux 6.9): \
+                         ending the export"
+                    )));
+                }
+                let now = Instant::now();
+                crashes.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+                crashes.push_back(now);
+                if crashes.len() > MAX_CRASHES {
+                    return Err(ExportError::Handover(format!(
+                        "the server died {} times within {} s (last: {status}); \
+                         ending the export",
+                        crashes.len(),
+                        CRASH_WINDOW.as_secs()
+                    )));
+                }
+                eprintln!("thinpool: holder: the server died ({status}); starting another");
+            }
+        }
+    }
+}
+
+/// Start one server, hand it the bundle, and follow it until it exits.
+fn run_once(bundle: &mut Bundle, start: StartWorker<'_>) -> Result<Ended, ExportError> {
+    let (ours, theirs) = seqpacket_pair()?;
+    let mut child = start(theirs.as_raw_fd()).map_err(ExportError::ServerSpawn)?;
+    drop(theirs);
+    if let Err(e) = bundle.send(ours.as_raw_fd(), false) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e.into());
+    }
+    let mut ready = false;
+    let mut ended = None;
+    let mut forwarded = SIGNALS.load(Ordering::SeqCst);
+    loop {
+        // Signals to the holder go to the server, once each.
+        let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals > forwarded {
+            forwarded = signals;
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let mut p = libc::pollfd {
+            fd: ours.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+            continue;
+        }
+        // EOF: every descriptor of the server is closed, so it has exited.
+        let Ok(Some((event, _))) = handover::recv_msg(ours.as_raw_fd()) else {
+            break;
+        };
+        match event["event"].as_str() {
+            Some("ready") => {
+                ready = true;
+                if let Ok(Some(init)) = serde_json::from_value(event["init"].clone()) {
+                    bundle.state.init = Some(init);
+                }
+            }
+            Some("stopped") => ended = Some(Ended::Stopped),
+            Some("restart") => {
+                let opens = serde_json::from_value(event["opens"].clone()).unwrap_or_default();
+                ended = Some(Ended::Restart(opens));
+            }
+            _ => {}
+        }
+    }
+    let status = child.wait()?;
+    Ok(match ended {
+        Some(e) => e,
+        None if ready => Ended::Crashed(status),
+        None => Ended::NeverReady(status),
+    })
+}
+
+fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `serve --takeover` of a supervised server: ask it to hand back to its
+/// holder, and wait until the server the holder starts answers.
+pub(crate) fn restart(pool: &Path, old_pid: u32, holder: u32) -> Result<(), ExportError> {
+    let t = Instant::now();
+    match control::restart(pool) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(ExportError::Handover("the server went away".into())),
+    }
+    while t.elapsed() < RESTART_TIMEOUT {
+        if let Some(Ok(st)) = control::status(pool) {
+            if st.pid != old_pid {
+                eprintln!(
+                    "thinpool: holder {holder} restarted the server of {} (process {} -> {}) in {} ms",
+                    pool.display(),
+                    old_pid,
+                    st.pid,
+                    t.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Err(ExportError::Handover(format!(
+        "no new server answered within {} s",
+        RESTART_TIMEOUT.as_secs()
+    )))
+}

@@ -16,6 +16,11 @@ use crate::util::{
 
 pub const ALL: [&str; 5] = ["thinpool", "overlayfs", "fullcopy", "qcow2", "btrfs"];
 
+/// Backends `--backends` also accepts, not run by default: qcow2 through the
+/// host page cache (`cache.direct=off`), for like-with-like comparisons with
+/// thinpool, which reads and writes its pool file through that cache.
+pub const EXTRA: [&str; 1] = ["qcow2-cached"];
+
 pub struct Params {
     pub volume_bytes: u64,
     pub block_size: u64,
@@ -41,6 +46,35 @@ pub trait Backend {
     }
     /// Bytes of storage in use, as a total (the harness works with differences).
     fn space(&mut self) -> Result<u64>;
+    /// The served pool's flush and commit counters (`commits` of `thinpool
+    /// info --json`), for backends that have them.
+    fn pool_counters(&mut self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Whether the serving process holds its storage file open with O_DIRECT
+    /// (read from /proc), for backends with such a process; while mounted.
+    fn storage_o_direct(&mut self) -> Option<bool> {
+        None
+    }
+}
+
+/// Is `file` open with O_DIRECT in process `pid`? (`flags` of /proc/PID/fdinfo, octal.)
+pub(crate) fn open_o_direct(pid: i32, file: &Path) -> Option<bool> {
+    let want = file.canonicalize().ok()?;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let info =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_str()?))
+                .ok()?;
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())?;
+        return Some(flags & libc::O_DIRECT as u32 != 0);
+    }
+    None
 }
 
 /// The tools a backend needs; `Some(reason)` if it has to be skipped.
@@ -49,7 +83,7 @@ pub fn missing(name: &str, p: &Params) -> Option<String> {
         "thinpool" => &["losetup", "mkfs.ext4"],
         "overlayfs" => &["cp"],
         "fullcopy" => &["cp"],
-        "qcow2" => &["qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4"],
+        "qcow2" | "qcow2-cached" => &["qemu-img", "qemu-storage-daemon", "losetup", "mkfs.ext4"],
         "btrfs" => &["mkfs.btrfs", "btrfs", "losetup"],
         _ => return Some(format!("unknown backend {name}")),
     };
@@ -70,7 +104,7 @@ pub fn missing(name: &str, p: &Params) -> Option<String> {
                 p.thinpool_bin.display()
             ))
         }
-        "thinpool" | "qcow2" if !Path::new("/dev/fuse").exists() => {
+        "thinpool" | "qcow2" | "qcow2-cached" if !Path::new("/dev/fuse").exists() => {
             Some("/dev/fuse missing".into())
         }
         "overlayfs" if !has_fs("overlay") => Some("kernel has no overlay filesystem".into()),
@@ -89,14 +123,15 @@ pub fn make(name: &str, dir: &Path, p: &Params) -> Result<Box<dyn Backend>> {
         "thinpool" => Box::new(Thinpool::new(dir, p)),
         "overlayfs" => Box::new(Overlay::new(dir)?),
         "fullcopy" => Box::new(FullCopy::new(dir)?),
-        "qcow2" => Box::new(Qcow2::new(dir, p)?),
-        "btrfs" => Box::new(Btrfs::new(dir, p)?),
+        "qcow2" => Box::new(Qcow2::new(dir, p, true)?),
+        "qcow2-cached" => Box::new(Qcow2::new(dir, p, false)?),
+        "btrfs" => Box::new(Btrfs::new(dir, p, true)?),
         _ => bail!("unknown backend {name}"),
     })
 }
 
 /// `cp -a SRC/. DST/` (the image content into a fresh filesystem or dir).
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     let s = format!("{}/.", path_str(src)?);
     run("cp", &["-a", &s, path_str(dst)?])?;
     Ok(())
@@ -104,16 +139,16 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
 
 /// mkfs.ext4 options used for every ext4 image we format ourselves: no lazy
 /// init, so no background zeroing runs later inside a container.
-const MKFS_EXT4: &[&str] = &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
+pub(crate) const MKFS_EXT4: &[&str] = &["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"];
 
-fn mount_dev(dev: &str, dir: &Path, fstype: &str) -> Result<()> {
+pub(crate) fn mount_dev(dev: &str, dir: &Path, fstype: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     run("mount", &["-t", fstype, dev, path_str(dir)?])?;
     Ok(())
 }
 
 /// Attach a file as a loop device, with direct I/O if asked (falls back to buffered).
-fn losetup(file: &Path, direct: bool) -> Result<String> {
+pub(crate) fn losetup(file: &Path, direct: bool) -> Result<String> {
     let f = path_str(file)?;
     let out = match direct {
         true => match run("losetup", &["--direct-io=on", "-f", "--show", f]) {
@@ -133,20 +168,45 @@ pub struct Thinpool {
     mnt: PathBuf,
     block_size: u64,
     volume_bytes: u64,
+    /// Mount with `--direct` (the pool file opened O_DIRECT).
+    direct: bool,
+    /// The image is a preallocated volume (`volume create --preallocate`),
+    /// used as it is: "containers" are the image itself, nothing is cloned.
+    preallocate: bool,
     mounted: HashMap<String, (PathBuf, u64)>,
     td: Teardown,
 }
 
 impl Thinpool {
     fn new(dir: &Path, p: &Params) -> Thinpool {
+        Thinpool::with_options(dir, p, false, false)
+    }
+
+    pub(crate) fn with_options(
+        dir: &Path,
+        p: &Params,
+        direct: bool,
+        preallocate: bool,
+    ) -> Thinpool {
         Thinpool {
             bin: path_str_lossy(&p.thinpool_bin),
             pool: dir.join("bench.pool"),
             mnt: dir.join("mnt"),
             block_size: p.block_size,
             volume_bytes: p.volume_bytes,
+            direct,
+            preallocate,
             mounted: HashMap::new(),
             td: Teardown::default(),
+        }
+    }
+
+    /// The volume a container name stands for.
+    fn vol<'a>(&self, name: &'a str) -> &'a str {
+        if self.preallocate {
+            "image"
+        } else {
+            name
         }
     }
 
@@ -190,6 +250,9 @@ impl Thinpool {
         if mkfs {
             args.extend(["--mkfs", "ext4"]);
         }
+        if self.direct {
+            args.push("--direct");
+        }
         let id = self.td.push(Undo::Command(
             vec![self.bin.clone(), "umount".into(), d.clone()],
             Some(dir.clone()),
@@ -202,28 +265,28 @@ impl Thinpool {
         Ok(dir)
     }
 
+    /// Processes whose command line names our pool file (the path is unique to this run).
+    fn server_pids(&self) -> Vec<i32> {
+        let want = self.pool_s();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let me = std::process::id() as i32;
+        rd.flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd);
+                (pid != me && cmd.split('\0').any(|a| a == want)).then_some(pid)
+            })
+            .collect()
+    }
+
     /// Any server process still serving our pool file after the last umount
     /// (ours: the path is unique to this run) is stopped by its pid.
     fn stop_servers(&self) {
-        let want = self.pool_s();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let me = std::process::id() as i32;
-        for e in rd.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.split('\0').any(|a| a == want) {
-                kill_pid(pid);
-            }
+        for pid in self.server_pids() {
+            kill_pid(pid);
         }
     }
 }
@@ -258,21 +321,29 @@ impl Backend for Thinpool {
         let size = (self.volume_bytes * 4).to_string();
         self.tp(&["create", &pool, "--size", &size, "--block-size", &bs])?;
         let vs = self.volume_bytes.to_string();
-        self.tp(&["volume", "create", &pool, "image", "--size", &vs])?;
+        let mut args = vec!["volume", "create", &pool, "image", "--size", &vs];
+        if self.preallocate {
+            args.push("--preallocate");
+        }
+        self.tp(&args)?;
         let dir = self.mount_vol("image", true)?;
         copy_tree(content, &dir)?;
         sync_all();
         self.umount("image")
     }
     fn create(&mut self, name: &str) -> Result<()> {
+        if self.preallocate {
+            return Ok(());
+        }
         let pool = self.pool_s();
         self.tp(&["clone", &pool, "image", name])?;
         Ok(())
     }
     fn mount(&mut self, name: &str) -> Result<PathBuf> {
-        self.mount_vol(name, false)
+        self.mount_vol(self.vol(name), false)
     }
     fn umount(&mut self, name: &str) -> Result<()> {
+        let name = self.vol(name);
         let Some((dir, id)) = self.mounted.remove(name) else {
             bail!("{name} is not mounted");
         };
@@ -289,9 +360,22 @@ impl Backend for Thinpool {
         Ok(())
     }
     fn remove(&mut self, name: &str) -> Result<()> {
+        if self.preallocate {
+            return Ok(());
+        }
         let pool = self.pool_s();
         self.tp(&["remove", &pool, name])?;
         Ok(())
+    }
+    fn storage_o_direct(&mut self) -> Option<bool> {
+        self.server_pids()
+            .into_iter()
+            .find_map(|pid| open_o_direct(pid, &self.pool))
+    }
+    fn pool_counters(&mut self) -> Option<serde_json::Value> {
+        let out = self.tp(&["info", &self.pool_s(), "--json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v.get("commits").filter(|c| !c.is_null()).cloned()
     }
     fn space(&mut self) -> Result<u64> {
         let pool = self.pool_s();
@@ -471,13 +555,16 @@ pub struct Qcow2 {
     mnt: PathBuf,
     volume_bytes: u64,
     block_size: u64,
+    /// `cache.direct` of qsd's file nodes: on = O_DIRECT, off = through the host page cache.
+    cache_direct: bool,
     mounted: HashMap<String, QsdMount>,
     td: Teardown,
 }
 
 impl Qcow2 {
-    fn new(dir: &Path, p: &Params) -> Result<Qcow2> {
+    pub(crate) fn new(dir: &Path, p: &Params, cache_direct: bool) -> Result<Qcow2> {
         let q = Qcow2 {
+            cache_direct,
             base: dir.join("base.qcow2"),
             cdir: dir.join("containers"),
             xdir: dir.join("export"),
@@ -508,11 +595,12 @@ impl Qcow2 {
         let pidfile = self.xdir.join(format!("{name}.pid"));
         let _ = std::fs::remove_file(&pidfile);
         let base = path_str(&self.base)?.to_string();
+        let cache = if self.cache_direct { "on" } else { "off" };
         let mut args: Vec<String> = Vec::new();
         let top = if name == "image" {
             args.push("--blockdev".into());
             args.push(format!(
-                "driver=file,node-name=basef,filename={base},cache.direct=on"
+                "driver=file,node-name=basef,filename={base},cache.direct={cache}"
             ));
             args.push("--blockdev".into());
             args.push("driver=qcow2,node-name=top,file=basef".into());
@@ -521,13 +609,13 @@ impl Qcow2 {
             let f = path_str(&self.file_of(name))?.to_string();
             args.push("--blockdev".into());
             args.push(format!(
-                "driver=file,node-name=basef,filename={base},cache.direct=on,read-only=on"
+                "driver=file,node-name=basef,filename={base},cache.direct={cache},read-only=on"
             ));
             args.push("--blockdev".into());
             args.push("driver=qcow2,node-name=base,file=basef,read-only=on".into());
             args.push("--blockdev".into());
             args.push(format!(
-                "driver=file,node-name=topf,filename={f},cache.direct=on"
+                "driver=file,node-name=topf,filename={f},cache.direct={cache}"
             ));
             args.push("--blockdev".into());
             args.push("driver=qcow2,node-name=top,file=topf,backing=base".into());
@@ -578,7 +666,11 @@ impl Drop for Qcow2 {
 
 impl Backend for Qcow2 {
     fn name(&self) -> &'static str {
-        "qcow2"
+        if self.cache_direct {
+            "qcow2"
+        } else {
+            "qcow2-cached"
+        }
     }
     fn space_method(&self) -> String {
         "allocated size (st_blocks) of the containers' qcow2 overlay files".into()
@@ -586,7 +678,7 @@ impl Backend for Qcow2 {
     fn notes(&self) -> Vec<String> {
         vec![
             format!("image = a {} qcow2 ({} KiB clusters) formatted ext4; create = `qemu-img create -f qcow2 -b base.qcow2 -F qcow2`", crate::report::fmt_bytes(self.volume_bytes as f64), self.block_size / 1024),
-            "mount = qemu-storage-daemon (cache.direct=on on both file nodes) --export type=fuse + `losetup` (buffered: with --direct-io=on, multi-page writes through the qsd FUSE file were lost on this kernel) + mount ext4".into(),
+            format!("mount = qemu-storage-daemon (cache.direct={} on both file nodes) --export type=fuse + `losetup` (buffered: with --direct-io=on, multi-page writes through the qsd FUSE file were lost on this kernel) + mount ext4", if self.cache_direct { "on" } else { "off" }),
         ]
     }
     fn build_image(&mut self, content: &Path) -> Result<()> {
@@ -670,15 +762,18 @@ pub struct Btrfs {
     img: PathBuf,
     fs: PathBuf,
     volume_bytes: u64,
+    /// The loop device under it with `--direct-io=on` (else through the host page cache).
+    loop_direct: bool,
     td: Teardown,
 }
 
 impl Btrfs {
-    fn new(dir: &Path, p: &Params) -> Result<Btrfs> {
+    pub(crate) fn new(dir: &Path, p: &Params, loop_direct: bool) -> Result<Btrfs> {
         Ok(Btrfs {
             img: dir.join("btrfs.img"),
             fs: dir.join("fs"),
             volume_bytes: p.volume_bytes,
+            loop_direct,
             td: Teardown::default(),
         })
     }
@@ -702,7 +797,7 @@ impl Backend for Btrfs {
     }
     fn notes(&self) -> Vec<String> {
         vec![
-            format!("a {} btrfs on a sparse loop file (`losetup --direct-io=on`); image = a subvolume", crate::report::fmt_bytes((self.volume_bytes * 4) as f64)),
+            format!("a {} btrfs on a sparse loop file (`losetup --direct-io={}`); image = a subvolume", crate::report::fmt_bytes((self.volume_bytes * 4) as f64), if self.loop_direct { "on" } else { "off" }),
             "create = `btrfs subvolume snapshot image NAME`; mount = nothing (snapshots are visible in the mounted fs); remove = `btrfs subvolume delete`".into(),
         ]
     }
@@ -710,7 +805,7 @@ impl Backend for Btrfs {
         let f = std::fs::File::create(&self.img)?;
         f.set_len(self.volume_bytes * 4)?;
         drop(f);
-        let dev = losetup(&self.img, true)?;
+        let dev = losetup(&self.img, self.loop_direct)?;
         self.td.push(Undo::Loop(dev.clone()));
         run("mkfs.btrfs", &["-q", "-f", &dev])?;
         mount_dev(&dev, &self.fs, "btrfs")?;

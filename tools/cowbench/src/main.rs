@@ -5,12 +5,15 @@
 //! Run as root. `cowbench --quick` (small sizes, one run), `cowbench --full
 //! --out docs/bench` (the committed comparison), `cowbench --containerd` (a real
 //! Debian image pulled and run through containerd on thinpool's snapshotter,
-//! overlayfs and native).
+//! overlayfs and native), `cowbench --pgbench --label before` (PostgreSQL's
+//! pgbench and first writes on every storage target, with and without the
+//! host page cache).
 
 mod backends;
 mod containerd;
 mod content;
 mod model;
+mod pgbench;
 mod report;
 mod scenarios;
 mod util;
@@ -55,7 +58,39 @@ struct Args {
     /// With --containerd: an OCI layout with tag `app` (default: tools/build-debian-image.sh).
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Comma-separated backends: thinpool,overlayfs,fullcopy,qcow2,btrfs.
+    /// The pgbench scenario instead (issue 11): PostgreSQL on thinpool, plain loop,
+    /// qcow2, btrfs and the host, each with and without the host page cache, plus
+    /// first 4 KiB write + fsync per target (default out: docs/bench/pgbench/LABEL).
+    /// With --quick: a smoke run (small image, scale 1, 2 s, thinpool only).
+    #[arg(long, conflicts_with_all = ["full", "containerd"])]
+    pgbench: bool,
+    /// With --pgbench: comma-separated targets (default: all; those this build or
+    /// machine lacks are reported as skipped).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    /// With --pgbench: names the run ("before", "after"); its own section of the page.
+    #[arg(long, default_value = "run")]
+    label: String,
+    /// With --pgbench: fresh containers per target for the first-write figure.
+    #[arg(long)]
+    first_writes: Option<usize>,
+    /// With --pgbench: `pgbench -i -s N`.
+    #[arg(long)]
+    pg_scale: Option<u32>,
+    /// With --pgbench: pgbench clients (-c).
+    #[arg(long, default_value_t = 4)]
+    pg_clients: u32,
+    /// With --pgbench: pgbench threads (-j).
+    #[arg(long, default_value_t = 2)]
+    pg_threads: u32,
+    /// With --pgbench: seconds of the timed pgbench run (-T).
+    #[arg(long)]
+    pg_seconds: Option<u32>,
+    /// With --pgbench: fsyncs per series of the flush-counting probe.
+    #[arg(long)]
+    fsyncs: Option<usize>,
+    /// Comma-separated backends: thinpool,overlayfs,fullcopy,qcow2,btrfs (default: all
+    /// five), and qcow2-cached (qcow2 with cache.direct=off, through the host page cache).
     #[arg(long, value_delimiter = ',')]
     backends: Option<Vec<String>>,
     /// Output directory for results.json, results.md and the SVG plots.
@@ -121,6 +156,9 @@ fn real_main(args: Args) -> Result<()> {
     if args.containerd {
         return containerd_main(args);
     }
+    if args.pgbench {
+        return pgbench_main(args);
+    }
     let quick = !args.full;
     let backends: Vec<String> = match &args.backends {
         Some(b) => b
@@ -132,8 +170,12 @@ fn real_main(args: Args) -> Result<()> {
         None => backends::ALL.iter().map(|s| s.to_string()).collect(),
     };
     for b in &backends {
-        if !backends::ALL.contains(&b.as_str()) {
-            bail!("unknown backend '{b}' (known: {})", backends::ALL.join(","));
+        if !backends::ALL.contains(&b.as_str()) && !backends::EXTRA.contains(&b.as_str()) {
+            bail!(
+                "unknown backend '{b}' (known: {},{})",
+                backends::ALL.join(","),
+                backends::EXTRA.join(",")
+            );
         }
     }
     let out = args.out.clone().unwrap_or_else(|| {
@@ -277,6 +319,62 @@ fn containerd_main(args: Args) -> Result<()> {
         workdir: args.workdir.clone(),
         out,
         doc,
+    })
+}
+
+fn pgbench_main(args: Args) -> Result<()> {
+    let quick = args.quick;
+    let label = args.label.clone();
+    if label.is_empty()
+        || !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("--label: letters, digits, - and _ only");
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("docs/bench/pgbench").join(&label));
+    // The page three levels up (docs/bench/pgbench/LABEL -> docs/BENCHMARKS.md), if there is one.
+    let doc = args.doc.clone().or_else(|| {
+        out.ancestors()
+            .nth(3)
+            .map(|p| p.join("BENCHMARKS.md"))
+            .filter(|p| !quick && p.is_file())
+    });
+    let targets = match &args.targets {
+        Some(t) => t
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None if quick => vec!["thinpool".to_string()],
+        None => pgbench::ALL.iter().map(|t| t.name.to_string()).collect(),
+    };
+    pgbench::main(pgbench::Opts {
+        targets,
+        runs: args.runs.unwrap_or(1).max(1),
+        first_writes: args
+            .first_writes
+            .unwrap_or(if quick { 1 } else { 5 })
+            .max(1),
+        scale: args.pg_scale.unwrap_or(if quick { 1 } else { 10 }).max(1),
+        clients: args.pg_clients.max(1),
+        threads: args.pg_threads.max(1),
+        seconds: args.pg_seconds.unwrap_or(if quick { 2 } else { 20 }).max(1),
+        fsyncs: args.fsyncs.unwrap_or(if quick { 10 } else { 100 }).max(1),
+        big_bytes: if quick { 64 << 20 } else { 1 << 30 },
+        volume_bytes: if quick { 512 << 20 } else { 4 << 30 },
+        block_size: args.block_size,
+        thinpool_bin: match &args.thinpool_bin {
+            Some(p) => p.canonicalize().unwrap_or_else(|_| p.clone()),
+            None => default_thinpool_bin(),
+        },
+        workdir: args.workdir.clone(),
+        out,
+        doc,
+        label,
     })
 }
 

@@ -374,7 +374,11 @@ const COLORS: [RGBColor; 5] = [
 
 fn color_of(name: &str) -> RGBColor {
     // containerd's native snapshotter is a full copy, like the fullcopy backend.
-    let name = if name == "native" { "fullcopy" } else { name };
+    let name = match name {
+        "native" => "fullcopy",
+        "qcow2-cached" => "qcow2",
+        n => n,
+    };
     let i = crate::backends::ALL
         .iter()
         .position(|b| *b == name)

@@ -142,7 +142,8 @@ impl Log {
 pub struct LogReplay {
     /// The commit the log follows: the pool opened at it.
     pub generation: u64,
-    /// Records replayed (the valid prefix of the log).
+    /// Records replayed (the valid prefix of the log, less map records
+    /// whose data never arrived: skipped).
     pub records: u64,
     /// The slot where the log ends, and why.
     pub end_slot: u64,
@@ -314,8 +315,9 @@ impl Pool {
 
     /// Replay the records that follow the last commit (in memory: the
     /// caller commits). Records are accepted in slot order while they are
-    /// whole, of this epoch, and name a volume block and a free block whose
-    /// content is what the record says; the first that is not ends the log.
+    /// whole, of this epoch, and name a volume block and a free block; the
+    /// first that is not ends the log. A map record whose block does not
+    /// hold what it logged is skipped (its write was never acknowledged).
     pub(super) fn replay_log(&mut self) -> Result<()> {
         self.log = Log::new(&self.sb);
         if self.sb.log_blocks == 0 {
@@ -327,27 +329,32 @@ impl Pool {
         let mut records = Vec::new();
         let mut claimed = HashSet::new();
         let mut end = None;
+        let mut end_slot = 0;
         for (slot, bytes) in half.chunks(LOG_RECORD_SIZE).enumerate() {
+            end_slot = slot as u64 + 1;
             let why = match LogRecord::decode(bytes, g, nonce, slot as u32) {
                 Ok(r) => match self.replayable(&r, &claimed) {
-                    Ok(()) => {
+                    Ok(true) => {
                         if r.kind == LogKind::Map {
                             claimed.insert(r.pblock);
                         }
                         records.push(r);
                         continue;
                     }
+                    // A write whose data never arrived: skipped, not an end.
+                    Ok(false) => continue,
                     Err(why) => why,
                 },
                 Err(e) => e.to_string(),
             };
+            end_slot = slot as u64;
             end = Some(why);
             break;
         }
         let replay = LogReplay {
             generation: g,
             records: records.len() as u64,
-            end_slot: records.len() as u64,
+            end_slot,
             end: end.unwrap_or_else(|| "the half is full".into()),
         };
         // Claim every block first, so the map nodes the replay shadows
@@ -373,8 +380,9 @@ impl Pool {
         Ok(())
     }
 
-    /// Why record `r` cannot be replayed (it ends the log there), if so.
-    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<(), String> {
+    /// Whether record `r` is replayed (false: its write's data never
+    /// arrived, so it is skipped), or why it ends the log there.
+    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<bool, String> {
         let Ok(v) = self.catalog.get(r.volume) else {
             return Err(format!("record {}: no volume {}", r.seq, r.volume));
         };
@@ -386,7 +394,7 @@ impl Pool {
             ));
         }
         if r.kind == LogKind::Unmap {
-            return Ok(());
+            return Ok(true);
         }
         let b = r.pblock;
         if b < format::reserved_blocks(self.block_size()) || b >= self.space.total() {
@@ -401,13 +409,13 @@ impl Pool {
         let mut data = vec![0u8; bs as usize];
         if read_or_zero(&*self.storage, &mut data, b * bs).is_err() || data_crc(&data) != r.data_crc
         {
-            // Its data never reached the disk, so it was never flushed:
-            // neither was anything logged after it.
-            return Err(format!(
-                "record {}: block {b} does not hold the logged data",
-                r.seq
-            ));
+            // Its data never reached the file: that write was neither
+            // flushed nor acknowledged. Later records may still be whole
+            // (concurrent writes: a killed process had acknowledged them),
+            // and none depends on this one (a merge into its block waits
+            // for the data), so it is skipped, not the end of the log.
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 }

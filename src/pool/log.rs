@@ -407,7 +407,12 @@ impl Pool {
             ));
         }
         let mut data = vec![0u8; bs as usize];
-        if read_or_zero(&*self.storage, &mut data, b * bs).is_err() || data_crc(&data) != r.data_crc
+        // A block past the end of the file was never written (even if its
+        // logged data is zeros, which the missing bytes would match).
+        let past_end = self.storage.len().map_or(true, |len| (b + 1) * bs > len);
+        if past_end
+            || read_or_zero(&*self.storage, &mut data, b * bs).is_err()
+            || data_crc(&data) != r.data_crc
         {
             // Its data never reached the file: that write was neither
             // flushed nor acknowledged. Later records may still be whole

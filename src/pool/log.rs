@@ -324,13 +324,26 @@ impl Pool {
             return Ok(());
         }
         let (g, nonce) = (self.sb.generation, self.sb.log_nonce);
-        let mut half = vec![0u8; self.log.records_per_half() as usize * LOG_RECORD_SIZE];
-        read_or_zero(&*self.storage, &mut half, self.log.half_offset(g))?;
+        let n = self.log.records_per_half() as usize;
+        let at = self.log.half_offset(g);
+        // A block at a time: the log's size comes from the file, which
+        // may lie; memory must not follow it.
+        let mut block = vec![0u8; self.block_size() as usize];
+        let per_block = block.len() / LOG_RECORD_SIZE;
         let mut records = Vec::new();
         let mut claimed = HashSet::new();
         let mut end = None;
         let mut end_slot = 0;
-        for (slot, bytes) in half.chunks(LOG_RECORD_SIZE).enumerate() {
+        for slot in 0..n {
+            let within = slot % per_block;
+            if within == 0 {
+                read_or_zero(
+                    &*self.storage,
+                    &mut block,
+                    at + (slot / per_block) as u64 * self.log.block_size,
+                )?;
+            }
+            let bytes = &block[within * LOG_RECORD_SIZE..][..LOG_RECORD_SIZE];
             end_slot = slot as u64 + 1;
             let why = match LogRecord::decode(bytes, g, nonce, slot as u32) {
                 Ok(r) => match self.replayable(&r, &claimed) {

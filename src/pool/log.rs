@@ -346,7 +346,9 @@ impl Pool {
             let bytes = &block[within * LOG_RECORD_SIZE..][..LOG_RECORD_SIZE];
             end_slot = slot as u64 + 1;
             let why = match LogRecord::decode(bytes, g, nonce, slot as u32) {
-                Ok(r) => match self.replayable(&r, &claimed) {
+                Ok(r) => match self.replayable(&r, &claimed).inspect_err(|e| {
+                    self.fail(&format!("the intent log could not be read: {e}"));
+                })? {
                     Ok(true) => {
                         if r.kind == LogKind::Map {
                             claimed.insert(r.pblock);
@@ -375,6 +377,7 @@ impl Pool {
         // replaces is not reused before the replay's commit is durable.
         for r in records.iter().filter(|r| r.kind == LogKind::Map) {
             if !self.space.claim(r.pblock) {
+                self.fail("the intent log could not be replayed");
                 return Err(Error::corrupt(format!(
                     "log record {}: block {} is not free",
                     r.seq, r.pblock
@@ -387,7 +390,12 @@ impl Pool {
                 LogKind::Map => self.set_mapping(r.volume, r.vblock, r.pblock),
                 LogKind::Unmap => self.unmap_block(r.volume, r.vblock),
             };
-            self.fail_on_corrupt(applied)?;
+            if let Err(e) = applied {
+                // Half replayed: nothing of it may be committed (dropping
+                // the pool would), or the log would restart without it.
+                self.fail(&format!("the intent log could not be replayed: {e}"));
+                return Err(e);
+            }
         }
         self.replayed = Some(replay);
         Ok(())
@@ -395,45 +403,49 @@ impl Pool {
 
     /// Whether record `r` is replayed (false: its write's data never
     /// arrived, so it is skipped), or why it ends the log there.
-    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<bool, String> {
+    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<Result<bool, String>> {
         let Ok(v) = self.catalog.get(r.volume) else {
-            return Err(format!("record {}: no volume {}", r.seq, r.volume));
+            return Ok(Err(format!("record {}: no volume {}", r.seq, r.volume)));
         };
         let bs = self.block_size() as u64;
         if v.read_only || r.vblock >= v.size.div_ceil(bs) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "record {}: volume '{}' has no writable block {}",
                 r.seq, v.name, r.vblock
-            ));
+            )));
         }
         if r.kind == LogKind::Unmap {
-            return Ok(true);
+            return Ok(Ok(true));
         }
         let b = r.pblock;
         if b < format::reserved_blocks(self.block_size()) || b >= self.space.total() {
-            return Err(format!("record {}: block {b} is outside the pool", r.seq));
+            return Ok(Err(format!(
+                "record {}: block {b} is outside the pool",
+                r.seq
+            )));
         }
         if self.space.rc(b) != 0 || claimed.contains(&b) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "record {}: block {b} was not free at the last commit",
                 r.seq
-            ));
+            )));
         }
         let mut data = vec![0u8; bs as usize];
         // A block past the end of the file was never written (even if its
         // logged data is zeros, which the missing bytes would match).
-        let past_end = self.storage.len().map_or(true, |len| (b + 1) * bs > len);
-        if past_end
-            || read_or_zero(&*self.storage, &mut data, b * bs).is_err()
-            || data_crc(&data) != r.data_crc
-        {
+        // An I/O error fails the open (a skip would lose a flushed write).
+        let past_end = (b + 1) * bs > self.storage.len()?;
+        if past_end || {
+            self.storage.read_at(&mut data, b * bs)?;
+            data_crc(&data) != r.data_crc
+        } {
             // Its data never reached the file: that write was neither
             // flushed nor acknowledged. Later records may still be whole
             // (concurrent writes: a killed process had acknowledged them),
             // and none depends on this one (a merge into its block waits
             // for the data), so it is skipped, not the end of the log.
-            return Ok(false);
+            return Ok(Ok(false));
         }
-        Ok(true)
+        Ok(Ok(true))
     }
 }

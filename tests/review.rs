@@ -267,3 +267,45 @@ fn io_error_during_replay(on_data: bool) {
     let r = p.check().unwrap();
     assert!(r.is_clean(), "{:?}", r.problems);
 }
+
+/// `SharedPool::change` stages a new volume under the engine lock, lets
+/// it go, and seals the commit under it again: a write to the new volume
+/// in between is logged in the epoch of the commit before it, where the
+/// volume does not exist. A kill before that commit is durable must not
+/// lose the acknowledged writes logged after it (to other volumes).
+#[test]
+fn a_record_for_a_volume_staged_after_the_commit_does_not_end_the_log() {
+    let m = MemStorage::new();
+    let mut p = Pool::create_with(
+        Box::new(m.clone()),
+        Path::new("mem"),
+        &CreateOptions {
+            size: 64 * MIB,
+            block_size: 4096,
+        },
+    )
+    .unwrap();
+    let x = p.create_volume("x", MIB).unwrap();
+    p.set_logging(true);
+    p.write(x, 0, &[1u8; 4096]).unwrap();
+    p.flush().unwrap();
+    let g = p.generation();
+    let n = p.stage_create("n", MIB).unwrap();
+    p.write(n, 0, &[2u8; 4096]).unwrap();
+    p.write(x, 4096, &[3u8; 4096]).unwrap();
+    p.fail("killed");
+    drop(p);
+    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    assert_eq!(p.log_replay().unwrap().generation, g);
+    let mut buf = vec![0u8; 2 * 4096];
+    p.read(x, 0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 1));
+    assert!(
+        buf[4096..].iter().all(|&b| b == 3),
+        "acknowledged before the kill: {:?}",
+        p.log_replay()
+    );
+    assert!(p.lookup("n").is_err(), "the creation was never committed");
+    let r = p.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.problems);
+}

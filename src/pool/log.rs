@@ -142,7 +142,8 @@ impl Log {
 pub struct LogReplay {
     /// The commit the log follows: the pool opened at it.
     pub generation: u64,
-    /// Records replayed (the valid prefix of the log).
+    /// Records replayed (the valid prefix of the log, less map records
+    /// whose data never arrived: skipped).
     pub records: u64,
     /// The slot where the log ends, and why.
     pub end_slot: u64,
@@ -314,40 +315,61 @@ impl Pool {
 
     /// Replay the records that follow the last commit (in memory: the
     /// caller commits). Records are accepted in slot order while they are
-    /// whole, of this epoch, and name a volume block and a free block whose
-    /// content is what the record says; the first that is not ends the log.
+    /// whole, of this epoch, and name a volume block and a free block; the
+    /// first that is not ends the log. A map record whose block does not
+    /// hold what it logged is skipped (its write was never acknowledged).
     pub(super) fn replay_log(&mut self) -> Result<()> {
         self.log = Log::new(&self.sb);
         if self.sb.log_blocks == 0 {
             return Ok(());
         }
         let (g, nonce) = (self.sb.generation, self.sb.log_nonce);
-        let mut half = vec![0u8; self.log.records_per_half() as usize * LOG_RECORD_SIZE];
-        read_or_zero(&*self.storage, &mut half, self.log.half_offset(g))?;
+        let n = self.log.records_per_half() as usize;
+        let at = self.log.half_offset(g);
+        // A block at a time: the log's size comes from the file, which
+        // may lie; memory must not follow it.
+        let mut block = vec![0u8; self.block_size() as usize];
+        let per_block = block.len() / LOG_RECORD_SIZE;
         let mut records = Vec::new();
         let mut claimed = HashSet::new();
         let mut end = None;
-        for (slot, bytes) in half.chunks(LOG_RECORD_SIZE).enumerate() {
+        let mut end_slot = 0;
+        for slot in 0..n {
+            let within = slot % per_block;
+            if within == 0 {
+                read_or_zero(
+                    &*self.storage,
+                    &mut block,
+                    at + (slot / per_block) as u64 * self.log.block_size,
+                )?;
+            }
+            let bytes = &block[within * LOG_RECORD_SIZE..][..LOG_RECORD_SIZE];
+            end_slot = slot as u64 + 1;
             let why = match LogRecord::decode(bytes, g, nonce, slot as u32) {
-                Ok(r) => match self.replayable(&r, &claimed) {
-                    Ok(()) => {
+                Ok(r) => match self.replayable(&r, &claimed).inspect_err(|e| {
+                    self.fail(&format!("the intent log could not be read: {e}"));
+                })? {
+                    Ok(true) => {
                         if r.kind == LogKind::Map {
                             claimed.insert(r.pblock);
                         }
                         records.push(r);
                         continue;
                     }
+                    // A write whose data never arrived: skipped, not an end.
+                    Ok(false) => continue,
                     Err(why) => why,
                 },
                 Err(e) => e.to_string(),
             };
+            end_slot = slot as u64;
             end = Some(why);
             break;
         }
         let replay = LogReplay {
             generation: g,
             records: records.len() as u64,
-            end_slot: records.len() as u64,
+            end_slot,
             end: end.unwrap_or_else(|| "the half is full".into()),
         };
         // Claim every block first, so the map nodes the replay shadows
@@ -355,6 +377,7 @@ impl Pool {
         // replaces is not reused before the replay's commit is durable.
         for r in records.iter().filter(|r| r.kind == LogKind::Map) {
             if !self.space.claim(r.pblock) {
+                self.fail("the intent log could not be replayed");
                 return Err(Error::corrupt(format!(
                     "log record {}: block {} is not free",
                     r.seq, r.pblock
@@ -367,47 +390,65 @@ impl Pool {
                 LogKind::Map => self.set_mapping(r.volume, r.vblock, r.pblock),
                 LogKind::Unmap => self.unmap_block(r.volume, r.vblock),
             };
-            self.fail_on_corrupt(applied)?;
+            if let Err(e) = applied {
+                // Half replayed: nothing of it may be committed (dropping
+                // the pool would), or the log would restart without it.
+                self.fail(&format!("the intent log could not be replayed: {e}"));
+                return Err(e);
+            }
         }
         self.replayed = Some(replay);
         Ok(())
     }
 
-    /// Why record `r` cannot be replayed (it ends the log there), if so.
-    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<(), String> {
+    /// Whether record `r` is replayed (false: its write's data never
+    /// arrived, so it is skipped), or why it ends the log there.
+    fn replayable(&self, r: &LogRecord, claimed: &HashSet<u64>) -> Result<Result<bool, String>> {
         let Ok(v) = self.catalog.get(r.volume) else {
-            return Err(format!("record {}: no volume {}", r.seq, r.volume));
+            // A volume staged after this commit (`SharedPool::change` lets
+            // writes in before it seals): its creation was never durable,
+            // nor its writes; records after it may be of acknowledged ones.
+            return Ok(Ok(false));
         };
         let bs = self.block_size() as u64;
         if v.read_only || r.vblock >= v.size.div_ceil(bs) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "record {}: volume '{}' has no writable block {}",
                 r.seq, v.name, r.vblock
-            ));
+            )));
         }
         if r.kind == LogKind::Unmap {
-            return Ok(());
+            return Ok(Ok(true));
         }
         let b = r.pblock;
         if b < format::reserved_blocks(self.block_size()) || b >= self.space.total() {
-            return Err(format!("record {}: block {b} is outside the pool", r.seq));
+            return Ok(Err(format!(
+                "record {}: block {b} is outside the pool",
+                r.seq
+            )));
         }
         if self.space.rc(b) != 0 || claimed.contains(&b) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "record {}: block {b} was not free at the last commit",
                 r.seq
-            ));
+            )));
         }
         let mut data = vec![0u8; bs as usize];
-        if read_or_zero(&*self.storage, &mut data, b * bs).is_err() || data_crc(&data) != r.data_crc
-        {
-            // Its data never reached the disk, so it was never flushed:
-            // neither was anything logged after it.
-            return Err(format!(
-                "record {}: block {b} does not hold the logged data",
-                r.seq
-            ));
+        // A block past the end of the file was never written (even if its
+        // logged data is zeros, which the missing bytes would match).
+        // An I/O error fails the open (a skip would lose a flushed write).
+        let past_end = (b + 1) * bs > self.storage.len()?;
+        if past_end || {
+            self.storage.read_at(&mut data, b * bs)?;
+            data_crc(&data) != r.data_crc
+        } {
+            // Its data never reached the file: that write was neither
+            // flushed nor acknowledged. Later records may still be whole
+            // (concurrent writes: a killed process had acknowledged them),
+            // and none depends on this one (a merge into its block waits
+            // for the data), so it is skipped, not the end of the log.
+            return Ok(Ok(false));
         }
-        Ok(())
+        Ok(Ok(true))
     }
 }

@@ -278,7 +278,7 @@ impl Pool {
     pub fn open_read_only(path: &Path) -> Result<Pool> {
         let storage = Box::new(open_file(path, false)?);
         let sb = Pool::read_superblock(&*storage, path)?;
-        let mut pool = Pool::open_at(storage, path, sb)?;
+        let mut pool = Pool::open_at_inspect(storage, path, sb)?;
         pool.read_only = true;
         Ok(pool)
     }
@@ -311,6 +311,36 @@ impl Pool {
     pub(crate) fn open_at(storage: Box<dyn Storage>, path: &Path, sb: Superblock) -> Result<Pool> {
         let mut pool = Pool::open_shared(storage.into(), path, sb)?;
         pool.replay_log()?;
+        Ok(pool)
+    }
+
+    /// `open_at` for inspection: a log that cannot be applied to
+    /// this commit's maps (a damaged node on a record's path) is left out,
+    /// and the commit is shown as it is (with the damage, which `check`
+    /// reports), rather than not opening at all.
+    pub(crate) fn open_at_inspect(
+        storage: Box<dyn Storage>,
+        path: &Path,
+        sb: Superblock,
+    ) -> Result<Pool> {
+        let storage: Arc<dyn Storage> = storage.into();
+        let mut pool = Pool::open_shared(storage.clone(), path, sb.clone())?;
+        let Err(e) = pool.replay_log() else {
+            return Ok(pool);
+        };
+        // Half applied: nothing of it may be committed.
+        pool.fail("the intent log could not be replayed");
+        let Error::Corrupt(why) = e else {
+            return Err(e);
+        };
+        let generation = sb.generation;
+        let mut pool = Pool::open_shared(storage, path, sb)?;
+        pool.replayed = Some(super::LogReplay {
+            generation,
+            records: 0,
+            end_slot: 0,
+            end: format!("not replayed: {why}"),
+        });
         Ok(pool)
     }
 

@@ -1,4 +1,4 @@
-//! Review finding: a forged intent log's size costs the open no more
+//! A forged intent log's size costs the open no more
 //! memory than a block (the log is read a block at a time). Its own test
 //! binary: it measures the process's peak memory.
 

@@ -1,4 +1,4 @@
-//! Review findings: interactions of the intent log with the data path.
+//! The intent log's replay where it meets the data path, kills, damage and I/O errors (found by review).
 
 use std::path::Path;
 

@@ -21,6 +21,10 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use thinpool::export::{control, default_export_dir};
 
+#[path = "support/host.rs"]
+mod host;
+use host::{describe, fill, loops_under, sh};
+
 const MIB: u64 = 1 << 20;
 
 //------------------------------------------------------------------------------
@@ -29,18 +33,7 @@ const MIB: u64 = 1 << 20;
 /// These tests mount FUSE and attach loop devices: without root they fail
 /// with a message instead of passing without having run.
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the export tests need root (FUSE mounts, loop devices): run them as root, \
-         e.g. `sudo -E cargo test --test export` (CI runs the suite as root)"
-    );
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        assert!(
-            Path::new(dev).exists(),
-            "{dev} is missing: the export tests need FUSE and loop devices (modprobe fuse loop)"
-        );
-    }
+    host::require_root("export");
 }
 
 fn run_tp<S: AsRef<OsStr>>(args: &[S]) -> Output {
@@ -51,35 +44,10 @@ fn run_tp<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .expect("run thinpool")
 }
 
-fn describe<S: AsRef<OsStr>>(what: &str, args: &[S], out: &Output) -> String {
-    let args: Vec<_> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    format!(
-        "{what} {}\nexit: {:?}\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Run `thinpool ARGS`, which must succeed; its stdout.
 fn tp<S: AsRef<OsStr>>(args: &[S]) -> String {
     let out = run_tp(args);
     assert!(out.status.success(), "{}", describe("thinpool", args, &out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Run a host tool, which must succeed; its stdout.
-fn sh<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect(prog);
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -199,19 +167,6 @@ fn mounts() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-fn loops_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-            if Path::new(b.trim()).starts_with(dir) {
-                out.push(format!("/dev/{name}"));
-            }
-        }
-    }
-    out
-}
-
 impl Drop for Env {
     fn drop(&mut self) {
         let tmp = self.tmp.path().to_path_buf();
@@ -258,17 +213,6 @@ impl Drop for Env {
             let _ = fs::remove_file(export.with_extension("log"));
         }
         let _ = fs::remove_file(control::socket_path(&self.pool));
-    }
-}
-
-/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
 }
 

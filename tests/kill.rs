@@ -15,7 +15,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -24,101 +24,19 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use thinpool::export::control;
 
+#[path = "support/host.rs"]
+mod host;
+use host::{describe, fill, is_mounted, loops_under, quietly, sh as run};
+
 //------------------------------------------------------------------------------
 // Harness
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the kill tests need root (FUSE mounts, loop devices): run them as root, \
-         e.g. `sudo -E cargo test --test kill`"
-    );
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        assert!(
-            Path::new(dev).exists(),
-            "{dev} is missing: the kill tests need FUSE and loop devices (modprobe fuse loop)"
-        );
-    }
-}
-
-fn describe<S: AsRef<OsStr>>(what: &str, args: &[S], out: &Output) -> String {
-    let args: Vec<_> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    format!(
-        "{what} {}\nexit: {:?}\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Run a program, which must succeed; its stdout.
-fn run<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    host::require_root("kill");
 }
 
 fn tp<S: AsRef<OsStr>>(args: &[S]) -> String {
     run(env!("CARGO_BIN_EXE_thinpool"), args)
-}
-
-/// Best effort, for cleanup: never panics.
-fn quietly(prog: &str, args: &[&OsStr]) {
-    let _ = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Mount points (from /proc/self/mountinfo); our paths have no spaces.
-fn mount_points() -> Vec<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-        .collect()
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    mount_points().iter().any(|m| m == dir)
-}
-
-/// Loop devices whose backing file is under `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-            // A dead FUSE file shows as "PATH (deleted)" on some kernels.
-            let b = b.trim().trim_end_matches(" (deleted)");
-            if Path::new(b).starts_with(dir) {
-                out.push(format!("/dev/{name}"));
-            }
-        }
-    }
-    out
-}
-
-/// Deterministic pseudo-random bytes (xorshift).
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
 }
 
 fn content(seed: u64, len: usize) -> Vec<u8> {

@@ -13,7 +13,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -23,78 +23,25 @@ use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 use thinpool::export::control;
 
+#[path = "support/host.rs"]
+mod host;
+use host::{describe, fill, loops_under, sh};
+
 /// fio's run: long enough to see a steady state on both sides of the event.
 const FIO_SECONDS: u64 = 10;
 /// When the takeover or the kill happens, after fio starts.
 const EVENT_AFTER: Duration = Duration::from_secs(4);
 
 fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "the restart tests need root (FUSE mounts, loop devices): run them as root, \
-         e.g. `sudo -E cargo test --test restart` (CI runs the suite as root)"
-    );
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        assert!(
-            Path::new(dev).exists(),
-            "{dev} is missing (modprobe fuse loop)"
-        );
-    }
+    host::require_root("restart");
     assert!(
         Command::new("fio").arg("--version").output().is_ok(),
         "fio is missing: tools/install-deps.sh installs it"
     );
 }
 
-fn describe<S: AsRef<OsStr>>(prog: &str, args: &[S], out: &Output) -> String {
-    let args: Vec<_> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    format!(
-        "{prog} {}\nexit: {:?}\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Run a tool, which must succeed; its stdout.
-fn sh<S: AsRef<OsStr>>(prog: &str, args: &[S]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect(prog);
-    assert!(out.status.success(), "{}", describe(prog, args, &out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn tp<S: AsRef<OsStr>>(args: &[S]) -> String {
     sh(env!("CARGO_BIN_EXE_thinpool"), args)
-}
-
-fn mountpoints() -> Vec<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-        .collect()
-}
-
-fn loops_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-            if Path::new(b.trim()).starts_with(dir) {
-                out.push(format!("/dev/{name}"));
-            }
-        }
-    }
-    out
 }
 
 /// `losetup -d`, tolerating a device already gone (one with autoclear set,
@@ -302,7 +249,7 @@ impl Drop for Env {
             unsafe { libc::kill(st.pid as i32, libc::SIGTERM) };
         }
         self.stop_servers();
-        if mountpoints().contains(&self.export) {
+        if host::mount_points().contains(&self.export) {
             let _ = Command::new("umount").arg("-l").arg(&self.export).status();
         }
         if thread::panicking() {
@@ -456,16 +403,6 @@ fn latency_split(out: &Path, from: f64, to: f64) -> (f64, f64, f64) {
     (spanning, inside, outside)
 }
 
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
-
 /// A file whose fsync returned, and the sha256 of what it holds.
 type Synced = (PathBuf, [u8; 32]);
 
@@ -581,7 +518,7 @@ fn finish(mut env: Env) {
     assert!(check.contains("clean"), "thinpool check: {check}");
     assert!(loops_under(&env.export).is_empty(), "loop devices left");
     assert!(
-        !mountpoints().contains(&env.export),
+        !host::mount_points().contains(&env.export),
         "FUSE mount left on the export"
     );
     assert!(

@@ -7,6 +7,19 @@ use thinpool::{CreateOptions, Pool};
 
 const MIB: u64 = 1024 * 1024;
 
+/// A 64 MiB pool of 4 KiB blocks on `storage`.
+fn small_pool(storage: impl Storage + 'static) -> Pool {
+    Pool::create_with(
+        Box::new(storage),
+        Path::new("mem"),
+        &CreateOptions {
+            size: 64 * MIB,
+            block_size: 4096,
+        },
+    )
+    .unwrap()
+}
+
 /// A killed server loses nothing it acknowledged (docs/DESIGN.md, intent
 /// log, consequence 3), also when another write's fill was still on its
 /// way: write A's record is in the file but its data pwrite never ran (the
@@ -22,15 +35,7 @@ fn a_kill_mid_fill_of_one_write_keeps_a_later_acknowledged_write() {
         }
         inner.write_at(buf, off)
     });
-    let mut p = Pool::create_with(
-        Box::new(st),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = small_pool(st);
     let id = p.create_volume("v", MIB).unwrap();
     p.set_logging(true);
     p.write(id, 0, &[1u8; 4096]).unwrap();
@@ -77,15 +82,7 @@ fn a_zero_record_past_the_end_of_the_file_is_not_replayed() {
         }
         inner.write_at(buf, off)
     });
-    let mut p = Pool::create_with(
-        Box::new(st),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = small_pool(st);
     let id = p
         .create_volume_preallocated("p", 4 * 4096, &mut |_, _| {})
         .unwrap();

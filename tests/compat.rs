@@ -179,6 +179,10 @@ fn opens_reads_and_upgrades(name: &str, made_as: u32, snapshot_keys: &[&str]) {
         serde_json::from_slice(&tp(&["info".as_ref(), p, "--json".as_ref()])).unwrap();
     assert_eq!(info["volumes"], sums.len());
     assert_eq!(info["block_size"], 4096);
+    assert_eq!(
+        info["format_version"], made_as,
+        "{name}: info shows the pool's own version before the upgrade"
+    );
     // The snapshot records (format 2's annotations) are there, one a volume.
     let records = annotations(&pool);
     assert_eq!(

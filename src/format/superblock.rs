@@ -54,6 +54,9 @@ const _: () = assert!(OFF_END <= SUPERBLOCK_SLOT_SIZE);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version the slot was written in (encode always writes
+    /// this build's, `FORMAT_VERSION`).
+    pub version: u32,
     pub generation: u64,
     pub block_size: u32,
     pub low_water_pct: u32,
@@ -151,6 +154,7 @@ impl Superblock {
             )));
         }
         let sb = Superblock {
+            version,
             generation: LE::read_u64(&b[16..24]),
             block_size: LE::read_u32(&b[24..28]),
             low_water_pct: LE::read_u32(&b[28..32]),
@@ -232,6 +236,7 @@ mod tests {
 
     fn sample() -> Superblock {
         Superblock {
+            version: FORMAT_VERSION,
             generation: 5,
             block_size: 65536,
             low_water_pct: 10,
@@ -267,6 +272,7 @@ mod tests {
         LE::write_u32(&mut b[8..12], 1);
         let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
         LE::write_u32(&mut b[12..16], crc);
+        s.version = 1;
         assert_eq!(Superblock::decode(&b).unwrap(), s);
     }
 
@@ -310,6 +316,7 @@ mod tests {
         LE::write_u32(&mut b[8..12], 2);
         let crc = crc32fast::hash(&b[16..]) ^ SB_SALT;
         LE::write_u32(&mut b[12..16], crc);
+        s.version = 2;
         assert_eq!(Superblock::decode(&b).unwrap(), s);
     }
 }

@@ -226,6 +226,8 @@ impl Pool {
             },
         )?;
         self.sb.generation = generation;
+        // A commit writes this build's format (an older pool is upgraded).
+        self.sb.version = crate::format::FORMAT_VERSION;
         self.sb.metadata_blocks = self.space.meta();
         self.sb.catalog_slots = self.catalog.n_slots();
         self.sb.rc_index = self.rc_layout.index_pointers().to_vec();

@@ -218,6 +218,7 @@ impl Pool {
         })?;
         let reserved = format::reserved_blocks(bs);
         let sb = Superblock {
+            version: crate::format::FORMAT_VERSION,
             generation: 0,
             block_size: bs,
             low_water_pct: DEFAULT_LOW_WATER_PCT,

@@ -6,7 +6,6 @@ use super::geometry::{check_memory, refcounts_per_page};
 use super::open::uuid_string;
 use super::{Pool, PoolInfo, VolumeId, DEFAULT_LOW_WATER_PCT};
 use crate::error::{Error, Result};
-use crate::format::FORMAT_VERSION;
 
 impl Pool {
     pub fn uuid(&self) -> String {
@@ -21,7 +20,7 @@ impl Pool {
         Ok(PoolInfo {
             path: self.path.clone(),
             uuid: self.uuid(),
-            format_version: FORMAT_VERSION,
+            format_version: self.sb.version,
             generation: self.sb.generation,
             block_size: self.block_size(),
             size: self.space.total() * bs,

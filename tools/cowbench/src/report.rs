@@ -200,6 +200,38 @@ pub(crate) fn pathdiff(out: &Path, base: &Path) -> Option<String> {
 }
 
 /// Replace the text between `begin` and `end` in `doc` (append both when missing).
+/// Write a scenario's results into `out` (results.json, its plot, results.md)
+/// and, with `doc`, rewrite the section between `begin` and `end` of that page.
+/// `plot` draws into the path it is given (false: nothing to plot);
+/// `markdown(rel, plotted)` renders with links relative to `rel`.
+pub(crate) fn write_scenario<R: serde::Serialize>(
+    r: &R,
+    out: &Path,
+    plot_name: &str,
+    plot: impl FnOnce(&Path) -> Result<bool>,
+    markdown: impl Fn(&str, bool) -> String,
+    doc: Option<(&Path, &str, &str)>,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(r)? + "\n",
+    )?;
+    let plotted = plot(&out.join(plot_name)).unwrap_or_else(|e| {
+        crate::util::log(format!("plot {plot_name}: {e:#}"));
+        false
+    });
+    std::fs::write(out.join("results.md"), markdown(".", plotted))?;
+    if let Some((doc, begin, end)) = doc {
+        let rel = doc
+            .parent()
+            .and_then(|p| pathdiff(out, p))
+            .unwrap_or_else(|| ".".to_string());
+        update_doc(doc, begin, end, &markdown(&rel, plotted))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn update_doc(doc: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let old = std::fs::read_to_string(doc).unwrap_or_default();
     let block = format!("{begin}\n{section}\n{end}");

@@ -5,13 +5,13 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 
 use super::CtrdReport;
 use crate::model::BackendResult;
 use crate::report::{
-    bars, fmt_bytes, fmt_num, fmt_stat, metric_table, pathdiff, status_table, update_doc, Series,
+    bars, fmt_bytes, fmt_num, fmt_stat, metric_table, status_table, write_scenario, Series,
 };
 
 pub const BEGIN: &str =
@@ -48,27 +48,14 @@ const ROWS: &[(&str, &str)] = &[
 ];
 
 pub fn write_all(r: &CtrdReport, out: &Path, doc: Option<&Path>) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(r)? + "\n",
-    )?;
-    let plotted = match plot(r, &out.join(PLOT)) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::util::log(format!("plot {PLOT}: {e:#}"));
-            false
-        }
-    };
-    std::fs::write(out.join("results.md"), markdown(r, ".", plotted))?;
-    if let Some(doc) = doc {
-        let rel = doc
-            .parent()
-            .and_then(|p| pathdiff(out, p))
-            .unwrap_or_else(|| ".".to_string());
-        update_doc(doc, BEGIN, END, &markdown(r, &rel, plotted))?;
-    }
-    Ok(())
+    write_scenario(
+        r,
+        out,
+        PLOT,
+        |path| plot(r, path),
+        |rel, plotted| markdown(r, rel, plotted),
+        doc.map(|d| (d, BEGIN, END)),
+    )
 }
 
 fn median(b: Option<&BackendResult>, key: &str) -> Option<f64> {

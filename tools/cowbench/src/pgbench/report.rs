@@ -5,12 +5,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use plotters::prelude::*;
 
 use super::{targets, PgReport};
 use crate::model::{BackendResult, Stat, Status};
-use crate::report::{fmt_bytes, fmt_num, fmt_stat, pathdiff, update_doc};
+use crate::report::{fmt_bytes, fmt_num, fmt_stat, write_scenario};
 
 const PLOT: &str = "pgbench.svg";
 
@@ -22,28 +22,15 @@ fn markers(label: &str) -> (String, String) {
 }
 
 pub fn write_all(r: &PgReport, out: &Path, doc: Option<&Path>) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(r)? + "\n",
-    )?;
-    let plotted = match plot(r, &out.join(PLOT)) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::util::log(format!("plot {PLOT}: {e:#}"));
-            false
-        }
-    };
-    std::fs::write(out.join("results.md"), markdown(r, ".", plotted))?;
-    if let Some(doc) = doc {
-        let rel = doc
-            .parent()
-            .and_then(|p| pathdiff(out, p))
-            .unwrap_or_else(|| ".".to_string());
-        let (b, e) = markers(&r.label);
-        update_doc(doc, &b, &e, &markdown(r, &rel, plotted))?;
-    }
-    Ok(())
+    let (b, e) = markers(&r.label);
+    write_scenario(
+        r,
+        out,
+        PLOT,
+        |path| plot(r, path),
+        |rel, plotted| markdown(r, rel, plotted),
+        doc.map(|d| (d, b.as_str(), e.as_str())),
+    )
 }
 
 fn get<'a>(b: &'a BackendResult, key: &str) -> Option<&'a Stat> {

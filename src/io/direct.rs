@@ -20,7 +20,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Condvar, Mutex};
 
-use super::file::{fallocate, zero_range};
+use super::file::zero_range;
+use super::FileStorage;
 use super::Storage;
 
 /// Direct-I/O unit: 4 KiB covers every logical block size Linux file
@@ -29,7 +30,9 @@ use super::Storage;
 pub const DIRECT_ALIGN: usize = 4096;
 
 pub struct DirectStorage {
-    file: File,
+    /// The file, whose sync, length and fallocate O_DIRECT does not change;
+    /// reads and writes go through the aligned paths below.
+    plain: FileStorage,
     /// Unit ranges `[start, end)` of writes in progress, and whether each is a
     /// read-modify-write.
     writing: Mutex<Vec<(u64, u64, bool)>>,
@@ -40,14 +43,14 @@ impl DirectStorage {
     /// Wrap a file opened with `O_DIRECT` (see `pool::open`).
     pub fn new(file: File) -> DirectStorage {
         DirectStorage {
-            file,
+            plain: FileStorage::new(file),
             writing: Mutex::new(Vec::new()),
             done: Condvar::new(),
         }
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        self.plain.file()
     }
 
     /// Wait until no write in progress conflicts with `[start, end)`, then
@@ -73,7 +76,7 @@ impl DirectStorage {
     fn pread_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.file().read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => return Ok(false),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -89,7 +92,7 @@ impl DirectStorage {
         let b = bounce.as_mut();
         let mut done = 0;
         while done < upto {
-            match self.file.read_at(&mut b[done..upto], start + done as u64) {
+            match self.file().read_at(&mut b[done..upto], start + done as u64) {
                 Ok(0) => {
                     b[done..upto].fill(0);
                     break;
@@ -153,7 +156,7 @@ impl Storage for DirectStorage {
         let b = bounce.as_mut();
         let mut done = 0;
         while done < skip + buf.len() {
-            match self.file.read_at(&mut b[done..], start + done as u64) {
+            match self.file().read_at(&mut b[done..], start + done as u64) {
                 Ok(0) => return Err(eof()),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -172,7 +175,7 @@ impl Storage for DirectStorage {
         let whole = aligned(offset) && aligned(buf.len() as u64);
         let _guard = self.begin_write(start, end, !whole);
         if whole && aligned(buf.as_ptr() as u64) {
-            return self.file.write_all_at(buf, offset);
+            return self.file().write_all_at(buf, offset);
         }
         let mut bounce = AlignedBuf::new((end - start) as usize)?;
         let skip = (offset - start) as usize;
@@ -191,34 +194,34 @@ impl Storage for DirectStorage {
             }
         }
         bounce.as_mut()[skip..skip + buf.len()].copy_from_slice(buf);
-        self.file.write_all_at(bounce.as_mut(), start)
+        self.file().write_all_at(bounce.as_mut(), start)
     }
 
     fn sync(&self) -> io::Result<()> {
         // O_DIRECT skips the page cache, not the disk's cache or the file
         // system's metadata (allocations): fdatasync is still the barrier.
-        self.file.sync_data()
+        self.plain.sync()
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.plain.len()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.plain.set_len(len)
     }
 
     fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
-        fallocate(self.file.as_raw_fd(), 0, offset, len).map(drop)
+        self.plain.reserve(offset, len)
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        fallocate(self.file.as_raw_fd(), mode, offset, len).map(drop)
+        self.plain.punch(offset, len)
     }
 
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
-        zero_range(self, self.file.as_raw_fd(), offset, len)
+        // Its fallback writes zeros through the aligned path.
+        zero_range(self, self.file().as_raw_fd(), offset, len)
     }
 
     fn is_direct(&self) -> bool {

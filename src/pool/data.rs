@@ -414,15 +414,7 @@ impl Pool {
 
     /// Virtual block numbers that are mapped in `id`, ascending (metadata only).
     pub fn mapped_blocks(&mut self, id: VolumeId) -> Result<Vec<u64>> {
-        self.check_ok()?;
-        let r = self.catalog.get(id)?;
-        let (root, depth, n) = (r.root, r.depth, r.size.div_ceil(self.block_size() as u64));
-        Ok(self
-            .view()
-            .mapped_in_range(root, depth, 0, n)?
-            .into_iter()
-            .map(|(v, _)| v)
-            .collect())
+        Ok(self.block_map(id)?.into_iter().map(|(v, _)| v).collect())
     }
 }
 

@@ -211,55 +211,12 @@ pub fn main(o: Opts) -> Result<()> {
 
     // First writes, then pgbench: target by target within a round, the order
     // rotating each round, so that load from the rest of the machine falls on all.
-    let n = slots.len();
-    for i in 0..o.first_writes {
-        for k in 0..n {
-            let slot = &mut slots[(k + i) % n];
-            let Some(b) = slot.backend.as_mut() else {
-                continue;
-            };
-            if interrupted() {
-                break;
-            }
-            log(format!(
-                "{}: first write {}/{}",
-                slot.target.name,
-                i + 1,
-                o.first_writes
-            ));
-            if let Err(e) = first_write(b.as_mut(), slot.target, i, &o, &mut slot.samples) {
-                slot.fail("first write", e);
-            }
-        }
-    }
-    for r in 0..o.runs {
-        for k in 0..n {
-            let slot = &mut slots[(k + r) % n];
-            let Some(b) = slot.backend.as_mut() else {
-                continue;
-            };
-            if interrupted() {
-                break;
-            }
-            log(format!(
-                "{}: pgbench {}/{}",
-                slot.target.name,
-                r + 1,
-                o.runs
-            ));
-            if let Err(e) = cycle(
-                b.as_mut(),
-                slot.target,
-                r,
-                &pgbin,
-                &sock,
-                &o,
-                &mut slot.samples,
-            ) {
-                slot.fail("pgbench", e);
-            }
-        }
-    }
+    take_turns(&mut slots, o.first_writes, "first write", |b, t, i, s| {
+        first_write(b, t, i, &o, s)
+    });
+    take_turns(&mut slots, o.runs, "pgbench", |b, t, r, s| {
+        cycle(b, t, r, &pgbin, &sock, &o, s)
+    });
     // Tear everything down before writing (and before the work dir goes).
     for s in slots.iter_mut().rev() {
         s.backend = None;
@@ -340,6 +297,33 @@ fn is_cow(t: &Target) -> bool {
 
 /// In a fresh container, cold cache: pwrite 4 KiB into the middle of the
 /// image's big file + fsync; then the same 4 KiB again; read back and compare.
+/// `rounds` rounds of `step` (named `what`) over every target still standing,
+/// target by target, the order rotating each round; a failed step fails its
+/// target, which then sits out the rest.
+fn take_turns(
+    slots: &mut [Slot],
+    rounds: usize,
+    what: &str,
+    mut step: impl FnMut(&mut dyn Backend, &'static Target, usize, &mut Samples) -> Result<()>,
+) {
+    let n = slots.len();
+    for i in 0..rounds {
+        for k in 0..n {
+            let slot = &mut slots[(k + i) % n];
+            let Some(b) = slot.backend.as_mut() else {
+                continue;
+            };
+            if interrupted() {
+                break;
+            }
+            log(format!("{}: {what} {}/{rounds}", slot.target.name, i + 1));
+            if let Err(e) = step(b.as_mut(), slot.target, i, &mut slot.samples) {
+                slot.fail(what, e);
+            }
+        }
+    }
+}
+
 fn first_write(b: &mut dyn Backend, t: &Target, i: usize, o: &Opts, s: &mut Samples) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let name = format!("fw{i}");

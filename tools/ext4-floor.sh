@@ -3,12 +3,15 @@
 # devmapper over dm-thin, a zvol) must keep per container that writes a 5-byte file,
 # measured without thinpool (as root; docs/CONTAINERD.md has the figures):
 #
-#   tools/ext4-floor.sh [--size 10G] [--mkfs-opts "OPTS"] [--base DIR] [--idle] [--keep]
+#   tools/ext4-floor.sh [--size 10G] [--ext-opts A,B] [--mkfs-opts "OPTS"] [--base DIR]
+#                       [--idle] [--keep]
 #
 # 1. The template, as the snapshotter makes it (src/snapshotter/store.rs,
 #    make_template): a sparse file of --size (the snapshotter's --volume-size,
 #    default 10G), `mkfs.ext4 -q -F -L thinpool -E lazy_itable_init=1,
-#    lazy_journal_init=1,nodiscard` plus --mkfs-opts (to try layouts).
+#    lazy_journal_init=1,nodiscard` (plus --ext-opts in that -E list: a second
+#    -E would replace it) and --mkfs-opts (to try layouts); the template's
+#    allocated size is printed.
 #    --base DIR: copy DIR's tree into it first (an unpacked image layer), so the
 #    container's file system is a layer's, not the empty template.
 # 2. A container: a sparse copy of the template on a loop device (direct I/O, as
@@ -22,11 +25,13 @@
 #    per node) would copy of its block map for those blocks: the distinct map
 #    nodes on their paths (root, level-1 nodes, leaves of 504 blocks).
 #
-# MKFS_OPTS in the environment is the same as --mkfs-opts.
+# MKFS_OPTS and EXT_OPTS in the environment are the same as --mkfs-opts and
+# --ext-opts.
 set -euo pipefail
 
 size=10G
 extra=${MKFS_OPTS:-}
+ext=${EXT_OPTS:-}
 base=""
 idle=0
 keep=0
@@ -34,6 +39,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
     --size) size=$2; shift ;;
     --mkfs-opts) extra=$2; shift ;;
+    --ext-opts) ext=$2; shift ;;
     --base) base=$2; shift ;;
     --idle) idle=1 ;;
     --keep) keep=1 ;;
@@ -56,7 +62,9 @@ mkdir "$w/mnt"
 
 truncate -s "$size" "$w/template.img"
 # shellcheck disable=SC2086 # $extra is a list of options
-mkfs.ext4 -q -F -L thinpool -E lazy_itable_init=1,lazy_journal_init=1,nodiscard $extra "$w/template.img"
+mkfs.ext4 -q -F -L thinpool -E "lazy_itable_init=1,lazy_journal_init=1,nodiscard${ext:+,$ext}" $extra "$w/template.img"
+echo "template (mkfs.ext4 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard${ext:+,$ext} $extra):" \
+    "$(du -k "$w/template.img" | cut -f1) KiB allocated"
 if [ -n "$base" ]; then
     dev=$(losetup --find --show --direct-io=on "$w/template.img")
     mount -t ext4 -o "$opts" "$dev" "$w/mnt"

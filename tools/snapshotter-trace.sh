@@ -10,7 +10,8 @@
 # the snapshotter's options, `printf hello > /hello.txt` (not with --idle),
 # umount, detach.
 #
-# 1. Times: the life N times (default 10), each step in ms.
+# 1. Times: the life N times (default 10), each step in ms; then the pool's
+#    used data and metadata per container (the N clones are kept).
 # 2. Blocks: once more, with a read-only snapshot of the clone after mount,
 #    after the write (flushed) and after umount, and the pool's generation
 #    (commits) and used bytes after each step; then the snapshotter is stopped
@@ -60,6 +61,10 @@ state() {
     "$B" info "$p" --json | python3 -c "import json,sys; d=json.load(sys.stdin); print('  %-7s generation %d, data used %d B, metadata used %d B' % ('$1', d['generation'], d['data_used_bytes'], d['metadata_used_bytes']))"
 }
 
+used() {
+    "$B" info "$p" --json | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['data_used_bytes'], d['metadata_used_bytes'])"
+}
+read -r data0 meta0 < <(used)
 echo "== times (ms; clone through the control socket, so a CLI process start included)"
 printf '  %-4s %8s %8s %8s %8s %8s %8s\n' run clone attach mount write umount detach
 now() { date +%s%N; }
@@ -81,6 +86,10 @@ for i in $(seq "$runs"); do
     awk -v i="$i" -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v e="$t4" -v f="$t5" -v g="$t6" \
         'BEGIN { printf "  %-4s %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f\n", i, (b-a)/1e6, (c-b)/1e6, (d-c)/1e6, (e-d)/1e6, (f-e)/1e6, (g-f)/1e6 }'
 done
+read -r data1 meta1 < <(used)
+echo "== space: the $runs containers above (kept, no snapshots of them), per container"
+awk -v n="$runs" -v d="$((data1 - data0))" -v m="$((meta1 - meta0))" \
+    'BEGIN { printf "  data %.1f KiB, map and other metadata %.1f KiB, together %.1f KiB\n", d/n/1024, m/n/1024, (d+m)/n/1024 }'
 echo "== blocks ($bs pool blocks)"
 state start
 "$B" clone "$p" ctrd-template c0 >/dev/null

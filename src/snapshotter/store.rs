@@ -46,6 +46,17 @@ pub const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
 /// megabytes per container.
 const RW_OPTIONS: &[&str] = &["rw", "noatime", "noinit_itable"];
 const RO_OPTIONS: &[&str] = &["ro"];
+/// `mkfs.ext4 -E` of the template (made once per pool: pools made before a
+/// change keep the template they have).
+/// - `lazy_itable_init`, `lazy_journal_init`: mkfs leaves the inode tables
+///   and the journal unwritten (holes in the volume), so they cost nothing.
+/// - `packed_meta_blocks`: the bitmaps, inode tables and the journal's start
+///   at the front of the file system, not spread over it: the blocks a
+///   container's ext4 writes fall under fewer block-map nodes, and its clone
+///   copies 2 of them (8 KiB) less (docs/CONTAINERD.md, `tools/ext4-floor.sh`).
+///   Placement only: the same features, journal and mount options.
+const TEMPLATE_EXTENDED_OPTIONS: &str =
+    "lazy_itable_init=1,lazy_journal_init=1,nodiscard,packed_meta_blocks=1";
 /// ext4's block size: a pool block of this size holds exactly one ext4
 /// block, so a container's metadata write copies nothing beside it.
 const RECOMMENDED_BLOCK_SIZE: u32 = 4096;
@@ -226,7 +237,7 @@ impl Store {
         let made = sys::run(
             std::process::Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-L", "thinpool"])
-                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+                .args(["-E", TEMPLATE_EXTENDED_OPTIONS])
                 .arg(&dev),
         );
         let _ = sys::losetup_detach(&dev);

@@ -19,6 +19,9 @@ use crate::pool::VolumeId;
 pub const VERSION: u32 = 1;
 /// Descriptors in a bundle, in this order.
 const FDS: [&str; 3] = ["fuse", "control", "pool"];
+/// The optional fourth: the containerd snapshotter's gRPC listener (so that
+/// containerd's reconnects wait in its backlog across a restart).
+const GRPC_FD: &str = "grpc";
 /// Longest message we accept (a state with many open volumes stays far below).
 const MAX_MSG: usize = 1 << 20;
 
@@ -43,6 +46,8 @@ pub struct Bundle {
     /// The pool file, open read-write with the owner lock on it; `None` for a
     /// server given an already open `Pool` by a library user (it cannot hand over).
     pub pool: Option<File>,
+    /// The snapshotter's gRPC listening socket (a `serve` has none).
+    pub grpc: Option<UnixListener>,
     pub state: State,
 }
 
@@ -53,6 +58,11 @@ impl Bundle {
             fuse: self.fuse.try_clone()?,
             control: self.control.try_clone()?,
             pool: self.pool.as_ref().map(File::try_clone).transpose()?,
+            grpc: self
+                .grpc
+                .as_ref()
+                .map(UnixListener::try_clone)
+                .transpose()?,
             state: self.state.clone(),
         })
     }
@@ -63,8 +73,18 @@ impl Bundle {
         let pool = self.pool.as_ref().ok_or_else(|| {
             io::Error::other("this server was started on an open pool and cannot hand it over")
         })?;
+        let mut names: Vec<String> = FDS.iter().map(|s| s.to_string()).collect();
+        let mut fds = vec![
+            self.fuse.as_raw_fd(),
+            self.control.as_raw_fd(),
+            pool.as_raw_fd(),
+        ];
+        if let Some(g) = &self.grpc {
+            names.push(GRPC_FD.to_string());
+            fds.push(g.as_raw_fd());
+        }
         let msg = BundleMsg {
-            fds: FDS.iter().map(|s| s.to_string()).collect(),
+            fds: names,
             state: self.state.clone(),
         };
         let value = serde_json::to_value(&msg).map_err(io::Error::other)?;
@@ -73,11 +93,6 @@ impl Bundle {
         } else {
             value
         };
-        let fds = [
-            self.fuse.as_raw_fd(),
-            self.control.as_raw_fd(),
-            pool.as_raw_fd(),
-        ];
         send_msg(sock, &value, &fds)
     }
 
@@ -103,13 +118,22 @@ impl Bundle {
                 msg.state.version
             )));
         }
-        if msg.fds != FDS || fds.len() != FDS.len() {
+        let names: Vec<&str> = msg.fds.iter().map(String::as_str).collect();
+        let with_grpc = names.len() == FDS.len() + 1
+            && names[..FDS.len()] == FDS
+            && names[FDS.len()] == GRPC_FD;
+        if !(names == FDS || with_grpc) || fds.len() != names.len() {
             return Err(ExportError::Handover(format!(
-                "expected descriptors {FDS:?}, got {:?} ({} received)",
+                "expected descriptors {FDS:?} (and \"{GRPC_FD}\"), got {:?} ({} received)",
                 msg.fds,
                 fds.len()
             )));
         }
+        let grpc = if with_grpc {
+            fds.pop().map(UnixListener::from)
+        } else {
+            None
+        };
         let pool = fds.pop().map(File::from);
         let control = fds.pop().map(UnixListener::from);
         let fuse = fds.pop();
@@ -118,6 +142,7 @@ impl Bundle {
                 fuse,
                 control,
                 pool,
+                grpc,
                 state: msg.state,
             }),
             _ => Err(ExportError::Handover("descriptors missing".into())),

@@ -214,15 +214,18 @@ pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
         export::held::hold(fd, hold.unwrap_or_default()).with_context(ctx)?;
         return Ok(());
     }
+    // The holder runs in / and names these again: absolute paths.
+    let address = std::path::absolute(&a.address)?;
+    let pool = std::path::absolute(&a.pool)?;
     let opts = thinpool::snapshotter::SnapshotterOptions {
-        address: a.address.clone(),
+        address: address.clone(),
         export_dir: a.export_dir.clone(),
         volume_size: a.volume_size,
         direct: a.direct,
         hold,
     };
     let exe = std::env::current_exe()?;
-    let (pool, address, secs) = (a.pool.clone(), a.address.clone(), a.hold.unwrap_or(0));
+    let secs = a.hold.unwrap_or(0);
     let mut start = |fd: RawFd| start_holder(&exe, &pool, &address, secs, fd);
     thinpool::snapshotter::run(&a.pool, &opts, &mut start).with_context(ctx)?;
     Ok(())

@@ -1188,3 +1188,46 @@ fn figures_start(p: &[(u64, f64)], t0: f64) -> f64 {
         .nth(19)
         .unwrap_or(t0)
 }
+
+/// The systemd unit parses (`systemd-analyze verify`, which needs no
+/// systemd running) and runs the snapshotter the way the restart test does:
+/// `--hold`, and only the main process signalled, so the holder survives.
+#[test]
+fn systemd_unit_verifies_and_keeps_the_holder() {
+    require(&["systemd-analyze"]);
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/systemd/thinpool-snapshotter.service"),
+    )
+    .unwrap();
+    let directives: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
+    for want in ["KillMode=process", "Restart=on-failure"] {
+        assert!(directives.contains(&want), "the unit lacks {want}");
+    }
+    assert!(
+        directives
+            .iter()
+            .any(|l| l.starts_with("ExecStart=") && l.contains(" --hold ")),
+        "ExecStart without --hold"
+    );
+    let verify = |text: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("thinpool-snapshotter.service");
+        // The binary under test: verify checks that ExecStart's program exists.
+        fs::write(&path, text.replace("/usr/local/bin/thinpool", BIN)).unwrap();
+        containerd::run_timeout(
+            std::process::Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&path),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let out = verify(&unit);
+    assert!(
+        out.ok() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+    // The check can fail: a directive systemd cannot parse is reported.
+    let bad = verify(&unit.replace("KillMode=process", "KillMode=procss"));
+    assert!(bad.stderr.contains("kill mode"), "{bad:?}");
+}

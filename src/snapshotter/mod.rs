@@ -65,13 +65,17 @@ pub fn run(
         .export_dir
         .clone()
         .unwrap_or_else(|| default_export_dir(pool));
-    let held = match opts.hold {
-        Some(_) => {
-            let canon = std::fs::canonicalize(pool).map_err(ExportError::path(pool))?;
-            held::connect(&canon)
-        }
-        None => None,
-    };
+    let canon = std::fs::canonicalize(pool).map_err(ExportError::path(pool))?;
+    let held = held::connect(&canon);
+    if held.is_some() && opts.hold.is_none() {
+        // Its export would block every look at the mount until a worker came.
+        return Err(ExportError::Handover(format!(
+            "a holder keeps the export of {} (socket {}): start the snapshotter with --hold, \
+             or stop the holder first",
+            canon.display(),
+            held::socket_path(&canon).display()
+        )));
+    }
     if held.is_some() {
         eprintln!("thinpool snapshotter: found the holder of the export; resuming");
     } else {
@@ -91,7 +95,6 @@ pub fn run(
             Some(c) => c,
             None => {
                 held::start(pool, &dir, &serve_opts, &opts.address, start_holder)?;
-                let canon = std::fs::canonicalize(pool).map_err(ExportError::path(pool))?;
                 held::connect(&canon).ok_or_else(|| {
                     ExportError::Handover("the holder started but does not answer".into())
                 })?

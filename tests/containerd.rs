@@ -1056,6 +1056,7 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
     let t0 = uptime();
     wait_progress(out.path(), 20, &snap);
     let snapshots = ctrd.snapshots(SNAP);
+    let info = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
 
     // (a) systemctl restart: SIGTERM, exit, the same command line again.
     // (b) a crash and Restart=on-failure: SIGKILL, the same command line.
@@ -1084,6 +1085,8 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
 
         // containerd goes on working with the new snapshotter.
         assert_eq!(ctrd.snapshots(SNAP), snapshots, "after {how}");
+        let again = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
+        assert_eq!(again, info, "Stat after {how}");
         let u = usage(&ctrd, SNAP);
         assert!(u.contains_key("writer"), "{u:?}");
         let o = ctrd.run(

@@ -306,4 +306,55 @@ mod tests {
         assert_eq!(file.stream_position().unwrap(), 3);
         assert!(recv_msg(b.as_raw_fd()).unwrap().is_none());
     }
+
+    fn bundle(dir: &Path, grpc: bool) -> Bundle {
+        let listen = |n: &str| UnixListener::bind(dir.join(n)).unwrap();
+        Bundle {
+            fuse: tempfile::tempfile().unwrap().into(),
+            control: listen("control"),
+            pool: Some(tempfile::tempfile().unwrap()),
+            grpc: grpc.then(|| listen("grpc")),
+            state: State {
+                version: VERSION,
+                pool: dir.join("pool"),
+                dir: dir.to_path_buf(),
+                background: false,
+                threads: 2,
+                init: None,
+                opens: vec![(3, 1)],
+            },
+        }
+    }
+
+    #[test]
+    fn a_bundle_carries_three_or_four_descriptors_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for grpc in [false, true] {
+            let sub = dir.path().join(grpc.to_string());
+            std::fs::create_dir(&sub).unwrap();
+            let (a, b) = UnixStream::pair().unwrap();
+            bundle(&sub, grpc).send(a.as_raw_fd(), true).unwrap();
+            let got = Bundle::recv(b.as_raw_fd()).unwrap();
+            assert_eq!(got.grpc.is_some(), grpc);
+            let name = got.grpc.map(|g| g.local_addr().unwrap());
+            assert_eq!(
+                name.as_ref().and_then(|n| n.as_pathname()),
+                grpc.then(|| sub.join("grpc")).as_deref()
+            );
+            assert_eq!(got.state.opens, vec![(3, 1)]);
+        }
+        // A fifth descriptor, or the fourth under another name: refused.
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let bad = dir.path().join("bad");
+        std::fs::create_dir(&bad).unwrap();
+        let msg = serde_json::json!({"ok": {
+            "fds": ["fuse", "control", "pool", "other"],
+            "state": serde_json::to_value(bundle(&bad, false).state).ok(),
+        }});
+        send_msg(a.as_raw_fd(), &msg, &[fd, fd, fd, fd]).unwrap();
+        let e = Bundle::recv(b.as_raw_fd()).err().expect("refused");
+        assert!(e.to_string().contains("expected descriptors"), "{e}");
+    }
 }

@@ -358,6 +358,7 @@ fn run_handed(
         .ok_or_else(|| ExportError::Handover("no pool descriptor".into()))?
         .try_clone()?;
     let pool = open_locked(&file, &pool_path)?;
+    let opened = t.elapsed();
     install_signal_handlers();
     let resumed = bundle.state.init.is_some();
     let background = bundle.state.background;
@@ -370,9 +371,11 @@ fn run_handed(
         // The previous server has exited (the holder waited for it).
         server.resend();
         eprintln!(
-            "thinpool: resumed the export of {} (pool open and requests resent in {} ms)",
+            "thinpool: resumed the export of {} (pool open and requests resent in {} ms; \
+             the pool's open {} ms)",
             pool_path.display(),
-            t.elapsed().as_millis()
+            t.elapsed().as_millis(),
+            opened.as_millis()
         );
     }
     let init = *server.sh.init.lock().unwrap_or_else(|p| p.into_inner());

@@ -158,22 +158,22 @@ struct Snapshotter {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     pool: String,
-    /// Started with `--hold` (a holder keeps the export across restarts).
-    hold: bool,
+    /// `--hold SECONDS` (a holder keeps the export across restarts).
+    hold: Option<u32>,
 }
 
 impl Snapshotter {
     fn new() -> Snapshotter {
-        Snapshotter::make(false)
+        Snapshotter::make(None)
     }
 
     /// As systemd's unit runs it: `--hold`, so that a restart or a crash
     /// of the snapshotter is a pause for running containers.
     fn new_held() -> Snapshotter {
-        Snapshotter::make(true)
+        Snapshotter::make(Some(30))
     }
 
-    fn make(hold: bool) -> Snapshotter {
+    fn make(hold: Option<u32>) -> Snapshotter {
         let dir = tempfile::Builder::new()
             .prefix("tp-snap")
             .tempdir()
@@ -211,22 +211,28 @@ impl Snapshotter {
         fs::read_to_string(self.dir.path().join("snapshotter.log")).unwrap_or_default()
     }
 
-    fn start(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("snapshotter.log"))
-            .unwrap();
+    /// The snapshotter's command line (the same every time, as systemd's).
+    fn command(&self, hold: Option<u32>) -> std::process::Command {
         let mut cmd = std::process::Command::new(BIN);
         cmd.args(["snapshotter", &self.pool, "--volume-size", "1G"])
             .arg("--address")
             .arg(self.socket())
             .arg("--export-dir")
             .arg(self.export());
-        if self.hold {
-            cmd.args(["--hold", "30"]);
+        if let Some(s) = hold {
+            cmd.args(["--hold", &s.to_string()]);
         }
-        let child = cmd
+        cmd
+    }
+
+    fn start(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotter.log"))
+            .unwrap();
+        let child = self
+            .command(self.hold)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1233,4 +1239,74 @@ fn systemd_unit_verifies_and_keeps_the_holder() {
     // The check can fail: a directive systemd cannot parse is reported.
     let bad = verify(&unit.replace("KillMode=process", "KillMode=procss"));
     assert!(bad.stderr.contains("kill mode"), "{bad:?}");
+}
+
+/// `systemctl stop` with `--hold`: the snapshotter hands back and exits; no
+/// other comes back within the hold time, so the holder releases the export
+/// (loop devices detached, FUSE unmounted, sockets removed) and exits. While
+/// a snapshotter serves, a second one on the same pool is refused.
+#[test]
+fn thinpool_holder_releases_the_export_when_no_snapshotter_comes_back() {
+    require(&["losetup", "mkfs.ext4"]);
+    let mut snap = Snapshotter::make(Some(2));
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    for hold in [Some(2), None] {
+        let out =
+            containerd::run_timeout(&mut snap.command(hold), std::time::Duration::from_secs(60))
+                .unwrap();
+        assert!(!out.ok(), "a second snapshotter started: {out:?}");
+        let why = if hold.is_some() {
+            format!("the pool is served by snapshotter process {}", snap.pid())
+        } else {
+            "a holder keeps the export".to_string()
+        };
+        assert!(out.stderr.contains(&why), "{out:?}");
+    }
+    tp(&["volume", "create", &snap.pool, "v", "--size", "64M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    let sockets = [
+        format!("{}.sock", snap.pool),
+        format!("{}.holder.sock", snap.pool),
+        snap.socket().display().to_string(),
+    ];
+
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    // Held: the device, the mount and the sockets are still there.
+    let export = snap.export();
+    assert!(containerd::loops_under(&export)
+        .iter()
+        .any(|(d, _)| *d == dev));
+    assert!(!containerd::mounts_under(&export).is_empty());
+    assert!(sockets.iter().all(|s| Path::new(s).exists()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while holder.iter().any(|&p| containerd::alive(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder did not let go:\n{}",
+            snap.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        snap.log().contains("releasing the export"),
+        "{}",
+        snap.log()
+    );
+    assert!(
+        containerd::loops_under(&export).is_empty(),
+        "loop devices left"
+    );
+    assert!(containerd::mounts_under(&export).is_empty(), "mount left");
+    for s in &sockets {
+        assert!(!Path::new(s).exists(), "{s} left");
+    }
+
+    // Started again: a new holder, the pool as it was.
+    snap.start();
+    let again = snap.holder_pids();
+    assert!(again.len() == 1 && again != holder, "{again:?}");
+    assert!(snap.volumes().iter().any(|v| v["name"] == "v"));
+    snap.check();
 }

@@ -10,7 +10,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use super::control;
@@ -225,12 +224,18 @@ fn wait_for_worker(
             );
             return None;
         }
-        match listener.accept() {
-            Ok((conn, _)) => {
-                let _ = conn.set_nonblocking(false);
-                return Some(conn);
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
+        let mut p = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+            continue;
+        }
+        if let Ok((conn, _)) = listener.accept() {
+            let _ = conn.set_nonblocking(false);
+            return Some(conn);
         }
     }
 }

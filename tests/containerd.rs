@@ -1067,7 +1067,9 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
     // (a) systemctl restart: SIGTERM, exit, the same command line again.
     // (b) a crash and Restart=on-failure: SIGKILL, the same command line.
     let mut figures = Vec::new();
-    for how in ["SIGTERM", "SIGKILL"] {
+    // (c) a SIGKILL with the next start 0.5 s later, while containerd asks
+    // for the snapshots: the call waits in the held listener's backlog.
+    for how in ["SIGTERM", "SIGKILL", "SIGKILL, a call waiting"] {
         let old = snap.pid();
         let event = uptime();
         if how == "SIGTERM" {
@@ -1076,7 +1078,24 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
         } else {
             snap.kill9();
         }
-        snap.start();
+        if how.contains("waiting") {
+            let listed = std::thread::scope(|sc| {
+                let call = sc.spawn(|| ctrd.ctr(&["snapshots", "--snapshotter", SNAP, "ls"]));
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                snap.start();
+                call.join().unwrap().unwrap()
+            });
+            assert!(listed.ok(), "a call during the restart: {listed:?}");
+            let names: Vec<&str> = listed
+                .stdout
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            assert_eq!(names, snapshots, "a call during the restart");
+        } else {
+            snap.start();
+        }
         assert_ne!(snap.pid(), old);
         assert_eq!(snap.holder_pids(), holder, "the same holder");
         wait_progress(out.path(), 20, &snap);

@@ -49,9 +49,8 @@ pub fn start(
     grpc: &Path,
     start: StartWorker<'_>,
 ) -> Result<(), ExportError> {
-    let pool = server::not_served(pool)?;
-    let file = handover::lock_pool(&pool, opts.direct)?;
-    let mut bundle = server::new_bundle(&pool, dir, opts, Some(file))?;
+    let mut bundle = server::new_held_bundle(pool, dir, opts)?;
+    let pool = bundle.state.pool.clone();
     // Until the holder has them, a failure takes everything away again.
     let undo = |bundle: Bundle| {
         let _ = sys::umount(&bundle.state.dir, true);

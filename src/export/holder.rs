@@ -48,10 +48,9 @@ pub fn supervise(
     opts: &ServeOptions,
     start: StartWorker<'_>,
 ) -> Result<(), ExportError> {
-    let pool_path = server::not_served(pool_path)?;
-    let file = handover::lock_pool(&pool_path, opts.direct)?;
     server::install_signal_handlers();
-    let mut bundle = server::new_bundle(&pool_path, dir, opts, Some(file))?;
+    let mut bundle = server::new_held_bundle(pool_path, dir, opts)?;
+    let pool_path = bundle.state.pool.clone();
     let _cleanup = Cleanup::new(
         control::socket_path(&pool_path),
         opts.background.then(|| bundle.state.dir.clone()),

@@ -180,6 +180,18 @@ pub(crate) fn not_served(pool_path: &Path) -> Result<PathBuf, ExportError> {
     Ok(pool_path)
 }
 
+/// A new export for a holder (which does no pool I/O): the pool locked, not
+/// opened; the bundle's state names the canonical pool path.
+pub(crate) fn new_held_bundle(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+) -> Result<Bundle, ExportError> {
+    let pool_path = not_served(pool_path)?;
+    let file = handover::lock_pool(&pool_path, opts.direct)?;
+    new_bundle(&pool_path, dir, opts, Some(file))
+}
+
 /// Open the pool on its locked file (a copy of the descriptor: the lock
 /// stays on the file description the bundle keeps).
 fn open_locked(file: &File, pool_path: &Path) -> Result<Pool, ExportError> {

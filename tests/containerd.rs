@@ -1328,4 +1328,17 @@ fn thinpool_holder_releases_the_export_when_no_snapshotter_comes_back() {
     assert!(again.len() == 1 && again != holder, "{again:?}");
     assert!(snap.volumes().iter().any(|v| v["name"] == "v"));
     snap.check();
+
+    // The holder killed: the snapshotter serves on without one, and its
+    // SIGTERM stops the export as without --hold (nothing is attached).
+    for &p in &again {
+        containerd::run_ok(std::process::Command::new("kill").args(["-KILL", &p.to_string()]));
+    }
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    assert!(snap.log().contains("stopped serving"), "{}", snap.log());
+    assert!(containerd::mounts_under(&export).is_empty(), "mount left");
+    snap.start();
+    assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
+    snap.check();
 }

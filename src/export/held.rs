@@ -69,34 +69,35 @@ pub fn start(
             });
         }
     }
-    let res = (|| -> Result<u32, ExportError> {
+    let res = (|| -> Result<(), ExportError> {
         let (ours, theirs) = seqpacket_pair()?;
-        let child = start(theirs.as_raw_fd()).map_err(ExportError::ServerSpawn)?;
+        let mut child = start(theirs.as_raw_fd()).map_err(ExportError::ServerSpawn)?;
         drop(theirs);
-        bundle.send(ours.as_raw_fd(), false)?;
+        let sent = bundle.send(ours.as_raw_fd(), false);
         let mut p = libc::pollfd {
             fd: ours.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut p, 1, ATTACH_TIMEOUT.as_millis() as i32) } > 0;
+        let ready =
+            sent.is_ok() && unsafe { libc::poll(&mut p, 1, ATTACH_TIMEOUT.as_millis() as i32) } > 0;
         match ready.then(|| handover::recv_msg(ours.as_raw_fd())) {
-            Some(Ok(Some((v, _)))) if v["event"] == "holding" => Ok(child.id()),
-            _ => Err(ExportError::Handover(format!(
-                "the holder (process {}) did not start; see its messages above",
-                child.id()
-            ))),
+            // It outlives us (never waited for).
+            Some(Ok(Some((v, _)))) if v["event"] == "holding" => Ok(()),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(ExportError::Handover(format!(
+                    "the holder (process {}) did not start; see its messages above",
+                    child.id()
+                )))
+            }
         }
     })();
-    match res {
-        // Our copies go; the holder's keep the export (and the pool lock).
-        Ok(_) => Ok(()),
-        Err(e) => {
-            undo(bundle);
-            Err(e)
-        }
-    }
+    // On success our copies go; the holder's keep the export (and the
+    // pool lock).
+    res.inspect_err(|_| undo(bundle))
 }
 
 /// The holder (`thinpool snapshotter --hold-fd FD`): take the bundle the

@@ -158,10 +158,22 @@ struct Snapshotter {
     child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     pool: String,
+    /// `--hold SECONDS` (a holder keeps the export across restarts).
+    hold: Option<u32>,
 }
 
 impl Snapshotter {
     fn new() -> Snapshotter {
+        Snapshotter::make(None)
+    }
+
+    /// As systemd's unit runs it: `--hold`, so that a restart or a crash
+    /// of the snapshotter is a pause for running containers.
+    fn new_held() -> Snapshotter {
+        Snapshotter::make(Some(30))
+    }
+
+    fn make(hold: Option<u32>) -> Snapshotter {
         let dir = tempfile::Builder::new()
             .prefix("tp-snap")
             .tempdir()
@@ -174,6 +186,7 @@ impl Snapshotter {
             child: None,
             dir,
             pool,
+            hold,
         };
         s.start();
         s
@@ -198,18 +211,28 @@ impl Snapshotter {
         fs::read_to_string(self.dir.path().join("snapshotter.log")).unwrap_or_default()
     }
 
+    /// The snapshotter's command line (the same every time, as systemd's).
+    fn command(&self, hold: Option<u32>) -> std::process::Command {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["snapshotter", &self.pool, "--volume-size", "1G"])
+            .arg("--address")
+            .arg(self.socket())
+            .arg("--export-dir")
+            .arg(self.export());
+        if let Some(s) = hold {
+            cmd.args(["--hold", &s.to_string()]);
+        }
+        cmd
+    }
+
     fn start(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("snapshotter.log"))
             .unwrap();
-        let child = std::process::Command::new(BIN)
-            .args(["snapshotter", &self.pool, "--volume-size", "1G"])
-            .arg("--address")
-            .arg(self.socket())
-            .arg("--export-dir")
-            .arg(self.export())
+        let child = self
+            .command(self.hold)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -232,6 +255,15 @@ impl Snapshotter {
 
     fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Live processes of this pool other than the worker: the holder.
+    fn holder_pids(&self) -> Vec<u32> {
+        let worker = self.child.as_ref().map(|c| c.id());
+        containerd::pids_with_arg(&self.pool)
+            .into_iter()
+            .filter(|&p| Some(p) != worker && containerd::alive(p))
+            .collect()
     }
 
     fn kill9(&mut self) {
@@ -312,6 +344,21 @@ impl Drop for Snapshotter {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // The holder (its command line names our pool): SIGTERM with no
+        // worker attached releases the export.
+        for pid in self.holder_pids() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while containerd::alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
         containerd::detach_loops_under(self.dir.path());
         containerd::unmount_under(self.dir.path());
@@ -990,4 +1037,413 @@ async fn snapshots_api_follows_containerds_rules() {
     })
     .await
     .unwrap();
+}
+
+//------------------------------------------------------------------------------
+// Restarting the snapshotter under a running container (`--hold`)
+
+/// What the container runs: write a 64 KiB file, fsync it, record its md5
+/// (fsync'd too) and the time (/proc/uptime) in /out/progress on the host,
+/// until /out/stop appears; then check every file against its md5.
+const WRITER: &str = "set -e; mkdir -p /w; i=0; \
+    while [ ! -e /out/stop ]; do \
+      head -c 65536 /dev/urandom > /w/f$i; sync /w/f$i; \
+      md5sum /w/f$i >> /w/sums; sync /w/sums; \
+      [ $i -eq 0 ] || grep -q \" /w/f$((i-1))\\$\" /w/sums; \
+      read up idle < /proc/uptime; echo \"$i $up\" >> /out/progress; \
+      i=$((i+1)); \
+    done; \
+    md5sum -c -s /w/sums; echo \"done $i\" > /out/status";
+
+/// The host's /proc/uptime, in seconds (the container's clock too).
+fn uptime() -> f64 {
+    fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The container's completed iterations: (index, uptime when fsync'd).
+fn progress(out: &Path) -> Vec<(u64, f64)> {
+    fs::read_to_string(out.join("progress"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Wait until the container has completed `n` more iterations.
+fn wait_progress(out: &Path, n: usize, snap: &Snapshotter) {
+    let start = progress(out).len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while progress(out).len() < start + n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container stopped making progress:\n{}",
+            snap.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The longest gap between two completed iterations in [from, to), and the
+/// time from `event` to the first iteration completed after it (ms).
+fn gaps(p: &[(u64, f64)], from: f64, to: f64, event: f64) -> (f64, f64) {
+    let ts: Vec<f64> = p
+        .iter()
+        .map(|x| x.1)
+        .filter(|t| *t >= from && *t < to)
+        .collect();
+    let longest = ts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    let first = p
+        .iter()
+        .map(|x| x.1)
+        .find(|t| *t > event)
+        .unwrap_or(f64::NAN);
+    (longest * 1000.0, (first - event) * 1000.0)
+}
+
+/// `ctr task ls`: the task's (pid, status).
+fn task(ctrd: &Containerd, id: &str) -> (String, String) {
+    let out = ctrd.ctr_ok(&["task", "ls"]);
+    let line = out.lines().find(|l| l.starts_with(id)).unwrap_or("");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (
+        f.get(1).unwrap_or(&"").to_string(),
+        f.get(2).unwrap_or(&"").to_string(),
+    )
+}
+
+/// Unmounts (lazily) on drop: a mount the test made itself.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        containerd::unmount_under(&self.0);
+    }
+}
+
+#[test]
+fn thinpool_restart_and_crash_leave_a_running_container_running() {
+    require(TOOLS);
+    require(&["e2fsck"]);
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::init(work.path());
+    layout.layer(None, "base", busybox_rootfs);
+    let registry = Registry::start();
+    let base = layout.push("base", &registry, "busy");
+    let mut snap = Snapshotter::new_held();
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "one holder: {holder:?}\n{}", snap.log());
+    let mut ctrd = Containerd::start(&[snap.proxy()]);
+    ctrd.pull(SNAP, &base);
+    let out = tempfile::tempdir().unwrap();
+    let bind = format!(
+        "type=bind,src={},dst=/out,options=rbind:rw",
+        out.path().display()
+    );
+    ctrd.start_task_with(
+        SNAP,
+        &base,
+        "writer",
+        &["--mount", &bind],
+        &["sh", "-c", WRITER],
+    );
+    wait_progress(out.path(), 20, &snap);
+    let (pid, status) = task(&ctrd, "writer");
+    assert_eq!(status, "RUNNING");
+    let t0 = uptime();
+    wait_progress(out.path(), 20, &snap);
+    let snapshots = ctrd.snapshots(SNAP);
+    let info = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
+
+    // (a) systemctl restart: SIGTERM, exit, the same command line again.
+    // (b) a crash and Restart=on-failure: SIGKILL, the same command line.
+    let mut figures = Vec::new();
+    // (c) a SIGKILL with the next start 0.5 s later, while containerd asks
+    // for the snapshots: the call waits in the held listener's backlog.
+    for how in ["SIGTERM", "SIGKILL", "SIGKILL, a call waiting"] {
+        let old = snap.pid();
+        let event = uptime();
+        if how == "SIGTERM" {
+            let st = snap.terminate();
+            assert!(st.success(), "exit status {st} on SIGTERM:\n{}", snap.log());
+        } else {
+            snap.kill9();
+        }
+        if how.contains("waiting") {
+            let listed = std::thread::scope(|sc| {
+                let call = sc.spawn(|| ctrd.ctr(&["snapshots", "--snapshotter", SNAP, "ls"]));
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                snap.start();
+                call.join().unwrap().unwrap()
+            });
+            assert!(listed.ok(), "a call during the restart: {listed:?}");
+            let names: Vec<&str> = listed
+                .stdout
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            assert_eq!(names, snapshots, "a call during the restart");
+        } else {
+            snap.start();
+        }
+        assert_ne!(snap.pid(), old);
+        assert_eq!(snap.holder_pids(), holder, "the same holder");
+        wait_progress(out.path(), 20, &snap);
+        assert_eq!(
+            task(&ctrd, "writer"),
+            (pid.clone(), "RUNNING".into()),
+            "{how}"
+        );
+        let p = progress(out.path());
+        let (longest, first) = gaps(&p, event - 1.0, uptime(), event);
+        // A pause, not a hang that happened to end: well under containerd's
+        // and the kernel's timeouts even on a loaded machine.
+        assert!(
+            longest < 10_000.0,
+            "{how}: the container waited {longest} ms"
+        );
+        figures.push((how, longest, first));
+
+        // containerd goes on working with the new snapshotter.
+        assert_eq!(ctrd.snapshots(SNAP), snapshots, "after {how}");
+        let again = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
+        assert_eq!(again, info, "Stat after {how}");
+        let u = usage(&ctrd, SNAP);
+        assert!(u.contains_key("writer"), "{u:?}");
+        let o = ctrd.run(
+            SNAP,
+            &base,
+            "probe",
+            &["sh", "-c", "echo ok > /x && sync && cat /x"],
+        );
+        assert!(o.ok() && o.stdout.trim() == "ok", "{o:?}\n{}", snap.log());
+        ctrd.wait_for("GC of the probe", || ctrd.snapshots(SNAP) == snapshots);
+        snap.check();
+    }
+    let p = progress(out.path());
+    let (baseline, _) = gaps(&p, t0, figures_start(&p, t0), t0);
+    for (how, longest, first) in &figures {
+        eprintln!(
+            "PAUSE {how}: longest gap between two fsync'd writes of the container from 1 s \
+             before the signal on: {longest:.0} ms (20 iterations before any restart: \
+             {baseline:.0} ms); first write completed {first:.0} ms after the signal"
+        );
+    }
+    for l in snap.log().lines() {
+        if ["resumed the export", "handed the export back", "quiesced"]
+            .iter()
+            .any(|k| l.contains(k))
+        {
+            eprintln!("  {l}");
+        }
+    }
+
+    // Every file the container wrote reads back right: through the export
+    // once the host's caches are dropped.
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    fs::write(out.path().join("stop"), "").unwrap();
+    ctrd.wait_for("the writer to finish", || {
+        task(&ctrd, "writer").1 == "STOPPED"
+    });
+    let status = fs::read_to_string(out.path().join("status")).unwrap_or_default();
+    assert!(
+        status.starts_with("done "),
+        "the writer failed: '{status}'\n{}",
+        snap.log()
+    );
+    let deleted = ctrd.ctr(&["task", "delete", "writer"]).unwrap();
+    assert!(deleted.ok(), "exit status of the writer: {deleted:?}");
+
+    // The container's volume: e2fsck clean, and its files as written.
+    let m = ctrd.ctr_ok(&[
+        "snapshots",
+        "--snapshotter",
+        SNAP,
+        "mounts",
+        "/mnt",
+        "writer",
+    ]);
+    let dev = m
+        .split_whitespace()
+        .find(|w| w.starts_with("/dev/loop"))
+        .unwrap()
+        .to_string();
+    let fsck = containerd::run_timeout(
+        std::process::Command::new("e2fsck").args(["-fn", &dev]),
+        std::time::Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(fsck.ok(), "e2fsck -fn {dev}: {fsck:?}");
+    let mnt = tempfile::tempdir().unwrap();
+    containerd::run_ok(
+        std::process::Command::new("mount")
+            .args(["-o", "ro,noload", &dev])
+            .arg(mnt.path()),
+    );
+    let _mounted = Mounted(mnt.path().to_path_buf());
+    let n = containerd::sh(
+        "sed 's#  /w/#  w/#' w/sums | md5sum -c --quiet - && wc -l < w/sums",
+        mnt.path(),
+    );
+    assert!(n.trim().parse::<usize>().unwrap() >= 100, "{n}");
+    drop(_mounted);
+    ctrd.remove_container("writer");
+    snap.check();
+
+    let survivors = Survivors::of(&ctrd, &registry);
+    let export = snap.export();
+    drop(ctrd);
+    drop(snap);
+    drop(registry);
+    survivors.assert_gone();
+    assert!(
+        holder.iter().all(|&p| !containerd::alive(p)),
+        "the holder still runs"
+    );
+    assert!(containerd::mounts_under(&export).is_empty());
+    assert!(containerd::loops_under(&export).is_empty());
+}
+
+/// The time of the 20th iteration after `t0` (the baseline's window).
+fn figures_start(p: &[(u64, f64)], t0: f64) -> f64 {
+    p.iter()
+        .map(|x| x.1)
+        .filter(|t| *t >= t0)
+        .nth(19)
+        .unwrap_or(t0)
+}
+
+/// The systemd unit parses (`systemd-analyze verify`, which needs no
+/// systemd running) and runs the snapshotter the way the restart test does:
+/// `--hold`, and only the main process signalled, so the holder survives.
+#[test]
+fn systemd_unit_verifies_and_keeps_the_holder() {
+    require(&["systemd-analyze"]);
+    let unit = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/systemd/thinpool-snapshotter.service"),
+    )
+    .unwrap();
+    let directives: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
+    for want in ["KillMode=process", "Restart=on-failure"] {
+        assert!(directives.contains(&want), "the unit lacks {want}");
+    }
+    assert!(
+        directives
+            .iter()
+            .any(|l| l.starts_with("ExecStart=") && l.contains(" --hold ")),
+        "ExecStart without --hold"
+    );
+    let verify = |text: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("thinpool-snapshotter.service");
+        // The binary under test: verify checks that ExecStart's program exists.
+        fs::write(&path, text.replace("/usr/local/bin/thinpool", BIN)).unwrap();
+        containerd::run_timeout(
+            std::process::Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&path),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let out = verify(&unit);
+    assert!(
+        out.ok() && out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+    // The check can fail: a directive systemd cannot parse is reported.
+    let bad = verify(&unit.replace("KillMode=process", "KillMode=procss"));
+    assert!(bad.stderr.contains("kill mode"), "{bad:?}");
+}
+
+/// `systemctl stop` with `--hold`: the snapshotter hands back and exits; no
+/// other comes back within the hold time, so the holder releases the export
+/// (loop devices detached, FUSE unmounted, sockets removed) and exits. While
+/// a snapshotter serves, a second one on the same pool is refused.
+#[test]
+fn thinpool_holder_releases_the_export_when_no_snapshotter_comes_back() {
+    require(&["losetup", "mkfs.ext4"]);
+    let mut snap = Snapshotter::make(Some(2));
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    for hold in [Some(2), None] {
+        let out =
+            containerd::run_timeout(&mut snap.command(hold), std::time::Duration::from_secs(60))
+                .unwrap();
+        assert!(!out.ok(), "a second snapshotter started: {out:?}");
+        let why = if hold.is_some() {
+            format!("the pool is served by snapshotter process {}", snap.pid())
+        } else {
+            "a holder keeps the export".to_string()
+        };
+        assert!(out.stderr.contains(&why), "{out:?}");
+    }
+    tp(&["volume", "create", &snap.pool, "v", "--size", "64M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    let sockets = [
+        format!("{}.sock", snap.pool),
+        format!("{}.holder.sock", snap.pool),
+        snap.socket().display().to_string(),
+    ];
+
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    // Held: the device, the mount and the sockets are still there.
+    let export = snap.export();
+    assert!(containerd::loops_under(&export)
+        .iter()
+        .any(|(d, _)| *d == dev));
+    assert!(!containerd::mounts_under(&export).is_empty());
+    assert!(sockets.iter().all(|s| Path::new(s).exists()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while holder.iter().any(|&p| containerd::alive(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder did not let go:\n{}",
+            snap.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        snap.log().contains("releasing the export"),
+        "{}",
+        snap.log()
+    );
+    assert!(
+        containerd::loops_under(&export).is_empty(),
+        "loop devices left"
+    );
+    assert!(containerd::mounts_under(&export).is_empty(), "mount left");
+    for s in &sockets {
+        assert!(!Path::new(s).exists(), "{s} left");
+    }
+
+    // Started again: a new holder, the pool as it was.
+    snap.start();
+    let again = snap.holder_pids();
+    assert!(again.len() == 1 && again != holder, "{again:?}");
+    assert!(snap.volumes().iter().any(|v| v["name"] == "v"));
+    snap.check();
+
+    // The holder killed: the snapshotter serves on without one, and its
+    // SIGTERM stops the export as without --hold (nothing is attached).
+    for &p in &again {
+        containerd::run_ok(std::process::Command::new("kill").args(["-KILL", &p.to_string()]));
+    }
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    assert!(snap.log().contains("stopped serving"), "{}", snap.log());
+    assert!(containerd::mounts_under(&export).is_empty(), "mount left");
+    snap.start();
+    assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
+    snap.check();
 }

@@ -69,6 +69,17 @@ pub struct SnapshotterArgs {
     /// Open the pool file with O_DIRECT (see `thinpool serve --direct`)
     #[arg(long)]
     pub direct: bool,
+    /// Keep the export (FUSE connection, loop devices, sockets) in a holder
+    /// process when the snapshotter stops, so that a snapshotter started
+    /// again with the same arguments resumes it under running containers
+    /// (a restart or a crash is a pause for them). The holder releases the
+    /// export SECONDS after the snapshotter stopped if none came back
+    /// (docs/EXPORT.md, "The containerd snapshotter")
+    #[arg(long, value_name = "SECONDS")]
+    pub hold: Option<u64>,
+    /// Be the holder, taking the export from this descriptor (internal)
+    #[arg(long, hide = true)]
+    pub hold_fd: Option<i32>,
 }
 
 /// Attach a volume as a loop device and print /dev/loopN.
@@ -190,28 +201,71 @@ fn start_worker(exe: &Path, fd: RawFd, threads: usize) -> std::io::Result<Child>
     cmd.args(["serve", "-", "-", "--handover-fd", &fd.to_string()]);
     cmd.args(["--threads", &threads.to_string()]);
     cmd.stdin(Stdio::null()).process_group(0);
-    // SAFETY: fcntl is async-signal-safe; it lets `fd` survive the exec.
+    inherit_fd(&mut cmd, fd, false);
+    cmd.spawn()
+}
+
+pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
+    let ctx = || format!("snapshotter {}", a.pool.display());
+    let hold = a.hold.map(std::time::Duration::from_secs);
+    if let Some(fd) = a.hold_fd {
+        // SAFETY: the first worker passed us this descriptor and nothing else owns it.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        export::held::hold(fd, hold.unwrap_or_default()).with_context(ctx)?;
+        return Ok(());
+    }
+    // The holder runs in / and names these again: absolute paths.
+    let address = std::path::absolute(&a.address)?;
+    let pool = std::path::absolute(&a.pool)?;
+    let opts = thinpool::snapshotter::SnapshotterOptions {
+        address: address.clone(),
+        export_dir: a.export_dir.clone(),
+        volume_size: a.volume_size,
+        direct: a.direct,
+        hold,
+    };
+    let exe = std::env::current_exe()?;
+    let secs = a.hold.unwrap_or(0);
+    let mut start = |fd: RawFd| start_holder(&exe, &pool, &address, secs, fd);
+    thinpool::snapshotter::run(&a.pool, &opts, &mut start).with_context(ctx)?;
+    Ok(())
+}
+
+/// Start `thinpool snapshotter POOL --hold-fd FD` (the holder) in a session
+/// of its own: it outlives this process and no signal aimed at this one's
+/// process group reaches it (systemd: `KillMode=process`).
+fn start_holder(
+    exe: &Path,
+    pool: &Path,
+    address: &Path,
+    secs: u64,
+    fd: RawFd,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("snapshotter")
+        .arg(pool)
+        .arg("--address")
+        .arg(address);
+    cmd.args(["--hold", &secs.to_string(), "--hold-fd", &fd.to_string()]);
+    cmd.stdin(Stdio::null()).current_dir("/");
+    inherit_fd(&mut cmd, fd, true);
+    cmd.spawn()
+}
+
+/// Let `fd` survive the exec of `cmd`; `setsid`: in a session of its own.
+fn inherit_fd(cmd: &mut Command, fd: RawFd, setsid: bool) {
+    // SAFETY: fcntl and setsid are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
+            if setsid {
+                libc::setsid();
+            }
             if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    cmd.spawn()
-}
-
-pub fn snapshotter(a: SnapshotterArgs) -> Result<()> {
-    let opts = thinpool::snapshotter::SnapshotterOptions {
-        address: a.address,
-        export_dir: a.export_dir,
-        volume_size: a.volume_size,
-        direct: a.direct,
-    };
-    thinpool::snapshotter::run(&a.pool, &opts)
-        .with_context(|| format!("snapshotter {}", a.pool.display()))?;
-    Ok(())
 }
 
 pub fn attach(a: AttachArgs) -> Result<()> {

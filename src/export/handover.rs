@@ -19,6 +19,9 @@ use crate::pool::VolumeId;
 pub const VERSION: u32 = 1;
 /// Descriptors in a bundle, in this order.
 const FDS: [&str; 3] = ["fuse", "control", "pool"];
+/// The optional fourth: the containerd snapshotter's gRPC listener (so that
+/// containerd's reconnects wait in its backlog across a restart).
+const GRPC_FD: &str = "grpc";
 /// Longest message we accept (a state with many open volumes stays far below).
 const MAX_MSG: usize = 1 << 20;
 
@@ -43,6 +46,8 @@ pub struct Bundle {
     /// The pool file, open read-write with the owner lock on it; `None` for a
     /// server given an already open `Pool` by a library user (it cannot hand over).
     pub pool: Option<File>,
+    /// The snapshotter's gRPC listening socket (a `serve` has none).
+    pub grpc: Option<UnixListener>,
     pub state: State,
 }
 
@@ -53,6 +58,11 @@ impl Bundle {
             fuse: self.fuse.try_clone()?,
             control: self.control.try_clone()?,
             pool: self.pool.as_ref().map(File::try_clone).transpose()?,
+            grpc: self
+                .grpc
+                .as_ref()
+                .map(UnixListener::try_clone)
+                .transpose()?,
             state: self.state.clone(),
         })
     }
@@ -63,8 +73,18 @@ impl Bundle {
         let pool = self.pool.as_ref().ok_or_else(|| {
             io::Error::other("this server was started on an open pool and cannot hand it over")
         })?;
+        let mut names: Vec<String> = FDS.iter().map(|s| s.to_string()).collect();
+        let mut fds = vec![
+            self.fuse.as_raw_fd(),
+            self.control.as_raw_fd(),
+            pool.as_raw_fd(),
+        ];
+        if let Some(g) = &self.grpc {
+            names.push(GRPC_FD.to_string());
+            fds.push(g.as_raw_fd());
+        }
         let msg = BundleMsg {
-            fds: FDS.iter().map(|s| s.to_string()).collect(),
+            fds: names,
             state: self.state.clone(),
         };
         let value = serde_json::to_value(&msg).map_err(io::Error::other)?;
@@ -73,11 +93,6 @@ impl Bundle {
         } else {
             value
         };
-        let fds = [
-            self.fuse.as_raw_fd(),
-            self.control.as_raw_fd(),
-            pool.as_raw_fd(),
-        ];
         send_msg(sock, &value, &fds)
     }
 
@@ -103,13 +118,22 @@ impl Bundle {
                 msg.state.version
             )));
         }
-        if msg.fds != FDS || fds.len() != FDS.len() {
+        let names: Vec<&str> = msg.fds.iter().map(String::as_str).collect();
+        let with_grpc = names.len() == FDS.len() + 1
+            && names[..FDS.len()] == FDS
+            && names[FDS.len()] == GRPC_FD;
+        if !(names == FDS || with_grpc) || fds.len() != names.len() {
             return Err(ExportError::Handover(format!(
-                "expected descriptors {FDS:?}, got {:?} ({} received)",
+                "expected descriptors {FDS:?} (and \"{GRPC_FD}\"), got {:?} ({} received)",
                 msg.fds,
                 fds.len()
             )));
         }
+        let grpc = if with_grpc {
+            fds.pop().map(UnixListener::from)
+        } else {
+            None
+        };
         let pool = fds.pop().map(File::from);
         let control = fds.pop().map(UnixListener::from);
         let fuse = fds.pop();
@@ -118,6 +142,7 @@ impl Bundle {
                 fuse,
                 control,
                 pool,
+                grpc,
                 state: msg.state,
             }),
             _ => Err(ExportError::Handover("descriptors missing".into())),
@@ -280,5 +305,56 @@ mod tests {
         file.write_all(b"abc").unwrap();
         assert_eq!(file.stream_position().unwrap(), 3);
         assert!(recv_msg(b.as_raw_fd()).unwrap().is_none());
+    }
+
+    fn bundle(dir: &Path, grpc: bool) -> Bundle {
+        let listen = |n: &str| UnixListener::bind(dir.join(n)).unwrap();
+        Bundle {
+            fuse: tempfile::tempfile().unwrap().into(),
+            control: listen("control"),
+            pool: Some(tempfile::tempfile().unwrap()),
+            grpc: grpc.then(|| listen("grpc")),
+            state: State {
+                version: VERSION,
+                pool: dir.join("pool"),
+                dir: dir.to_path_buf(),
+                background: false,
+                threads: 2,
+                init: None,
+                opens: vec![(3, 1)],
+            },
+        }
+    }
+
+    #[test]
+    fn a_bundle_carries_three_or_four_descriptors_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for grpc in [false, true] {
+            let sub = dir.path().join(grpc.to_string());
+            std::fs::create_dir(&sub).unwrap();
+            let (a, b) = UnixStream::pair().unwrap();
+            bundle(&sub, grpc).send(a.as_raw_fd(), true).unwrap();
+            let got = Bundle::recv(b.as_raw_fd()).unwrap();
+            assert_eq!(got.grpc.is_some(), grpc);
+            let name = got.grpc.map(|g| g.local_addr().unwrap());
+            assert_eq!(
+                name.as_ref().and_then(|n| n.as_pathname()),
+                grpc.then(|| sub.join("grpc")).as_deref()
+            );
+            assert_eq!(got.state.opens, vec![(3, 1)]);
+        }
+        // A fifth descriptor, or the fourth under another name: refused.
+        let (a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let bad = dir.path().join("bad");
+        std::fs::create_dir(&bad).unwrap();
+        let msg = serde_json::json!({"ok": {
+            "fds": ["fuse", "control", "pool", "other"],
+            "state": serde_json::to_value(bundle(&bad, false).state).ok(),
+        }});
+        send_msg(a.as_raw_fd(), &msg, &[fd, fd, fd, fd]).unwrap();
+        let e = Bundle::recv(b.as_raw_fd()).err().expect("refused");
+        assert!(e.to_string().contains("expected descriptors"), "{e}");
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::process::{Child, ExitStatus};
+use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -30,15 +30,15 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
 pub type StartWorker<'a> = &'a mut dyn FnMut(RawFd) -> std::io::Result<Child>;
 
 /// How a server run ended, from what it told the holder.
-enum Ended {
+pub(super) enum Ended {
     /// It stopped (signal, unmount): the holder stops too.
     Stopped,
     /// Planned restart: start the binary again with these open counts.
     Restart(Vec<(VolumeId, u32)>),
-    /// It died after it was serving.
-    Crashed(ExitStatus),
+    /// It died after it was serving (how, if known).
+    Crashed(String),
     /// It died before it was serving: starting it again would fail again.
-    NeverReady(ExitStatus),
+    NeverReady(String),
 }
 
 /// Hold the export of `pool_path` on `dir` and keep a server running on it.
@@ -48,10 +48,9 @@ pub fn supervise(
     opts: &ServeOptions,
     start: StartWorker<'_>,
 ) -> Result<(), ExportError> {
-    let pool_path = server::not_served(pool_path)?;
-    let file = handover::lock_pool(&pool_path, opts.direct)?;
     server::install_signal_handlers();
-    let mut bundle = server::new_bundle(&pool_path, dir, opts, Some(file))?;
+    let mut bundle = server::new_held_bundle(pool_path, dir, opts)?;
+    let pool_path = bundle.state.pool.clone();
     let _cleanup = Cleanup::new(
         control::socket_path(&pool_path),
         opts.background.then(|| bundle.state.dir.clone()),
@@ -62,7 +61,7 @@ pub fn supervise(
         pool_path.display(),
         bundle.state.dir.display()
     );
-    let mut crashes: VecDeque<Instant> = VecDeque::new();
+    let mut crashes = Crashes::default();
     loop {
         match run_once(&mut bundle, start)? {
             Ended::Stopped => return Ok(()),
@@ -77,29 +76,42 @@ pub fn supervise(
             }
             Ended::Crashed(status) => {
                 bundle.state.opens.clear();
-                if !bundle.state.init.is_some_and(|i: InitInfo| i.has_resend()) {
-                    // Today's behaviour: closing our descriptors ends the
-                    // connection, and the loop devices see I/O errors.
-                    return Err(ExportError::Handover(format!(
-                        "the server died ({status}) and this kernel cannot resend the \
-                         requests it had read (FUSE_NOTIFY_RESEND needs Linux 6.9): \
-                         ending the export"
-                    )));
-                }
-                let now = Instant::now();
-                crashes.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
-                crashes.push_back(now);
-                if crashes.len() > MAX_CRASHES {
-                    return Err(ExportError::Handover(format!(
-                        "the server died {} times within {} s (last: {status}); \
-                         ending the export",
-                        crashes.len(),
-                        CRASH_WINDOW.as_secs()
-                    )));
-                }
+                crashes.count(&bundle, &status)?;
                 eprintln!("thinpool: holder: the server died ({status}); starting another");
             }
         }
+    }
+}
+
+/// The server's recent crashes: a holder resumes the export after a crash
+/// only if the kernel can resend, and not for a server that crashes in a loop.
+#[derive(Default)]
+pub(super) struct Crashes(VecDeque<Instant>);
+
+impl Crashes {
+    /// Count a crash (`how`: the exit status, if known); an error says why
+    /// the export must end instead.
+    pub(super) fn count(&mut self, bundle: &Bundle, how: &str) -> Result<(), ExportError> {
+        if !bundle.state.init.is_some_and(|i: InitInfo| i.has_resend()) {
+            // Today's behaviour: closing our descriptors ends the
+            // connection, and the loop devices see I/O errors.
+            return Err(ExportError::Handover(format!(
+                "the server died ({how}) and this kernel cannot resend the \
+                 requests it had read (FUSE_NOTIFY_RESEND needs Linux 6.9): \
+                 ending the export"
+            )));
+        }
+        let now = Instant::now();
+        self.0.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        self.0.push_back(now);
+        if self.0.len() > MAX_CRASHES {
+            return Err(ExportError::Handover(format!(
+                "the server died {} times within {} s (last: {how}); ending the export",
+                self.0.len(),
+                CRASH_WINDOW.as_secs()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -113,10 +125,8 @@ fn run_once(bundle: &mut Bundle, start: StartWorker<'_>) -> Result<Ended, Export
         let _ = child.wait();
         return Err(e.into());
     }
-    let mut ready = false;
-    let mut ended = None;
     let mut forwarded = SIGNALS.load(Ordering::SeqCst);
-    loop {
+    let followed = follow(ours.as_raw_fd(), bundle, |_| {
         // Signals to the holder go to the server, once each.
         let signals = SIGNALS.load(Ordering::SeqCst);
         if signals > forwarded {
@@ -124,8 +134,52 @@ fn run_once(bundle: &mut Bundle, start: StartWorker<'_>) -> Result<Ended, Export
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
+        true
+    });
+    let status = child.wait()?;
+    Ok(followed.ended(status.to_string()))
+}
+
+/// What a worker told its holder so far.
+pub(super) struct Followed {
+    pub ready: bool,
+    pub ended: Option<Ended>,
+    /// `on_tick` asked to stop following (the worker may still run).
+    pub left: bool,
+}
+
+impl Followed {
+    /// How the run ended once the worker has gone (`how`: its exit status,
+    /// if known).
+    pub fn ended(self, how: String) -> Ended {
+        match self.ended {
+            Some(e) => e,
+            None if self.ready => Ended::Crashed(how),
+            None => Ended::NeverReady(how),
+        }
+    }
+}
+
+/// Read a worker's events on `conn` until it closes (every descriptor of
+/// the worker is closed: it has exited) or `on_tick` (called about every
+/// 100 ms) returns false.
+pub(super) fn follow(
+    conn: RawFd,
+    bundle: &mut Bundle,
+    mut on_tick: impl FnMut(&Followed) -> bool,
+) -> Followed {
+    let mut f = Followed {
+        ready: false,
+        ended: None,
+        left: false,
+    };
+    loop {
+        if !on_tick(&f) {
+            f.left = true;
+            return f;
+        }
         let mut p = libc::pollfd {
-            fd: ours.as_raw_fd(),
+            fd: conn,
             events: libc::POLLIN,
             revents: 0,
         };
@@ -133,34 +187,27 @@ fn run_once(bundle: &mut Bundle, start: StartWorker<'_>) -> Result<Ended, Export
         if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
             continue;
         }
-        // EOF: every descriptor of the server is closed, so it has exited.
-        let Ok(Some((event, _))) = handover::recv_msg(ours.as_raw_fd()) else {
-            break;
+        let Ok(Some((event, _))) = handover::recv_msg(conn) else {
+            return f;
         };
         match event["event"].as_str() {
             Some("ready") => {
-                ready = true;
+                f.ready = true;
                 if let Ok(Some(init)) = serde_json::from_value(event["init"].clone()) {
                     bundle.state.init = Some(init);
                 }
             }
-            Some("stopped") => ended = Some(Ended::Stopped),
+            Some("stopped") => f.ended = Some(Ended::Stopped),
             Some("restart") => {
                 let opens = serde_json::from_value(event["opens"].clone()).unwrap_or_default();
-                ended = Some(Ended::Restart(opens));
+                f.ended = Some(Ended::Restart(opens));
             }
             _ => {}
         }
     }
-    let status = child.wait()?;
-    Ok(match ended {
-        Some(e) => e,
-        None if ready => Ended::Crashed(status),
-        None => Ended::NeverReady(status),
-    })
 }
 
-fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+pub(super) fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two descriptors into `fds`.
     let r = unsafe {

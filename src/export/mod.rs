@@ -9,6 +9,7 @@
 //! - [`handover`]: the bundle one server passes to the next (SCM_RIGHTS).
 //! - `resume`: mounting, serving an initialised connection, resend.
 //! - `holder`: `serve --supervise`, the process that keeps the descriptors.
+//! - [`held`]: the containerd snapshotter's holder (outlives its workers).
 //!
 //! Usage and figures: docs/EXPORT.md.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod control;
 mod fs;
 pub mod handover;
+pub mod held;
 mod holder;
 mod resume;
 pub mod server;
@@ -26,8 +28,8 @@ pub use client::{
     attach, attach_file, default_export_dir, detach, mount, mount_served, umount, Mkfs,
     MountOptions, StartServer,
 };
-pub use holder::{supervise, take_over};
-pub use server::{serve, serve_handed, serve_with, ServeOptions, Server, ServerHandle};
+pub use holder::{supervise, take_over, StartWorker};
+pub use server::{serve, serve_handed, serve_held, serve_with, ServeOptions, Server, ServerHandle};
 
 use std::path::{Path, PathBuf};
 

@@ -180,6 +180,18 @@ pub(crate) fn not_served(pool_path: &Path) -> Result<PathBuf, ExportError> {
     Ok(pool_path)
 }
 
+/// A new export for a holder (which does no pool I/O): the pool locked, not
+/// opened; the bundle's state names the canonical pool path.
+pub(crate) fn new_held_bundle(
+    pool_path: &Path,
+    dir: &Path,
+    opts: &ServeOptions,
+) -> Result<Bundle, ExportError> {
+    let pool_path = not_served(pool_path)?;
+    let file = handover::lock_pool(&pool_path, opts.direct)?;
+    new_bundle(&pool_path, dir, opts, Some(file))
+}
+
 /// Open the pool on its locked file (a copy of the descriptor: the lock
 /// stays on the file description the bundle keeps).
 fn open_locked(file: &File, pool_path: &Path) -> Result<Pool, ExportError> {
@@ -237,6 +249,7 @@ pub(crate) fn new_bundle(
         fuse,
         control,
         pool,
+        grpc: None,
         state: State {
             version: handover::VERSION,
             pool: pool_path.to_path_buf(),
@@ -318,6 +331,38 @@ pub(crate) fn take_over_from(
 /// `fd`, serve, and tell the holder how it ended.
 pub fn serve_handed(fd: OwnedFd) -> Result<(), ExportError> {
     let bundle = Bundle::recv(fd.as_raw_fd())?;
+    run_handed(bundle, fd, false, |_| Ok(()))
+}
+
+/// A containerd snapshotter's worker (docs/EXPORT.md, "The containerd
+/// snapshotter"): ask the holder connected on `conn` for the bundle, serve
+/// it, and call `on_ready` with the server and the gRPC listener. A signal
+/// then hands the export back to the holder instead of stopping it.
+pub fn serve_held(
+    conn: OwnedFd,
+    on_ready: impl FnOnce(ServerHandle, UnixListener) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let req = serde_json::json!({
+        "op": "snapshotter_attach",
+        "version": handover::VERSION,
+        "pid": std::process::id(),
+    });
+    handover::send_msg(conn.as_raw_fd(), &req, &[])?;
+    let mut bundle = Bundle::recv(conn.as_raw_fd())?;
+    let grpc = bundle
+        .grpc
+        .take()
+        .ok_or_else(|| ExportError::Handover("the holder sent no gRPC listener".into()))?;
+    run_handed(bundle, conn, true, move |h| on_ready(h, grpc))
+}
+
+fn run_handed(
+    bundle: Bundle,
+    fd: OwnedFd,
+    held: bool,
+    on_ready: impl FnOnce(ServerHandle) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let t = Instant::now();
     let pool_path = bundle.state.pool.clone();
     let file = bundle
         .pool
@@ -325,20 +370,32 @@ pub fn serve_handed(fd: OwnedFd) -> Result<(), ExportError> {
         .ok_or_else(|| ExportError::Handover("no pool descriptor".into()))?
         .try_clone()?;
     let pool = open_locked(&file, &pool_path)?;
+    let opened = t.elapsed();
     install_signal_handlers();
     let resumed = bundle.state.init.is_some();
     let background = bundle.state.background;
     let server = Server::from_bundle(pool, bundle, Some(fd))?;
+    if held {
+        server.sh.hand_back.store(true, Ordering::SeqCst);
+        server.sh.refuse_handover.store(true, Ordering::SeqCst);
+    }
     if resumed {
         // The previous server has exited (the holder waited for it).
         server.resend();
+        eprintln!(
+            "thinpool: resumed the export of {} (pool open and requests resent in {} ms; \
+             the pool's open {} ms)",
+            pool_path.display(),
+            t.elapsed().as_millis(),
+            opened.as_millis()
+        );
     }
     let init = *server.sh.init.lock().unwrap_or_else(|p| p.into_inner());
     let _ = server
         .sh
         .tell_holder(serde_json::json!({ "event": "ready", "init": init }));
     let sh = server.sh.clone();
-    let res = run_server(server, background, |_| Ok(()));
+    let res = run_server(server, background, on_ready);
     let _ = sh.tell_holder(serde_json::json!({ "event": "stopped" }));
     res
 }
@@ -396,6 +453,8 @@ impl Server {
             bundle: Mutex::new(None),
             holder,
             refuse_handover: AtomicBool::new(false),
+            hand_back: AtomicBool::new(false),
+            hand_back_asked: AtomicBool::new(false),
         });
         if st.init.is_some() && st.opens.is_empty() {
             // Resumed after a crash: the loop devices over our files are
@@ -553,6 +612,8 @@ impl ServerHandle {
     /// A management change (`Pool::stage_*`), committed before it returns
     /// without holding the engine lock across the fdatasyncs.
     pub fn change<R>(&self, f: impl FnOnce(&mut Pool) -> Result<R>) -> Result<R> {
+        // Through the gate: a hand-back waits for it and holds new ones.
+        let _pass = self.0.gate.enter();
         self.0.pool.change(f)
     }
 
@@ -569,7 +630,27 @@ impl ServerHandle {
     /// A control-socket request, under the same rules (in-use checks, cache
     /// invalidation) as one coming from the CLI.
     pub fn execute(&self, req: Request) -> Result<Response> {
+        let _pass = self.0.gate.enter();
         handle_request(&self.0, req)
+    }
+
+    /// A signal asked this snapshotter worker to hand its export back to
+    /// the holder (see [`serve_held`]).
+    pub fn hand_back_asked(&self) -> bool {
+        self.0.hand_back_asked.load(Ordering::SeqCst)
+    }
+
+    /// Quiesce (no FUSE request inside, committed), give the open counts
+    /// to the holder and exit, leaving mount, sockets and loop devices to
+    /// the next worker. Returns only if that failed (nothing changed).
+    pub fn hand_back(&self) -> Result<()> {
+        let t = Instant::now();
+        restart(&self.0)?;
+        eprintln!(
+            "thinpool: handed the export back to the holder in {} ms; exiting",
+            t.elapsed().as_millis()
+        );
+        std::process::exit(0)
     }
 
     /// Ask the server to stop (as a signal would).
@@ -610,6 +691,19 @@ fn ticker(sh: Arc<Shared>) {
             continue;
         };
         let signals = SIGNALS.load(Ordering::SeqCst);
+        if signals > handled_signals && sh.hand_back.load(Ordering::SeqCst) && sh.holder_alive() {
+            if handled_signals == 0 {
+                eprintln!("thinpool: signalled: handing the export back to the holder");
+                handled_signals = signals;
+                sh.hand_back_asked.store(true, Ordering::SeqCst);
+                continue;
+            }
+            // Second signal: leave as a crash would; the holder keeps the
+            // export for the next worker (requests are resent to it).
+            eprintln!("thinpool: second signal: exiting; the holder keeps the export");
+            let _ = sh.commit();
+            std::process::exit(1);
+        }
         if signals > handled_signals {
             if handled_signals > 0 && !unmounted {
                 // Second signal while volumes are still attached: commit and go.
@@ -725,14 +819,16 @@ fn serve_conn(stream: UnixStream, sh: &Shared) {
                     Err(e) => Reply::err(&e),
                 }
             }
-            Ok(ServerRequest::ExportRestart) => match restart(sh) {
-                Ok(()) => {
-                    let _ = out.write_all(b"{\"ok\":\"restarting\"}\n");
-                    eprintln!("thinpool: handed back to the holder; exiting");
-                    std::process::exit(0);
+            Ok(ServerRequest::ExportRestart) => {
+                match refuse_in_process(sh).and_then(|()| restart(sh)) {
+                    Ok(()) => {
+                        let _ = out.write_all(b"{\"ok\":\"restarting\"}\n");
+                        eprintln!("thinpool: handed back to the holder; exiting");
+                        std::process::exit(0);
+                    }
+                    Err(e) => Reply::err(&e),
                 }
-                Err(e) => Reply::err(&e),
-            },
+            }
             _ => handle_line(sh, &line),
         };
         let mut text = serde_json::to_string(&reply)
@@ -783,8 +879,9 @@ fn quiesce_for_handover(sh: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// This server's bundle with its current state, to give away.
-fn current_bundle(sh: &Shared) -> Result<Bundle> {
+/// A takeover or restart asked through the control socket would leave the
+/// in-process clients (the containerd snapshotter's gRPC service) behind.
+fn refuse_in_process(sh: &Shared) -> Result<()> {
     if sh.refuse_handover.load(Ordering::SeqCst) {
         return Err(Error::InvalidArgument(
             "this server also serves in-process clients (the containerd snapshotter), \
@@ -792,6 +889,11 @@ fn current_bundle(sh: &Shared) -> Result<Bundle> {
                 .into(),
         ));
     }
+    Ok(())
+}
+
+/// This server's bundle with its current state, to give away.
+fn current_bundle(sh: &Shared) -> Result<Bundle> {
     let guard = sh.bundle.lock().unwrap_or_else(|p| p.into_inner());
     let b = guard.as_ref().filter(|b| b.pool.is_some()).ok_or_else(|| {
         Error::InvalidArgument(
@@ -820,6 +922,7 @@ fn hand_over(
             handover::VERSION
         )));
     }
+    refuse_in_process(sh)?;
     if sh.holder_alive() {
         return Err(Error::InvalidArgument(
             "this server is supervised: ask for export_restart".into(),

@@ -38,6 +38,11 @@ pub(crate) struct Shared {
     pub holder: Option<std::os::fd::OwnedFd>,
     /// In-process clients (the snapshotter) depend on this process: no handover.
     pub refuse_handover: AtomicBool,
+    /// A snapshotter worker: a signal asks for a hand-back to the holder
+    /// (which keeps the export for the next worker), not for a stop.
+    pub hand_back: AtomicBool,
+    /// A signal asked for that hand-back; the snapshotter does it.
+    pub hand_back_asked: AtomicBool,
 }
 
 impl Shared {

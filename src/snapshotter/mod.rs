@@ -22,7 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::export::{default_export_dir, serve_with, ExportError, ServeOptions, ServerHandle};
+use crate::export::{
+    default_export_dir, held, serve_held, serve_with, ExportError, ServeOptions, ServerHandle,
+    StartWorker,
+};
 use store::Store;
 
 /// gRPC code generated from proto/snapshots.proto (containerd's wire contract).
@@ -42,20 +45,79 @@ pub struct SnapshotterOptions {
     pub volume_size: u64,
     /// Open the pool file `O_DIRECT` (see `ServeOptions::direct`).
     pub direct: bool,
+    /// Keep the export in a holder process across restarts of the
+    /// snapshotter, and release it this long after the last one stopped
+    /// without another starting (`None`: no holder; a stop ends the export).
+    pub hold: Option<Duration>,
 }
 
 /// Serve `pool` to containerd until signalled (SIGTERM/SIGINT: detach the
-/// snapshotter's idle loop devices and stop once nothing is in use).
-pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
+/// snapshotter's idle loop devices and stop once nothing is in use; with
+/// `hold`, hand the export back to the holder and exit instead).
+/// `start_holder` starts the holder process (`hold` only; the library runs
+/// no program itself): the binary with the descriptor it inherits.
+pub fn run(
+    pool: &Path,
+    opts: &SnapshotterOptions,
+    start_holder: StartWorker<'_>,
+) -> Result<(), ExportError> {
     let dir = opts
         .export_dir
         .clone()
         .unwrap_or_else(|| default_export_dir(pool));
-    // A killed snapshotter leaves a dead FUSE mount there (serving clears
-    // it) and its loop devices on the dead files: drop those first, while
-    // their backing files still show where they were.
-    if crate::export::sys::is_dead_fuse_mount(&dir) {
-        let abs = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    let canon = std::fs::canonicalize(pool).map_err(ExportError::path(pool))?;
+    let held = held::connect(&canon);
+    if held.is_some() && opts.hold.is_none() {
+        // Its export would block every look at the mount until a worker came.
+        return Err(ExportError::Handover(format!(
+            "a holder keeps the export of {} (socket {}): start the snapshotter with --hold, \
+             or stop the holder first",
+            canon.display(),
+            held::socket_path(&canon).display()
+        )));
+    }
+    if held.is_some() {
+        eprintln!("thinpool snapshotter: found the holder of the export; resuming");
+    } else {
+        clear_dead_export(&dir)?;
+    }
+    if let Some(parent) = opts.address.parent() {
+        std::fs::create_dir_all(parent).map_err(ExportError::path(parent))?;
+    }
+    let address = opts.address.clone();
+    let size = opts.volume_size;
+    let serve_opts = ServeOptions {
+        direct: opts.direct,
+        ..ServeOptions::default()
+    };
+    if opts.hold.is_some() {
+        let conn = match held {
+            Some(c) => c,
+            None => {
+                held::start(pool, &dir, &serve_opts, &opts.address, start_holder)?;
+                held::connect(&canon).ok_or_else(|| {
+                    ExportError::Handover("the holder started but does not answer".into())
+                })?
+            }
+        };
+        // The holder keeps the address (and removes it when it releases).
+        return serve_held(conn, move |server, listener| {
+            spawn_grpc(server, Some(listener), address, size)
+        });
+    }
+    let res = serve_with(pool, &dir, &serve_opts, move |server| {
+        spawn_grpc(server, None, address, size)
+    });
+    let _ = std::fs::remove_file(&opts.address);
+    res
+}
+
+/// A killed snapshotter (and no holder) leaves a dead FUSE mount at `dir`
+/// (serving clears it) and its loop devices on the dead files: drop those
+/// first, while their backing files still show where they were.
+fn clear_dead_export(dir: &Path) -> Result<(), ExportError> {
+    if crate::export::sys::is_dead_fuse_mount(dir) {
+        let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         for d in crate::export::sys::loop_devices() {
             if d.backing_file.parent() == Some(&abs) {
                 eprintln!(
@@ -66,37 +128,37 @@ pub fn run(pool: &Path, opts: &SnapshotterOptions) -> Result<(), ExportError> {
             }
         }
     } else {
-        std::fs::create_dir_all(&dir).map_err(ExportError::path(&dir))?;
+        std::fs::create_dir_all(dir).map_err(ExportError::path(dir))?;
     }
-    if let Some(parent) = opts.address.parent() {
-        std::fs::create_dir_all(parent).map_err(ExportError::path(parent))?;
-    }
-    let address = opts.address.clone();
-    let size = opts.volume_size;
-    let res = serve_with(
-        pool,
-        &dir,
-        &ServeOptions {
-            direct: opts.direct,
-            ..ServeOptions::default()
-        },
-        move |server| {
-            std::thread::Builder::new()
-                .name("snapshotter".into())
-                .spawn(move || {
-                    if let Err(e) = serve_grpc(server.clone(), &address, size) {
-                        eprintln!("thinpool snapshotter: {e}");
-                        server.stop();
-                    }
-                })?;
-            Ok(())
-        },
-    );
-    let _ = std::fs::remove_file(&opts.address);
-    res
+    Ok(())
 }
 
-fn serve_grpc(server: ServerHandle, address: &Path, size: u64) -> Result<(), String> {
+fn spawn_grpc(
+    server: ServerHandle,
+    listener: Option<std::os::unix::net::UnixListener>,
+    address: PathBuf,
+    size: u64,
+) -> Result<(), ExportError> {
+    std::thread::Builder::new()
+        .name("snapshotter".into())
+        .spawn(move || {
+            if let Err(e) = serve_grpc(server.clone(), listener, &address, size) {
+                eprintln!("thinpool snapshotter: {e}");
+                server.stop();
+            }
+        })?;
+    Ok(())
+}
+
+/// How long a hand-back waits for containerd's calls in flight to finish.
+const GRPC_DRAIN: Duration = Duration::from_secs(10);
+
+fn serve_grpc(
+    server: ServerHandle,
+    listener: Option<std::os::unix::net::UnixListener>,
+    address: &Path,
+    size: u64,
+) -> Result<(), String> {
     let store = Arc::new(Store::new(server.clone()));
     store.start(size).map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,35 +169,75 @@ fn serve_grpc(server: ServerHandle, address: &Path, size: u64) -> Result<(), Str
     let svc = service::Service {
         store: store.clone(),
     };
-    rt.block_on(async move {
-        // Nothing else may own the address: we hold the pool, and a socket
-        // file left by a killed snapshotter answers no one.
-        let _ = std::fs::remove_file(address);
-        let listener = tokio::net::UnixListener::bind(address)
-            .map_err(|e| format!("cannot bind {}: {e}", address.display()))?;
+    let (srv, st) = (server.clone(), store.clone());
+    let handing_back = rt.block_on(async move {
+        let (server, store) = (srv, st);
+        let listener = match listener {
+            // The holder's listener: containerd's connections made while no
+            // worker ran wait in its backlog.
+            Some(l) => l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(l))
+                .map_err(|e| format!("cannot use the gRPC listener: {e}"))?,
+            None => {
+                // Nothing else may own the address: we hold the pool, and a
+                // socket file left by a killed snapshotter answers no one.
+                let _ = std::fs::remove_file(address);
+                tokio::net::UnixListener::bind(address)
+                    .map_err(|e| format!("cannot bind {}: {e}", address.display()))?
+            }
+        };
         eprintln!(
             "thinpool snapshotter: answering containerd on {}",
             address.display()
         );
-        let stop = {
-            let server = server.clone();
-            async move {
-                while !server.stopping() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                // Let the export stop: drop the loop devices nothing mounts
-                // (a mounted one is freed when its container unmounts it).
-                let s = store.clone();
-                let _ = tokio::task::spawn_blocking(move || s.detach_all()).await;
-            }
-        };
-        tonic::transport::Server::builder()
-            .add_service(api::snapshots_server::SnapshotsServer::new(svc))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                stop,
-            )
-            .await
-            .map_err(|e| format!("gRPC server: {e}"))
-    })
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(api::snapshots_server::SnapshotsServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async move {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        while !server.stopping() && !server.hand_back_asked() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let handing_back = !server.stopping();
+        if !handing_back {
+            // Let the export stop: drop the loop devices nothing mounts
+            // (a mounted one is freed when its container unmounts it).
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.detach_all()).await;
+        }
+        // Stop accepting; calls in flight finish (bounded for a hand-back).
+        let _ = tx.send(());
+        let t = std::time::Instant::now();
+        match tokio::time::timeout(GRPC_DRAIN, grpc).await {
+            Ok(Ok(Err(e))) => eprintln!("thinpool snapshotter: gRPC server: {e}"),
+            Err(_) => eprintln!(
+                "thinpool snapshotter: gRPC calls still running after {} s",
+                GRPC_DRAIN.as_secs()
+            ),
+            _ => {}
+        }
+        if handing_back {
+            eprintln!(
+                "thinpool snapshotter: gRPC stopped in {} ms",
+                t.elapsed().as_millis()
+            );
+        }
+        Ok::<bool, String>(handing_back)
+    })?;
+    if handing_back {
+        // Exits on success; on failure the export stops as without a holder.
+        if let Err(e) = server.hand_back() {
+            eprintln!("thinpool snapshotter: cannot hand the export back ({e}); stopping");
+            store.detach_all();
+            server.stop();
+        }
+    }
+    Ok(())
 }

@@ -213,7 +213,37 @@ impl Store {
             );
         }
         st.index = Index::load(&pool);
+        drop(pool);
+        self.adopt_loops(&mut st);
         Ok(())
+    }
+
+    /// Loop devices a previous snapshotter attached over our files (it was
+    /// restarted under running containers, the holder kept the export):
+    /// ours now, so Mounts answers the same device and Remove detaches it.
+    fn adopt_loops(&self, st: &mut State) {
+        let dir = self.server.export_dir();
+        let pool = self.server.pool();
+        let mut adopted = Vec::new();
+        for d in sys::loop_devices() {
+            if d.backing_file.parent() != Some(dir) {
+                continue;
+            }
+            let name = d.backing_file.file_name().and_then(|n| n.to_str());
+            let Some(id) = name.and_then(|n| pool.lookup(n).ok()) else {
+                continue;
+            };
+            if pool.annotation(id).is_some() && !st.loops.contains_key(&id) {
+                st.loops.insert(id, d.path());
+                adopted.push(d.name);
+            }
+        }
+        if !adopted.is_empty() {
+            eprintln!(
+                "thinpool snapshotter: adopted the loop devices of running snapshots: {}",
+                adopted.join(", ")
+            );
+        }
     }
 
     fn make_template(&self, volume_size: u64) -> Result<()> {

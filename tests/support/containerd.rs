@@ -609,7 +609,20 @@ impl Containerd {
     /// Start `cmd` in a new container `id` in the background (`ctr run -d`);
     /// it stays until [`Containerd::remove_container`] or drop.
     pub fn start_task(&mut self, snapshotter: &str, image: &str, id: &str, cmd: &[&str]) {
+        self.start_task_with(snapshotter, image, id, &[], cmd);
+    }
+
+    /// [`Containerd::start_task`] with more `ctr run` options (e.g. `--mount`).
+    pub fn start_task_with(
+        &mut self,
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        options: &[&str],
+        cmd: &[&str],
+    ) {
         let mut args = self.run_args(snapshotter);
+        args.extend(options.iter().map(|s| s.to_string()));
         args.extend(
             [&["-d", image, id][..], cmd]
                 .concat()

@@ -556,6 +556,17 @@ impl ServerHandle {
         self.0.pool.change(f)
     }
 
+    /// Read a volume through the engine (unmapped blocks read as zeros).
+    pub fn read(&self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.pool.read(id, offset, buf)
+    }
+
+    /// Unmap a volume's whole blocks in the range (the export's discard
+    /// path, made durable by the next commit).
+    pub fn discard(&self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
+        self.0.pool.discard(id, offset, len)
+    }
+
     /// Where the volumes are exported as files.
     pub fn export_dir(&self) -> &Path {
         &self.0.dir

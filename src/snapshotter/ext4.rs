@@ -761,6 +761,9 @@ mod tests {
         run(Command::new("e2fsck").arg("-fn").arg(&img.path));
     }
 
+    /// What to patch (name, byte offset, bytes) and the refusal expected.
+    type Case = (&'static str, u64, Vec<u8>, fn(&Ext4Error) -> bool);
+
     /// Every sign of a journal that may be read, and every forged field,
     /// refuses: no dead log, so nothing is unmapped.
     #[test]
@@ -779,7 +782,7 @@ mod tests {
 
         let be = |v: u32| v.to_be_bytes().to_vec();
         let le = |v: u32| v.to_le_bytes().to_vec();
-        let cases: Vec<(&str, u64, Vec<u8>, fn(&Ext4Error) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "needs_recovery",
                 sb + SB_FEATURE_INCOMPAT as u64,

@@ -464,12 +464,11 @@ impl Store {
         let released = Instant::now();
         // The layer's ext4 is unmounted: its journal's log is dead weight.
         match super::journal::punch_dead_log(&self.server, e.id) {
-            super::journal::Punched::Unmapped(n) if self.trace => {
+            super::journal::Punched::Unmapped(n) => {
                 eprintln!(
                     "thinpool snapshotter: commit {key}: unmapped {n} bytes of dead journal log"
                 )
             }
-            super::journal::Punched::Unmapped(_) => {}
             super::journal::Punched::Skipped(why) => {
                 eprintln!("thinpool snapshotter: commit {key}: journal log kept: {why}")
             }

@@ -557,6 +557,161 @@ fn thinpool_pull_run_share_and_free() {
     assert!(containerd::loops_under(&export).is_empty());
 }
 
+/// The journal's log blocks of a committed layer, as ext4 block runs
+/// (`debugfs -R 'stat <8>'` on the exported file, the journal's superblock,
+/// its block 0, left out), and ext4's block size.
+fn journal_log(file: &Path) -> (Vec<(u64, u64)>, u64) {
+    let out = containerd::run_ok(
+        std::process::Command::new("debugfs")
+            .args(["-R", "stat <8>"])
+            .arg(file),
+    );
+    let list = out.split("EXTENTS:").nth(1).expect("journal extents");
+    let mut runs = Vec::new();
+    for e in list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| e.starts_with("(") && !e.starts_with("(ETB"))
+    {
+        let (l, p) = e.split_once(':').unwrap();
+        let l0: u64 = l
+            .trim_matches(|c| c == '(' || c == ')')
+            .split('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut p = p.split('-').map(|x| x.trim().parse::<u64>().unwrap());
+        let p0 = p.next().unwrap();
+        let p1 = p.next().unwrap_or(p0);
+        let p0 = if l0 == 0 { p0 + 1 } else { p0 };
+        if p0 <= p1 {
+            runs.push((p0, p1 + 1));
+        }
+    }
+    let stats = containerd::run_ok(
+        std::process::Command::new("dumpe2fs")
+            .args(["-h"])
+            .arg(file),
+    );
+    let bs = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .expect("block size")
+        .trim()
+        .parse()
+        .unwrap();
+    (runs, bs)
+}
+
+/// A read-only loop device the test attached itself; detached on drop.
+struct RoLoop(String);
+
+impl RoLoop {
+    fn new(file: &Path) -> RoLoop {
+        let dev = containerd::run_ok(
+            std::process::Command::new("losetup")
+                .args(["--find", "--show", "--read-only"])
+                .arg(file),
+        );
+        RoLoop(dev.trim().to_string())
+    }
+}
+
+impl Drop for RoLoop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// At Commit the snapshotter unmaps the layer's dead journal log (ext4 was
+/// unmounted cleanly by the unpacker): after a pull, no committed layer maps
+/// a block of its journal but the journal's superblock, e2fsck finds each
+/// layer clean, and a container on them runs and writes.
+#[test]
+fn committed_layers_drop_their_dead_journal_log() {
+    let mut tools = TOOLS.to_vec();
+    tools.extend(["debugfs", "dumpe2fs", "e2fsck", "losetup"]);
+    require(&tools);
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_images(work.path());
+    let registry = Registry::start();
+    let app = layout.push("app", &registry, "busy");
+    let mut snap = Snapshotter::new();
+    let template_used = snap.data_used();
+    let mut ctrd = Containerd::start(&[snap.proxy()]);
+    ctrd.pull(SNAP, &app);
+    let layers: Vec<String> = snap
+        .volumes()
+        .iter()
+        .filter(|v| v["read_only"].as_bool().unwrap())
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("ctrd-") && n != "ctrd-template")
+        .collect();
+    assert_eq!(layers.len(), 2, "{:?}", snap.volumes());
+
+    // Each Commit says what it unmapped (the before/after of its volume).
+    let log = snap.log();
+    assert!(!log.contains("journal log kept"), "{log}");
+    let unmapped: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("unmapped ").nth(1))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    eprintln!(
+        "journal log unmapped per layer: {unmapped:?} bytes; pool data {} bytes over the template",
+        snap.data_used() - template_used
+    );
+    assert_eq!(unmapped.len(), 2, "{log}");
+    assert!(unmapped.iter().all(|n| *n > 0), "{unmapped:?}");
+
+    let mut logs = Vec::new();
+    for name in &layers {
+        let file = snap.export().join(name);
+        let dev = RoLoop::new(&file);
+        containerd::run_ok(std::process::Command::new("e2fsck").args(["-fn", &dev.0]));
+        logs.push(journal_log(&file));
+    }
+    snap.check();
+
+    // Blocks a layer maps that the template does not (`thinpool diff`, on
+    // the pool at rest): none in its journal's log (the template's journal
+    // is unwritten: lazy_journal_init).
+    assert!(snap.terminate().success(), "{}", snap.log());
+    for (name, (runs, ext4_block)) in layers.iter().zip(&logs) {
+        assert!(!runs.is_empty());
+        let diff: serde_json::Value =
+            serde_json::from_str(&tp(&["diff", &snap.pool, "ctrd-template", name, "--json"]))
+                .unwrap();
+        let pool_block = diff["block_size"].as_u64().unwrap();
+        let ranges = diff["ranges"].as_array().unwrap();
+        assert!(!ranges.is_empty());
+        for r in ranges {
+            let (b, n) = (r["block"].as_u64().unwrap(), r["blocks"].as_u64().unwrap());
+            let (start, end) = (b * pool_block, (b + n) * pool_block);
+            for &(j0, j1) in runs {
+                let (j0, j1) = (j0 * ext4_block, j1 * ext4_block);
+                assert!(
+                    end <= j0 || start >= j1,
+                    "{name} maps bytes {start}..{end}, in its journal log {j0}..{j1}"
+                );
+            }
+        }
+    }
+    snap.start();
+
+    let out = ctrd.run(SNAP, &app, "c1", &["sh", "-c", CHECK_APP]);
+    assert!(
+        out.ok() && out.stdout.trim() == "ok",
+        "container failed: {out:?}\n{}\n{}",
+        ctrd.log(),
+        snap.log()
+    );
+    snap.check();
+}
+
 #[test]
 fn thinpool_kill9_during_pull_recovers_from_the_pool() {
     require(TOOLS);

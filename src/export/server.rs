@@ -561,10 +561,12 @@ impl ServerHandle {
         self.0.pool.read(id, offset, buf)
     }
 
-    /// Unmap a volume's whole blocks in the range (the export's discard
-    /// path, made durable by the next commit).
-    pub fn discard(&self, id: VolumeId, offset: u64, len: u64) -> Result<()> {
-        self.0.pool.discard(id, offset, len)
+    /// Unmap whole blocks of a volume in the ranges if nothing has its file
+    /// open (checked under the engine lock, as an open counts itself): the
+    /// export's discard path, made durable by the next commit. Ok(false):
+    /// the file is open, nothing was unmapped.
+    pub fn discard_unless_open(&self, id: VolumeId, ranges: &[(u64, u64)]) -> Result<bool> {
+        self.0.pool.discard_unless(id, ranges, || self.0.in_use(id))
     }
 
     /// Where the volumes are exported as files.

@@ -55,11 +55,13 @@ pub fn punch_dead_log(server: &ServerHandle, id: VolumeId) -> Punched {
         Ok(l) => l,
         Err(e) => return Punched::Skipped(e.to_string()),
     };
-    for (offset, len) in log.pool_ranges(pool_block) {
-        if let Err(e) = server.discard(id, offset, len) {
-            // What was unmapped reads as zeros: still a clean journal.
-            return Punched::Skipped(format!("discard at byte {offset}: {e}"));
-        }
+    // Nothing may have opened the file since the checks above: decided
+    // under the engine lock, with the discards.
+    match server.discard_unless_open(id, &log.pool_ranges(pool_block)) {
+        Ok(true) => {}
+        Ok(false) => return Punched::Skipped("the volume was opened".into()),
+        // What was unmapped reads as zeros: still a clean journal.
+        Err(e) => return Punched::Skipped(format!("discard: {e}")),
     }
     let pool = server.pool();
     let after = pool

@@ -1146,3 +1146,114 @@ async fn snapshots_api_follows_containerds_rules() {
     .await
     .unwrap();
 }
+
+/// A Commit unmaps nothing of a journal that may still be read: the layer's
+/// ext4 is written through a real mount and cleanly unmounted, then its
+/// superblock says needs_recovery (or its journal says the log starts at
+/// block 1): the Commit keeps every block and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_keeps_a_journal_that_is_not_clean() {
+    use grpc::*;
+    use std::os::unix::fs::FileExt;
+    require(&["losetup", "mkfs.ext4", "debugfs", "mount"]);
+    let snap = tokio::task::spawn_blocking(Snapshotter::new).await.unwrap();
+    let mut c = connect(snap.socket()).await;
+    let active = |snap: &Snapshotter| -> Vec<serde_json::Value> {
+        snap.volumes()
+            .into_iter()
+            .filter(|v| {
+                let n = v["name"].as_str().unwrap();
+                n.starts_with("ctrd-") && n != "ctrd-template" && !v["read_only"].as_bool().unwrap()
+            })
+            .collect()
+    };
+    // (what, byte offset in the volume: None = the journal's superblock, bytes)
+    let cases: [(&str, Option<u64>, u32); 2] = [
+        // s_feature_incompat with needs_recovery (0x4) on top of the template's.
+        ("needs_recovery is set", Some(1024 + 0x60), 0x4),
+        // jbd2 s_start (big-endian) = 1.
+        ("the log starts at journal block 1", None, 1),
+    ];
+    for (i, (why, at, value)) in cases.into_iter().enumerate() {
+        let key = format!("dirty{i}");
+        let m = c
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: SNAP.into(),
+                key: key.clone(),
+                parent: String::new(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mounts;
+        let dir = snap.dir.path().join(format!("mnt{i}"));
+        fs::create_dir_all(&dir).unwrap();
+        containerd::run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "ext4", "-o", &m[0].options.join(",")])
+                .arg(&m[0].source)
+                .arg(&dir),
+        );
+        for f in 0..20 {
+            fs::write(dir.join(format!("f{f}")), "data\n").unwrap();
+        }
+        containerd::run_ok(std::process::Command::new("umount").arg(&dir));
+
+        let vols = active(&snap);
+        assert_eq!(vols.len(), 1, "{vols:?}");
+        let name = vols[0]["name"].as_str().unwrap().to_string();
+        let file = snap.export().join(&name);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        match at {
+            Some(at) => {
+                let mut b = [0u8; 4];
+                f.read_exact_at(&mut b, at).unwrap();
+                let v = u32::from_le_bytes(b) | value;
+                f.write_all_at(&v.to_le_bytes(), at).unwrap();
+            }
+            None => {
+                let jsb: u64 = containerd::run_ok(
+                    std::process::Command::new("debugfs")
+                        .args(["-R", "bmap <8> 0"])
+                        .arg(&file),
+                )
+                .trim()
+                .parse()
+                .unwrap();
+                f.write_all_at(&value.to_be_bytes(), jsb * 4096 + 0x1C)
+                    .unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        let mapped = |snap: &Snapshotter| {
+            snap.volumes()
+                .into_iter()
+                .find(|v| v["name"] == name.as_str())
+                .map(|v| v["mapped_bytes"].as_u64().unwrap())
+                .unwrap()
+        };
+        let before = mapped(&snap);
+        c.commit(CommitSnapshotRequest {
+            snapshotter: SNAP.into(),
+            name: format!("layer{i}"),
+            key,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(mapped(&snap), before, "{why}: the commit unmapped blocks");
+        let log = snap.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("journal log kept") && l.contains(why)),
+            "{why}: not in the log:\n{log}"
+        );
+        snap.check();
+    }
+}

@@ -604,6 +604,161 @@ fn thinpool_pull_run_share_and_free() {
     assert!(containerd::loops_under(&export).is_empty());
 }
 
+/// The journal's log blocks of a committed layer, as ext4 block runs
+/// (`debugfs -R 'stat <8>'` on the exported file, the journal's superblock,
+/// its block 0, left out), and ext4's block size.
+fn journal_log(file: &Path) -> (Vec<(u64, u64)>, u64) {
+    let out = containerd::run_ok(
+        std::process::Command::new("debugfs")
+            .args(["-R", "stat <8>"])
+            .arg(file),
+    );
+    let list = out.split("EXTENTS:").nth(1).expect("journal extents");
+    let mut runs = Vec::new();
+    for e in list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| e.starts_with("(") && !e.starts_with("(ETB"))
+    {
+        let (l, p) = e.split_once(':').unwrap();
+        let l0: u64 = l
+            .trim_matches(|c| c == '(' || c == ')')
+            .split('-')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut p = p.split('-').map(|x| x.trim().parse::<u64>().unwrap());
+        let p0 = p.next().unwrap();
+        let p1 = p.next().unwrap_or(p0);
+        let p0 = if l0 == 0 { p0 + 1 } else { p0 };
+        if p0 <= p1 {
+            runs.push((p0, p1 + 1));
+        }
+    }
+    let stats = containerd::run_ok(
+        std::process::Command::new("dumpe2fs")
+            .args(["-h"])
+            .arg(file),
+    );
+    let bs = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .expect("block size")
+        .trim()
+        .parse()
+        .unwrap();
+    (runs, bs)
+}
+
+/// A read-only loop device the test attached itself; detached on drop.
+struct RoLoop(String);
+
+impl RoLoop {
+    fn new(file: &Path) -> RoLoop {
+        let dev = containerd::run_ok(
+            std::process::Command::new("losetup")
+                .args(["--find", "--show", "--read-only"])
+                .arg(file),
+        );
+        RoLoop(dev.trim().to_string())
+    }
+}
+
+impl Drop for RoLoop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// At Commit the snapshotter unmaps the layer's dead journal log (ext4 was
+/// unmounted cleanly by the unpacker): after a pull, no committed layer maps
+/// a block of its journal but the journal's superblock, e2fsck finds each
+/// layer clean, and a container on them runs and writes.
+#[test]
+fn committed_layers_drop_their_dead_journal_log() {
+    let mut tools = TOOLS.to_vec();
+    tools.extend(["debugfs", "dumpe2fs", "e2fsck", "losetup"]);
+    require(&tools);
+    let work = tempfile::tempdir().unwrap();
+    let layout = build_images(work.path());
+    let registry = Registry::start();
+    let app = layout.push("app", &registry, "busy");
+    let mut snap = Snapshotter::new();
+    let template_used = snap.data_used();
+    let mut ctrd = Containerd::start(&[snap.proxy()]);
+    ctrd.pull(SNAP, &app);
+    let layers: Vec<String> = snap
+        .volumes()
+        .iter()
+        .filter(|v| v["read_only"].as_bool().unwrap())
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .filter(|n| n.starts_with("ctrd-") && n != "ctrd-template")
+        .collect();
+    assert_eq!(layers.len(), 2, "{:?}", snap.volumes());
+
+    // Each Commit says what it unmapped (the before/after of its volume).
+    let log = snap.log();
+    assert!(!log.contains("journal log kept"), "{log}");
+    let unmapped: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("unmapped ").nth(1))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    eprintln!(
+        "journal log unmapped per layer: {unmapped:?} bytes; pool data {} bytes over the template",
+        snap.data_used() - template_used
+    );
+    assert_eq!(unmapped.len(), 2, "{log}");
+    assert!(unmapped.iter().all(|n| *n > 0), "{unmapped:?}");
+
+    let mut logs = Vec::new();
+    for name in &layers {
+        let file = snap.export().join(name);
+        let dev = RoLoop::new(&file);
+        containerd::run_ok(std::process::Command::new("e2fsck").args(["-fn", &dev.0]));
+        logs.push(journal_log(&file));
+    }
+    snap.check();
+
+    // Blocks a layer maps that the template does not (`thinpool diff`, on
+    // the pool at rest): none in its journal's log (the template's journal
+    // is unwritten: lazy_journal_init).
+    assert!(snap.terminate().success(), "{}", snap.log());
+    for (name, (runs, ext4_block)) in layers.iter().zip(&logs) {
+        assert!(!runs.is_empty());
+        let diff: serde_json::Value =
+            serde_json::from_str(&tp(&["diff", &snap.pool, "ctrd-template", name, "--json"]))
+                .unwrap();
+        let pool_block = diff["block_size"].as_u64().unwrap();
+        let ranges = diff["ranges"].as_array().unwrap();
+        assert!(!ranges.is_empty());
+        for r in ranges {
+            let (b, n) = (r["block"].as_u64().unwrap(), r["blocks"].as_u64().unwrap());
+            let (start, end) = (b * pool_block, (b + n) * pool_block);
+            for &(j0, j1) in runs {
+                let (j0, j1) = (j0 * ext4_block, j1 * ext4_block);
+                assert!(
+                    end <= j0 || start >= j1,
+                    "{name} maps bytes {start}..{end}, in its journal log {j0}..{j1}"
+                );
+            }
+        }
+    }
+    snap.start();
+
+    let out = ctrd.run(SNAP, &app, "c1", &["sh", "-c", CHECK_APP]);
+    assert!(
+        out.ok() && out.stdout.trim() == "ok",
+        "container failed: {out:?}\n{}\n{}",
+        ctrd.log(),
+        snap.log()
+    );
+    snap.check();
+}
+
 #[test]
 fn thinpool_kill9_during_pull_recovers_from_the_pool() {
     require(TOOLS);
@@ -1446,4 +1601,115 @@ fn thinpool_holder_releases_the_export_when_no_snapshotter_comes_back() {
     snap.start();
     assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
     snap.check();
+}
+
+/// A Commit unmaps nothing of a journal that may still be read: the layer's
+/// ext4 is written through a real mount and cleanly unmounted, then its
+/// superblock says needs_recovery (or its journal says the log starts at
+/// block 1): the Commit keeps every block and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_keeps_a_journal_that_is_not_clean() {
+    use grpc::*;
+    use std::os::unix::fs::FileExt;
+    require(&["losetup", "mkfs.ext4", "debugfs", "mount"]);
+    let snap = tokio::task::spawn_blocking(Snapshotter::new).await.unwrap();
+    let mut c = connect(snap.socket()).await;
+    let active = |snap: &Snapshotter| -> Vec<serde_json::Value> {
+        snap.volumes()
+            .into_iter()
+            .filter(|v| {
+                let n = v["name"].as_str().unwrap();
+                n.starts_with("ctrd-") && n != "ctrd-template" && !v["read_only"].as_bool().unwrap()
+            })
+            .collect()
+    };
+    // (what, byte offset in the volume: None = the journal's superblock, bytes)
+    let cases: [(&str, Option<u64>, u32); 2] = [
+        // s_feature_incompat with needs_recovery (0x4) on top of the template's.
+        ("needs_recovery is set", Some(1024 + 0x60), 0x4),
+        // jbd2 s_start (big-endian) = 1.
+        ("the log starts at journal block 1", None, 1),
+    ];
+    for (i, (why, at, value)) in cases.into_iter().enumerate() {
+        let key = format!("dirty{i}");
+        let m = c
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: SNAP.into(),
+                key: key.clone(),
+                parent: String::new(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mounts;
+        let dir = snap.dir.path().join(format!("mnt{i}"));
+        fs::create_dir_all(&dir).unwrap();
+        containerd::run_ok(
+            std::process::Command::new("mount")
+                .args(["-t", "ext4", "-o", &m[0].options.join(",")])
+                .arg(&m[0].source)
+                .arg(&dir),
+        );
+        for f in 0..20 {
+            fs::write(dir.join(format!("f{f}")), "data\n").unwrap();
+        }
+        containerd::run_ok(std::process::Command::new("umount").arg(&dir));
+
+        let vols = active(&snap);
+        assert_eq!(vols.len(), 1, "{vols:?}");
+        let name = vols[0]["name"].as_str().unwrap().to_string();
+        let file = snap.export().join(&name);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        match at {
+            Some(at) => {
+                let mut b = [0u8; 4];
+                f.read_exact_at(&mut b, at).unwrap();
+                let v = u32::from_le_bytes(b) | value;
+                f.write_all_at(&v.to_le_bytes(), at).unwrap();
+            }
+            None => {
+                let jsb: u64 = containerd::run_ok(
+                    std::process::Command::new("debugfs")
+                        .args(["-R", "bmap <8> 0"])
+                        .arg(&file),
+                )
+                .trim()
+                .parse()
+                .unwrap();
+                f.write_all_at(&value.to_be_bytes(), jsb * 4096 + 0x1C)
+                    .unwrap();
+            }
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        let mapped = |snap: &Snapshotter| {
+            snap.volumes()
+                .into_iter()
+                .find(|v| v["name"] == name.as_str())
+                .map(|v| v["mapped_bytes"].as_u64().unwrap())
+                .unwrap()
+        };
+        let before = mapped(&snap);
+        c.commit(CommitSnapshotRequest {
+            snapshotter: SNAP.into(),
+            name: format!("layer{i}"),
+            key,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(mapped(&snap), before, "{why}: the commit unmapped blocks");
+        let log = snap.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("journal log kept") && l.contains(why)),
+            "{why}: not in the log:\n{log}"
+        );
+        snap.check();
+    }
 }

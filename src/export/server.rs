@@ -617,6 +617,19 @@ impl ServerHandle {
         self.0.pool.change(f)
     }
 
+    /// Read a volume through the engine (unmapped blocks read as zeros).
+    pub fn read(&self, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.pool.read(id, offset, buf)
+    }
+
+    /// Unmap whole blocks of a volume in the ranges if nothing has its file
+    /// open (checked under the engine lock, as an open counts itself): the
+    /// export's discard path, made durable by the next commit. Ok(false):
+    /// the file is open, nothing was unmapped.
+    pub fn discard_unless_open(&self, id: VolumeId, ranges: &[(u64, u64)]) -> Result<bool> {
+        self.0.pool.discard_unless(id, ranges, || self.0.in_use(id))
+    }
+
     /// Where the volumes are exported as files.
     pub fn export_dir(&self) -> &Path {
         &self.0.dir

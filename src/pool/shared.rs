@@ -210,6 +210,27 @@ impl SharedPool {
         r
     }
 
+    /// Unmap the whole blocks of each range unless `refuse()`, asked under
+    /// the engine lock (under which the export counts an open), says not to.
+    pub fn discard_unless(
+        &self,
+        id: VolumeId,
+        ranges: &[(u64, u64)],
+        refuse: impl FnOnce() -> bool,
+    ) -> Result<bool> {
+        let r = self.with(|p| {
+            if refuse() {
+                return Ok(false);
+            }
+            for &(offset, len) in ranges {
+                p.discard(id, offset, len)?;
+            }
+            Ok(true)
+        });
+        self.written(id);
+        r
+    }
+
     /// Note a write (or discard) of `id` whose data is in the pool file.
     fn written(&self, id: VolumeId) {
         // Set after the data is in: a commit that seals after this covers

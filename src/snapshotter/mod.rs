@@ -8,12 +8,16 @@
 //! - `record`: a snapshot's record, stored as its volume's annotation.
 //! - `store`: containerd's semantics on volumes and loop devices.
 //! - `filter`: containerd's List filters.
+//! - `ext4`: finds an ext4 journal's blocks; `journal`: unmaps a committed
+//!   layer's dead journal log.
 //! - `service`: the gRPC service over the store.
 //!
 //! Set-up and figures: README ("Use with containerd"), docs/CONTAINERD.md.
 
+pub mod ext4;
 mod filter;
 mod index;
+mod journal;
 mod record;
 mod service;
 pub mod store;

@@ -6,8 +6,9 @@
 //! - Prepare without a parent clones the pool's ext4 template; with a parent
 //!   it clones the parent's (read-only) volume; View makes a read-only
 //!   snapshot. All O(1).
-//! - Commit detaches the active snapshot's loop device and makes the same
-//!   volume read-only under its new name: no copy.
+//! - Commit detaches the active snapshot's loop device, unmaps its ext4's
+//!   dead journal log (`journal.rs`) and makes the same volume read-only
+//!   under its new name: no copy.
 //! - Mounts are ext4 on a loop device over the volume's exported file.
 //!
 //! - The records are read from the pool once, at start, into an [`Index`]
@@ -491,6 +492,18 @@ impl Store {
             )));
         }
         let released = Instant::now();
+        // The layer's ext4 is unmounted: its journal's log is dead weight.
+        match super::journal::punch_dead_log(&self.server, e.id) {
+            super::journal::Punched::Unmapped(n) => {
+                eprintln!(
+                    "thinpool snapshotter: commit {key}: unmapped {n} bytes of dead journal log"
+                )
+            }
+            super::journal::Punched::Skipped(why) => {
+                eprintln!("thinpool snapshotter: commit {key}: journal log kept: {why}")
+            }
+        }
+        let punched = Instant::now();
         let t = now_ns();
         let rec = Record {
             kind: Kind::Committed,
@@ -507,6 +520,7 @@ impl Store {
             ("lookup", looked),
             ("detach", detached),
             ("release", released),
+            ("punch journal", punched),
             ("freeze+commit", Instant::now()),
         ];
         self.trace("commit", key, &steps, t0);

@@ -460,6 +460,63 @@ fn info_is_readable() {
     assert_eq!(u(&info, "volumes"), 1);
 }
 
+/// `info` shows the intent log: where it is, its size, and the records a
+/// killed server left since the last commit (replayed in memory by the
+/// read-only open; the next read-write open commits them).
+#[test]
+fn info_shows_the_intent_log() {
+    let e = Env::new("10G");
+    e.volume("v", "1G");
+    let log = |info: &Value| info["log"].clone();
+    let before = log(&e.info());
+    // 10G of 64K blocks: two halves of 256K, 4096 records each.
+    assert_eq!(u(&before, "bytes"), 512 * KIB, "{before}");
+    assert_eq!(u(&before, "blocks"), 8, "{before}");
+    assert_eq!(u(&before, "records_per_half"), 4096, "{before}");
+    assert_eq!(u(&before, "pending_records"), 0, "{before}");
+    assert!(u(&before, "start_block") > 0, "{before}");
+    assert_eq!(before["logging"], Value::Bool(false), "unserved: {before}");
+    let row = format!(
+        "intent log: 512K at block {} (2 halves of 4096 records); 0 since the last commit \
+         (0.0% of a half)\n",
+        u(&before, "start_block")
+    );
+    let out = ok_text(&[s("info"), e.p()]);
+    assert!(out.contains(&row), "info lacks {row:?}:\n{out}");
+
+    // What a served pool killed after acknowledging three first writes
+    // leaves: three map records after the last commit.
+    let data = random_bytes(3 * BLOCK as usize, 7);
+    {
+        let mut p = Pool::open(&e.pool).unwrap();
+        let id = p.lookup("v").unwrap();
+        p.set_logging(true);
+        for b in 0..3 {
+            let at = b * 10 * BLOCK;
+            let part = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+            p.write(id, at, part).unwrap();
+        }
+        p.flush().unwrap();
+        assert_eq!(p.log_records(), 3);
+        p.fail("killed");
+    }
+    let after = log(&e.info());
+    assert_eq!(u(&after, "pending_records"), 3, "{after}");
+    let out = ok_text(&[s("info"), e.p()]);
+    assert!(
+        out.contains("; 3 since the last commit (0.1% of a half)\n"),
+        "{out}"
+    );
+    assert_eq!(
+        e.read("v", 10 * BLOCK, BLOCK),
+        &data[BLOCK as usize..2 * BLOCK as usize]
+    );
+    // A read-write open commits the replayed records: none pending.
+    e.write("v", 0, &data[..BLOCK as usize]);
+    assert_eq!(u(&log(&e.info()), "pending_records"), 0);
+    e.check();
+}
+
 #[test]
 fn volume_create_and_list() {
     let e = Env::new("10G");

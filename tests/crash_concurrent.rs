@@ -13,6 +13,14 @@
 //!    of one version of that block from the last one *flushed* before the cut
 //!    (the flush had returned: its commit is durable) up to the last one whose
 //!    write had started — never older, never anything else.
+//!
+//! A served pool writes its intent log (`SharedPool` turns it on): a flush
+//! is then one fdatasync of data and records, and a crash is recovered by
+//! replaying the records after the last commit. A pool too small for a log
+//! (the 64 KiB run without it) flushes with commits instead. With the log,
+//! halves are kept small so they fill and commits restart the log, and the
+//! log is also cut after every single call (every data write and every
+//! record), not only at syncs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,10 +58,25 @@ struct Trace {
     threads: Vec<History>,
 }
 
-fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
+/// How the pool logs: not at all (too small for a log), or with at most
+/// this many records per log half.
+#[derive(Clone, Copy, PartialEq)]
+enum Logging {
+    None,
+    Records(u32),
+}
+
+fn run_threads(bs: u64, blocks: u64, rounds: u64, logging: Logging) -> Trace {
     let st = CrashStorage::new();
+    let size = blocks * bs * 8 + (4 << 20);
     let opts = CreateOptions {
-        size: blocks * bs * 8 + (4 << 20),
+        // A log takes 1/256 of the pool at most, so the pool must have 512
+        // blocks or more to get the smallest (a block a half). The file only
+        // grows to what is used.
+        size: match logging {
+            Logging::None => size,
+            Logging::Records(_) => size.max(1024 * bs),
+        },
         block_size: bs as u32,
     };
     let mut p = Pool::create_with(
@@ -74,9 +97,14 @@ fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
     let ids: Vec<VolumeId> = (0..THREADS)
         .map(|t| p.snapshot("base", &format!("own{t}"), true).unwrap())
         .collect();
+    if let Logging::Records(n) = logging {
+        p.limit_log(n);
+    }
     st.record(true);
     let start = st.durable();
     let pool = Arc::new(SharedPool::new(p));
+    let logs = pool.read_engine().logging();
+    assert_eq!(logs, logging != Logging::None, "the pool logs");
     let log_pos = {
         let st = st.clone();
         Arc::new(Mutex::new(move || st.log_len()))
@@ -135,6 +163,13 @@ fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
         "flushes that met shared a commit: {stats:?}"
     );
     assert!(stats.commits + stats.data_syncs < stats.flushes);
+    if logs {
+        // Flushes were log syncs, and halves filled.
+        assert!(stats.log_syncs > 0 && stats.log_records > 0, "{stats:?}");
+        assert!(stats.log_full_commits > 0, "{stats:?}");
+    } else {
+        assert_eq!(stats.log_records, 0, "{stats:?}");
+    }
     drop(pool.into_inner());
     Trace {
         bs,
@@ -147,12 +182,14 @@ fn run_threads(bs: u64, blocks: u64, rounds: u64) -> Trace {
     }
 }
 
-/// Check one crash image cut at log position `cut`.
-fn verify(t: &Trace, img: Vec<u8>, cut: usize, what: &str) {
+/// Check one crash image cut at log position `cut`; returns the intent
+/// log records its open replayed.
+fn verify(t: &Trace, img: Vec<u8>, cut: usize, what: &str) -> u64 {
     let ctx = format!("cut at {cut} ({what})");
     let bs = t.bs as usize;
     let mut p = Pool::open_with(Box::new(MemStorage::from_bytes(img)), Path::new("c"))
         .unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
+    let replayed = p.log_replay().map_or(0, |r| r.records);
     let r = p.check().unwrap();
     assert!(r.is_clean(), "{ctx}: {:?}", r.problems);
     let mut all = vec![0u8; t.base.len()];
@@ -196,11 +233,31 @@ fn verify(t: &Trace, img: Vec<u8>, cut: usize, what: &str) {
             }
         }
     }
+    replayed
 }
 
-/// Cut the log at every sync (every mode) and at `between` random points
-/// between syncs; returns the number of crash points.
-fn crash_everywhere(t: &Trace, between: usize) -> usize {
+/// Where the recorded log is cut.
+#[derive(Clone, Copy)]
+enum Cuts {
+    /// At every sync (every mode) and at this many random points between
+    /// two syncs.
+    AtSyncs(usize),
+    /// At every sync (every mode) and after every other call (each data
+    /// write and log record: every pending write landed, and in a random
+    /// other mode).
+    AfterEveryCall,
+}
+
+/// What the cuts covered.
+#[derive(Debug, Default)]
+struct Covered {
+    points: usize,
+    /// Images whose open replayed intent log records.
+    replayed_images: usize,
+}
+
+/// Cut the log as `cuts` says, and verify every image.
+fn crash_everywhere(t: &Trace, cuts: Cuts) -> Covered {
     let mut rng = Rng::new(5);
     let modes = [
         CrashMode::AllLanded,
@@ -210,24 +267,34 @@ fn crash_everywhere(t: &Trace, between: usize) -> usize {
     ];
     let mut durable = t.start.clone();
     let mut epoch = 0;
-    let mut points = 0;
+    let mut covered = Covered::default();
     let mut cut = |durable: &[u8], epoch: usize, at: usize, mode: CrashMode, rng: &mut Rng| {
         let img = crash_image(durable, &t.log[epoch..at], mode, rng.next_u64());
-        verify(t, img, at, &format!("{mode:?}"));
-        points += 1;
+        if verify(t, img, at, &format!("{mode:?}")) > 0 {
+            covered.replayed_images += 1;
+        }
+        covered.points += 1;
     };
     for (i, op) in t.log.iter().enumerate() {
         if *op != IoOp::Sync {
+            // Right after the call before this one, which was no sync.
+            if matches!(cuts, Cuts::AfterEveryCall) && i > epoch {
+                cut(&durable, epoch, i, CrashMode::AllLanded, &mut rng);
+                let m = modes[1 + rng.below(3) as usize];
+                cut(&durable, epoch, i, m, &mut rng);
+            }
             continue;
         }
         for m in modes {
             cut(&durable, epoch, i, m, &mut rng);
         }
-        for _ in 0..between {
-            if i > epoch + 1 {
-                let at = epoch + 1 + rng.below((i - epoch - 1) as u64) as usize;
-                let m = modes[rng.below(4) as usize];
-                cut(&durable, epoch, at, m, &mut rng);
+        if let Cuts::AtSyncs(between) = cuts {
+            for _ in 0..between {
+                if i > epoch + 1 {
+                    let at = epoch + 1 + rng.below((i - epoch - 1) as u64) as usize;
+                    let m = modes[rng.below(4) as usize];
+                    cut(&durable, epoch, at, m, &mut rng);
+                }
             }
         }
         for op in &t.log[epoch..i] {
@@ -236,22 +303,44 @@ fn crash_everywhere(t: &Trace, between: usize) -> usize {
         epoch = i + 1;
     }
     cut(&durable, epoch, t.log.len(), CrashMode::Sectors, &mut rng);
-    points
+    covered
 }
 
 #[test]
 fn concurrent_writers_and_group_commit_survive_a_crash_anywhere() {
-    let t = run_threads(4096, 48, 450);
+    let t = run_threads(4096, 48, 450, Logging::Records(128));
     let syncs = t.log.iter().filter(|o| **o == IoOp::Sync).count();
-    let points = crash_everywhere(&t, 4);
-    eprintln!("concurrent crash harness (4 KiB): {syncs} syncs, {points} crash points");
-    assert!(points >= 2000, "only {points} crash points");
+    let c = crash_everywhere(&t, Cuts::AtSyncs(4));
+    eprintln!("concurrent crash harness (4 KiB, intent log): {syncs} syncs, {c:?}");
+    assert!(c.points >= 2000, "{c:?}");
+    assert!(
+        c.replayed_images > 0,
+        "no image was recovered by the log: {c:?}"
+    );
 }
 
+/// 64 KiB blocks on a pool too small for an intent log: every flush commits.
 #[test]
 fn concurrent_writers_and_group_commit_at_64k_blocks() {
-    let t = run_threads(64 * 1024, 12, 150);
-    let points = crash_everywhere(&t, 2);
-    eprintln!("concurrent crash harness (64 KiB): {points} crash points");
-    assert!(points >= 300, "only {points} crash points");
+    let t = run_threads(64 * 1024, 12, 150, Logging::None);
+    let c = crash_everywhere(&t, Cuts::AtSyncs(2));
+    eprintln!("concurrent crash harness (64 KiB, no log): {c:?}");
+    assert!(c.points >= 300, "{c:?}");
+    assert_eq!(c.replayed_images, 0);
+}
+
+/// 64 KiB blocks with the intent log: writes acknowledged through records,
+/// flushes that are log syncs, halves of 24 records (so they fill and
+/// commits restart the log); cut after every call.
+#[test]
+fn concurrent_writers_with_the_intent_log_at_64k_blocks() {
+    let t = run_threads(64 * 1024, 12, 150, Logging::Records(24));
+    let c = crash_everywhere(&t, Cuts::AfterEveryCall);
+    let calls = t.log.len();
+    eprintln!("concurrent crash harness (64 KiB, intent log): {calls} calls, {c:?}");
+    assert!(c.points >= 2 * (calls - 10), "{c:?}");
+    assert!(
+        c.replayed_images * 4 > c.points,
+        "few images were recovered by the log: {c:?}"
+    );
 }

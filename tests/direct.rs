@@ -9,10 +9,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use thinpool::io::{DirectStorage, Storage};
-use thinpool::{CreateOptions, Pool};
+use thinpool::Pool;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
+
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{assert_clean, file_pool, pattern};
 
 fn disk_dir() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").expect("a temp dir under /var/tmp")
@@ -27,32 +31,12 @@ fn open_direct(path: &Path) -> Pool {
     })
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn assert_clean(p: &mut Pool) {
-    let r = p.check().unwrap();
-    assert!(r.is_clean(), "check found problems: {:#?}", r.problems);
-}
-
 #[test]
 fn core_cases_over_direct_io() {
     for bs in [4096u32, 64 * 1024] {
         let dir = disk_dir();
         let path = dir.path().join("pool");
-        Pool::create(
-            &path,
-            &CreateOptions {
-                size: 256 * MIB,
-                block_size: bs,
-            },
-        )
-        .unwrap()
-        .close()
-        .unwrap();
+        file_pool(&path, 256 * MIB, bs).close().unwrap();
         let mut p = open_direct(&path);
         let v = p.create_volume("v", 16 * MIB).unwrap();
         // Aligned, unaligned (offset and length), and block-spanning writes.
@@ -137,16 +121,7 @@ impl Drop for Ramfs {
 fn a_file_system_without_o_direct_is_refused_clearly() {
     let ram = Ramfs::mount();
     let path = ram.dir.path().join("pool");
-    Pool::create(
-        &path,
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 65536,
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    file_pool(&path, 64 * MIB, 65536).close().unwrap();
     let e = Pool::open_direct(&path)
         .err()
         .expect("ramfs refuses O_DIRECT");

@@ -10,35 +10,9 @@ use thinpool::{CreateOptions, Error, Pool};
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-fn mem_pool(size: u64, bs: u32) -> (MemStorage, Pool) {
-    let m = MemStorage::new();
-    let p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size,
-            block_size: bs,
-        },
-    )
-    .unwrap();
-    (m, p)
-}
-
-fn reopen(m: &MemStorage, p: Pool) -> Pool {
-    p.close().unwrap();
-    Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap()
-}
-
-fn assert_clean(p: &mut Pool) {
-    let r = p.check().unwrap();
-    assert!(r.is_clean(), "check found problems: {:#?}", r.problems);
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{assert_clean, file_pool, kill, mem_pool, open_on, pattern, pool_on, reopen};
 
 #[test]
 fn unwritten_blocks_read_as_zeros_and_use_no_space() {
@@ -145,14 +119,7 @@ fn full_pool_is_enospc_and_recovers_after_free() {
 fn low_water_grow_and_read_only_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.pool");
-    let mut p = Pool::create(
-        &path,
-        &CreateOptions {
-            size: 8 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = file_pool(&path, 8 * MIB, 4096);
     let v = p.create_volume("v", 64 * MIB).unwrap();
     let i = p.info().unwrap();
     assert_eq!((i.low_water_pct, i.low_space), (10, false));
@@ -242,7 +209,7 @@ fn a_page_newer_than_its_commit_is_refused() {
         false
     });
     assert!(forged, "no map node found in the image");
-    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    let mut p = open_on(m.clone());
     let mut b = [0u8; 4096];
     let e = p.read(v, 0, &mut b).unwrap_err();
     assert!(e.to_string().contains("written by generation"), "{e}");
@@ -281,14 +248,7 @@ fn errors_are_typed() {
 fn file_pool_is_sparse_locked_and_versioned() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.pool");
-    let p = Pool::create(
-        &path,
-        &CreateOptions {
-            size: 100 << 30,
-            block_size: 64 * 1024,
-        },
-    )
-    .unwrap();
+    let p = file_pool(&path, 100 << 30, 64 * 1024);
     assert!(matches!(Pool::open(&path), Err(Error::InUse(_))));
     drop(p);
     use std::os::unix::fs::MetadataExt;
@@ -340,11 +300,7 @@ fn torn_superblock_write_opens_at_previous_commit() {
             inner.write_at(buf, off)
         })
     };
-    let opts = CreateOptions {
-        size: 16 * MIB,
-        block_size: 4096,
-    };
-    let mut p = Pool::create_with(Box::new(s), Path::new("mem"), &opts).unwrap();
+    let mut p = pool_on(s, 16 * MIB, 4096);
     let v = p.create_volume("v", MIB).unwrap();
     p.write(v, 0, &[1; 4096]).unwrap();
     p.commit().unwrap();
@@ -358,7 +314,7 @@ fn torn_superblock_write_opens_at_previous_commit() {
         "pool refuses work after a failed commit"
     );
     drop(p);
-    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    let mut p = open_on(m.clone());
     assert_eq!(p.generation(), g);
     let mut b = [0u8; 4096];
     p.read(snap, 0, &mut b).unwrap();
@@ -374,11 +330,7 @@ fn snapshot_cost_does_not_depend_on_mapped_size() {
     // touched every block's count would dirty the refcount pages of all of
     // them: 128 MiB of 4 KiB blocks span 33 refcount pages.
     let c = Host::new(4096);
-    let opts = CreateOptions {
-        size: 256 * MIB,
-        block_size: 4096,
-    };
-    let mut p = Pool::create_with(Box::new(c.clone()), Path::new("mem"), &opts).unwrap();
+    let mut p = pool_on(c.clone(), 256 * MIB, 4096);
     p.create_volume("small", MIB).unwrap();
     let small = p.lookup("small").unwrap();
     p.write(small, 0, &[1u8; 4096]).unwrap();
@@ -567,11 +519,7 @@ impl thinpool::io::Storage for Host {
 #[test]
 fn a_full_host_fails_the_write_not_the_pool() {
     let host = Host::new(4096);
-    let opts = CreateOptions {
-        size: 32 * MIB,
-        block_size: 4096,
-    };
-    let mut p = Pool::create_with(Box::new(host.clone()), Path::new("mem"), &opts).unwrap();
+    let mut p = pool_on(host.clone(), 32 * MIB, 4096);
     let v = p.create_volume("v", 16 * MIB).unwrap();
     let first = pattern(MIB as usize, 1);
     p.write(v, 0, &first).unwrap();
@@ -605,7 +553,7 @@ fn a_full_host_fails_the_write_not_the_pool() {
     p.write(v, 4 * MIB, &later).unwrap();
     p.commit().unwrap();
     p.close().unwrap();
-    let mut p = Pool::open_with(Box::new(host.clone()), Path::new("mem")).unwrap();
+    let mut p = open_on(host.clone());
     let mut back = vec![0u8; 2 * MIB as usize];
     p.read(v, 4 * MIB, &mut back).unwrap();
     assert_eq!(back, later);
@@ -616,11 +564,7 @@ fn a_full_host_fails_the_write_not_the_pool() {
 fn a_pool_open_read_only_refuses_changes_with_erofs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p");
-    let opts = CreateOptions {
-        size: 16 * MIB,
-        block_size: 4096,
-    };
-    let mut p = Pool::create(&path, &opts).unwrap();
+    let mut p = file_pool(&path, 16 * MIB, 4096);
     p.create_volume("v", MIB).unwrap();
     p.close().unwrap();
     let mut p = Pool::open_read_only(&path).unwrap();
@@ -678,7 +622,7 @@ fn a_version_1_pool_opens_and_is_upgraded_by_its_first_commit() {
     p.close().unwrap();
     make_version_1(&m);
     assert_eq!(slot_versions(&m), [1, 1]);
-    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    let mut p = open_on(m.clone());
     let mut buf = vec![0u8; 8192];
     p.read(id, 0, &mut buf).unwrap();
     assert_eq!(buf, pattern(8192, 3));
@@ -736,16 +680,7 @@ fn counted_pool(size: u64, bs: u32) -> (MemStorage, Arc<AtomicU64>, Pool) {
         s.fetch_add(1, Ordering::SeqCst);
         inner.sync()
     });
-    let p = Pool::create_with(
-        Box::new(st),
-        Path::new("mem"),
-        &CreateOptions {
-            size,
-            block_size: bs,
-        },
-    )
-    .unwrap();
-    (m, syncs, p)
+    (m, syncs, pool_on(st, size, bs))
 }
 
 #[test]
@@ -779,9 +714,8 @@ fn with_the_log_a_flush_is_one_fdatasync_and_a_reopen_replays_it() {
     let mut want = vec![0u8; 8 * MIB as usize];
     p.read(id, 0, &mut want).unwrap();
     // A killed process: nothing more is committed.
-    p.fail("killed");
-    drop(p);
-    let mut p = Pool::open_with(Box::new(m.clone()), Path::new("mem")).unwrap();
+    kill(p);
+    let mut p = open_on(m.clone());
     let r = p.log_replay().unwrap().clone();
     assert_eq!(r.generation, g);
     assert!(r.records >= 60, "{r:?}");
@@ -799,21 +733,13 @@ fn with_the_log_a_flush_is_one_fdatasync_and_a_reopen_replays_it() {
 fn a_read_only_open_replays_in_memory_and_repair_commits_the_replay() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
-    let mut p = Pool::create(
-        &path,
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = file_pool(&path, 64 * MIB, 4096);
     let id = p.create_volume("v", MIB).unwrap();
     p.set_logging(true);
     p.write(id, 0, &pattern(3 * 4096, 9)).unwrap();
     p.flush().unwrap();
     let g = p.generation();
-    p.fail("killed");
-    drop(p);
+    kill(p);
     let mut ro = Pool::open_read_only(&path).unwrap();
     assert_eq!(ro.generation(), g, "nothing was written");
     let mut buf = vec![0u8; 3 * 4096];
@@ -872,9 +798,8 @@ fn a_pool_without_a_log_gains_one_at_its_first_commit() {
     assert!(p.logging());
     p.write(id, 8192, &pattern(4096, 3)).unwrap();
     p.flush().unwrap();
-    p.fail("killed");
-    drop(p);
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    kill(p);
+    let mut p = open_on(m);
     let mut buf = vec![0u8; 3 * 4096];
     p.read(id, 0, &mut buf).unwrap();
     assert_eq!(&buf[8192..], &pattern(4096, 3)[..]);
@@ -892,14 +817,13 @@ fn a_torn_or_dataless_record_ends_the_replay_there() {
     p.flush().unwrap();
     let (start, blocks) = p.log_area();
     let g = p.generation();
-    p.fail("killed");
-    drop(p);
+    kill(p);
     let img = m.snapshot();
     let half = (start + (g % 2) * (blocks as u64 / 2)) * 4096;
     // The third record torn: two are replayed.
     let mut torn = img.clone();
     torn[half as usize + 2 * 64 + 40] ^= 1;
-    let mut p = Pool::open_with(Box::new(MemStorage::from_bytes(torn)), Path::new("m")).unwrap();
+    let mut p = open_on(MemStorage::from_bytes(torn));
     let r = p.log_replay().unwrap();
     assert_eq!((r.records, r.end_slot), (2, 2), "{r:?}");
     assert!(r.end.contains("checksum"), "{r:?}");
@@ -911,7 +835,7 @@ fn a_torn_or_dataless_record_ends_the_replay_there() {
     let at = half as usize + 64 + 48;
     let b = u64::from_le_bytes(lost[at..at + 8].try_into().unwrap()) as usize;
     lost[b * 4096 + 7] ^= 1;
-    let mut p = Pool::open_with(Box::new(MemStorage::from_bytes(lost)), Path::new("m")).unwrap();
+    let mut p = open_on(MemStorage::from_bytes(lost));
     let r = p.log_replay().unwrap();
     assert_eq!((r.records, r.end_slot), (3, 4), "{r:?}");
     assert_eq!(p.mapped_blocks(id).unwrap(), vec![0, 2, 3]);

@@ -1,31 +1,19 @@
 //! Layers through the library: commit digests, diff, send/receive.
 
-use std::path::Path;
-
 use sha2::{Digest as _, Sha256};
 use thinpool::io::MemStorage;
 use thinpool::layer::{self, stream, ChangeKind, DiffRange};
-use thinpool::{CreateOptions, Error, Pool};
+use thinpool::{Error, Pool};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-fn mem_pool(bs: u32) -> Pool {
-    let m = MemStorage::new();
-    Pool::create_with(
-        Box::new(m),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 256 * MIB,
-            block_size: bs,
-        },
-    )
-    .unwrap()
-}
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{assert_clean, pool_on};
 
-fn assert_clean(p: &mut Pool) {
-    let r = p.check().unwrap();
-    assert!(r.is_clean(), "check found problems: {:#?}", r.problems);
+fn mem_pool(bs: u32) -> Pool {
+    pool_on(MemStorage::new(), 256 * MIB, bs)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -2,14 +2,15 @@
 //! memory than a block (the log is read a block at a time). Its own test
 //! binary: it measures the process's peak memory.
 
-use std::path::Path;
-
 use byteorder::{ByteOrder, LittleEndian as LE};
 use thinpool::forge::Forge;
 use thinpool::io::MemStorage;
-use thinpool::{CreateOptions, Pool};
 
 const MIB: u64 = 1024 * 1024;
+
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{open_on, pool_on};
 
 fn max_rss_bytes() -> u64 {
     // SAFETY: getrusage fills the struct it is given.
@@ -22,15 +23,7 @@ fn max_rss_bytes() -> u64 {
 fn a_forged_huge_log_does_not_make_the_open_take_its_size_in_memory() {
     let bs = 2 * MIB;
     let m = MemStorage::new();
-    let p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * 1024 * MIB,
-            block_size: bs as u32,
-        },
-    )
-    .unwrap();
+    let p = pool_on(m.clone(), 64 * 1024 * MIB, bs as u32);
     p.close().unwrap();
     let mut f = Forge::new(m.snapshot()).unwrap();
     // A log of 1024 blocks (halves of 1 GiB) in blocks the pool counts as
@@ -47,7 +40,7 @@ fn a_forged_huge_log_does_not_make_the_open_take_its_size_in_memory() {
     f.sb.log_blocks = n;
     let img = f.finish();
     let before = max_rss_bytes();
-    let p = Pool::open_with(Box::new(MemStorage::from_bytes(img)), Path::new("mem")).unwrap();
+    let p = open_on(MemStorage::from_bytes(img));
     assert_eq!(p.log_replay().unwrap().records, 0);
     let grew = max_rss_bytes().saturating_sub(before);
     assert!(

@@ -3,21 +3,17 @@
 use std::path::Path;
 
 use thinpool::io::{Hooked, MemStorage, Storage};
-use thinpool::{CreateOptions, Pool};
+use thinpool::Pool;
 
 const MIB: u64 = 1024 * 1024;
 
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{file_pool, kill, open_on, pool_on};
+
 /// A 64 MiB pool of 4 KiB blocks on `storage`.
 fn small_pool(storage: impl Storage + 'static) -> Pool {
-    Pool::create_with(
-        Box::new(storage),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap()
+    pool_on(storage, 64 * MIB, 4096)
 }
 
 /// A killed server loses nothing it acknowledged (docs/DESIGN.md, intent
@@ -45,9 +41,8 @@ fn a_kill_mid_fill_of_one_write_keeps_a_later_acknowledged_write() {
     p.write(id, 4096, &[0xAA; 4096]).unwrap();
     // B: acknowledged after A's record.
     p.write(id, 8192, &[0xBB; 4096]).unwrap();
-    p.fail("killed");
-    drop(p);
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    kill(p);
+    let mut p = open_on(m);
     assert_eq!(p.log_replay().unwrap().generation, g);
     let mut buf = vec![0u8; 3 * 4096];
     p.read(id, 0, &mut buf).unwrap();
@@ -101,9 +96,8 @@ fn a_zero_record_past_the_end_of_the_file_is_not_replayed() {
         (b + 1) * 4096 > len,
         "the copy lies past the end of the file"
     );
-    p.fail("killed");
-    drop(p);
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    kill(p);
+    let mut p = open_on(m);
     let mut buf = vec![0u8; 2 * 4096];
     p.read(id, 0, &mut buf)
         .unwrap_or_else(|e| panic!("{e}; {:?}", p.log_replay()));
@@ -123,14 +117,7 @@ fn a_zero_record_past_the_end_of_the_file_is_not_replayed() {
 fn a_damaged_node_under_a_log_record_leaves_the_pool_inspectable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool");
-    let mut p = Pool::create(
-        &path,
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = file_pool(&path, 64 * MIB, 4096);
     let id = p.create_volume("v", MIB).unwrap();
     let other = p.create_volume("w", MIB).unwrap();
     p.write(id, 0, &[5u8; 4096]).unwrap();
@@ -139,8 +126,7 @@ fn a_damaged_node_under_a_log_record_leaves_the_pool_inspectable() {
     p.set_logging(true);
     p.write(id, 4096, &[9u8; 4096]).unwrap();
     p.flush().unwrap();
-    p.fail("killed");
-    drop(p);
+    kill(p);
     // Damage v's map (one leaf: its root) as committed.
     let img = std::fs::read(&path).unwrap();
     let f = thinpool::forge::Forge::new(img.clone()).unwrap();
@@ -162,37 +148,6 @@ fn a_damaged_node_under_a_log_record_leaves_the_pool_inspectable() {
     assert!(buf.iter().all(|&b| b == 6), "an undamaged volume reads");
 }
 
-/// Reads of one block fail while `armed` (a transient EIO).
-struct FailingReads {
-    inner: MemStorage,
-    at: u64,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Storage for FailingReads {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        if self.armed.load(std::sync::atomic::Ordering::SeqCst) && offset == self.at {
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.punch(offset, len)
-    }
-}
-
 /// An I/O error while the open replays the log fails the open, and
 /// commits nothing: a later open replays the same records (before, the
 /// half-replayed pool was committed when dropped, and the log restarted
@@ -211,15 +166,7 @@ fn an_io_error_reading_a_logged_block_fails_the_open() {
 
 fn io_error_during_replay(on_data: bool) {
     let m = MemStorage::new();
-    let mut p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = small_pool(m.clone());
     let id = p.create_volume("v", MIB).unwrap();
     p.write(id, 0, &[5u8; 4096]).unwrap();
     p.commit().unwrap();
@@ -228,8 +175,7 @@ fn io_error_during_replay(on_data: bool) {
     p.flush().unwrap();
     let g = p.generation();
     let log = p.log_area();
-    p.fail("killed");
-    drop(p);
+    kill(p);
     let f = thinpool::forge::Forge::new(m.snapshot()).unwrap();
     let root = f
         .records()
@@ -247,15 +193,16 @@ fn io_error_during_replay(on_data: bool) {
         }
         false => root,
     };
-    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let st = FailingReads {
-        inner: m.clone(),
-        at: at * 4096,
-        armed: armed.clone(),
-    };
+    // Reads of that block fail (a transient EIO).
+    let st = Hooked::new(m.clone()).on_read(move |inner, buf, offset| {
+        if offset == at * 4096 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        inner.read_at(buf, offset)
+    });
     assert!(Pool::open_with(Box::new(st), Path::new("mem")).is_err());
     // The error has passed: the next open finds the pool as the kill left it.
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    let mut p = open_on(m);
     let r = p.log_replay().unwrap();
     assert_eq!((r.generation, r.records), (g, 1), "{r:?}");
     let mut buf = vec![0u8; 4096];
@@ -273,15 +220,7 @@ fn io_error_during_replay(on_data: bool) {
 #[test]
 fn a_record_for_a_volume_staged_after_the_commit_does_not_end_the_log() {
     let m = MemStorage::new();
-    let mut p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = small_pool(m.clone());
     let x = p.create_volume("x", MIB).unwrap();
     p.set_logging(true);
     p.write(x, 0, &[1u8; 4096]).unwrap();
@@ -290,9 +229,8 @@ fn a_record_for_a_volume_staged_after_the_commit_does_not_end_the_log() {
     let n = p.stage_create("n", MIB).unwrap();
     p.write(n, 0, &[2u8; 4096]).unwrap();
     p.write(x, 4096, &[3u8; 4096]).unwrap();
-    p.fail("killed");
-    drop(p);
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    kill(p);
+    let mut p = open_on(m);
     assert_eq!(p.log_replay().unwrap().generation, g);
     let mut buf = vec![0u8; 2 * 4096];
     p.read(x, 0, &mut buf).unwrap();

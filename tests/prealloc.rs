@@ -1,33 +1,22 @@
 //! Preallocated volumes (`volume create --preallocate`) through the library.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thinpool::io::{Hooked, MemStorage, Storage};
-use thinpool::{CreateOptions, Error, Pool};
+use thinpool::{Error, Pool};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const BS: u64 = 64 * KIB;
 
-fn mem_pool(size: u64) -> (MemStorage, Pool) {
-    let m = MemStorage::new();
-    let p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size,
-            block_size: BS as u32,
-        },
-    )
-    .unwrap();
-    (m, p)
-}
+#[path = "support/pool.rs"]
+mod pool;
+use pool::{assert_clean, open_on, pool_on};
 
-fn assert_clean(p: &mut Pool) {
-    let r = p.check().unwrap();
-    assert!(r.is_clean(), "check found problems: {:#?}", r.problems);
+/// A pool in memory of 64 KiB blocks.
+fn mem_pool(size: u64) -> (MemStorage, Pool) {
+    pool::mem_pool(size, BS as u32)
 }
 
 fn no_progress() -> impl FnMut(u64, u64) {
@@ -83,7 +72,7 @@ fn every_block_is_mapped_contiguously_and_reads_zero() {
     assert!(p.check().unwrap().notes.is_empty());
     // The flag is committed: it survives a reopen.
     p.close().unwrap();
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    let mut p = open_on(m);
     assert!(p.volume_info("db").unwrap().preallocated);
     assert_eq!(p.block_map(id).unwrap(), map);
     assert_clean(&mut p);
@@ -127,7 +116,7 @@ fn writes_overwrite_in_place_and_never_change_the_map() {
     assert_eq!(p.info().unwrap().data_used_bytes, used);
     assert_clean(&mut p);
     p.close().unwrap();
-    let mut p = Pool::open_with(Box::new(m), Path::new("mem")).unwrap();
+    let mut p = open_on(m);
     p.read(id, 0, &mut buf).unwrap();
     assert!(buf == model);
 }
@@ -144,15 +133,7 @@ fn after_commit_writes_touch_only_their_blocks() {
         w.fetch_add(buf.len() as u64, Ordering::SeqCst);
         s.write_at(buf, off)
     });
-    let mut p = Pool::create_with(
-        Box::new(st),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: BS as u32,
-        },
-    )
-    .unwrap();
+    let mut p = pool_on(st, 64 * MIB, BS as u32);
     let id = p
         .create_volume_preallocated("db", 2 * MIB, &mut no_progress())
         .unwrap();
@@ -251,15 +232,7 @@ fn a_failed_zeroing_leaves_no_volume_and_no_used_block() {
         }
         s.write_at(buf, off)
     });
-    let mut p = Pool::create_with(
-        Box::new(st),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 64 * MIB,
-            block_size: BS as u32,
-        },
-    )
-    .unwrap();
+    let mut p = pool_on(st, 64 * MIB, BS as u32);
     let before = p.info().unwrap();
     let e = p
         .create_volume_preallocated("db", 8 * MIB, &mut no_progress())
@@ -297,15 +270,7 @@ fn growing_a_preallocated_volume_preallocates_the_new_part() {
 fn a_deep_map_at_4k_blocks_is_mapped_whole() {
     // 4 KiB blocks: 504 pointers a node, so 2000 blocks need two levels.
     let m = MemStorage::new();
-    let mut p = Pool::create_with(
-        Box::new(m.clone()),
-        Path::new("mem"),
-        &CreateOptions {
-            size: 16 * MIB,
-            block_size: 4096,
-        },
-    )
-    .unwrap();
+    let mut p = pool_on(m.clone(), 16 * MIB, 4096);
     let id = p
         .create_volume_preallocated("db", 2000 * 4096, &mut no_progress())
         .unwrap();

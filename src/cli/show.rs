@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use thinpool::pool::LogInfo;
 use thinpool::size::format_size;
 use thinpool::{PoolInfo, VolumeInfo};
 
@@ -63,6 +64,13 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
         ),
         ("volumes", volumes_row(i)),
     ];
+    let mut rows = Vec::from(rows);
+    if let Some(l) = &i.log {
+        rows.push(("intent log", log_row(l)));
+    }
+    if let Some(d) = i.direct_io {
+        rows.push(("direct I/O", if d { "yes" } else { "no" }.into()));
+    }
     let mut out = String::new();
     for (k, v) in rows {
         let _ = writeln!(out, "{:<11} {v}", format!("{k}:"));
@@ -77,6 +85,24 @@ pub(crate) fn pool_info(i: &PoolInfo) -> String {
         );
     }
     out
+}
+
+/// "512K at block 2 (2 halves of 4096 records); 3 since the last commit
+/// (0.1% of a half), logging": where the log is, and how near the write
+/// path is to the commit a full half forces.
+fn log_row(l: &LogInfo) -> String {
+    let mut row = format!(
+        "{} at block {} (2 halves of {} records); {} since the last commit ({:.1}% of a half)",
+        format_size(l.bytes),
+        l.start_block,
+        l.records_per_half,
+        l.pending_records,
+        pct(l.pending_records, l.records_per_half as u64)
+    );
+    if l.logging {
+        row.push_str(", logging");
+    }
+    row
 }
 
 /// "3", or "3 (1 preallocated, 10.0 GiB)".
@@ -276,6 +302,7 @@ mod tests {
             low_water_pct: 10,
             low_space: false,
             commits: None,
+            log: None,
         };
         let s = pool_info(&i);
         assert!(s.contains("data used:  100M (10.0%)"), "{s}");
@@ -294,5 +321,27 @@ mod tests {
         assert!(
             pool_info(&i).contains("warning: only 5.0% of the pool is free (low-water mark 10%)")
         );
+        assert!(
+            !s.contains("intent log") && !s.contains("direct I/O"),
+            "{s}"
+        );
+        i.log = Some(LogInfo {
+            start_block: 2,
+            blocks: 8,
+            bytes: 512 << 10,
+            records_per_half: 4096,
+            pending_records: 41,
+            logging: true,
+        });
+        i.direct_io = Some(true);
+        let s = pool_info(&i);
+        assert!(
+            s.contains(
+                "intent log: 512K at block 2 (2 halves of 4096 records); 41 since the last \
+                 commit (1.0% of a half), logging\n"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("direct I/O: yes\n"), "{s}");
     }
 }

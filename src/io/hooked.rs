@@ -1,16 +1,18 @@
-//! A storage that forwards everything to another, except the writes and
-//! syncs its hooks take over: fault injection for tests without a wrapper
+//! A storage that forwards everything to another, except the reads, writes
+//! and syncs its hooks take over: fault injection for tests without a wrapper
 //! type (and its six forwarding methods) per fault.
 
 use std::io;
 
 use super::Storage;
 
+type ReadHook<S> = Box<dyn Fn(&S, &mut [u8], u64) -> io::Result<()> + Send + Sync>;
 type WriteHook<S> = Box<dyn Fn(&S, &[u8], u64) -> io::Result<()> + Send + Sync>;
 type SyncHook<S> = Box<dyn Fn(&S) -> io::Result<()> + Send + Sync>;
 
 pub struct Hooked<S> {
     inner: S,
+    read: ReadHook<S>,
     write: WriteHook<S>,
     sync: SyncHook<S>,
 }
@@ -19,9 +21,19 @@ impl<S: Storage> Hooked<S> {
     pub fn new(inner: S) -> Self {
         Hooked {
             inner,
+            read: Box::new(|s, buf, offset| s.read_at(buf, offset)),
             write: Box::new(|s, buf, offset| s.write_at(buf, offset)),
             sync: Box::new(|s| s.sync()),
         }
+    }
+
+    /// Reads go through `f`, which is given the inner storage.
+    pub fn on_read(
+        mut self,
+        f: impl Fn(&S, &mut [u8], u64) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.read = Box::new(f);
+        self
     }
 
     /// Writes go through `f`, which is given the inner storage.
@@ -42,7 +54,7 @@ impl<S: Storage> Hooked<S> {
 
 impl<S: Storage> Storage for Hooked<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.inner.read_at(buf, offset)
+        (self.read)(&self.inner, buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (self.write)(&self.inner, buf, offset)

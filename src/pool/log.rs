@@ -137,6 +137,24 @@ impl Log {
     }
 }
 
+/// The intent log as `info` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogInfo {
+    /// First block of the log area, and its length in blocks (two halves).
+    pub start_block: u64,
+    pub blocks: u32,
+    pub bytes: u64,
+    /// Records one half holds: the records one epoch (the time between two
+    /// commits) may write before the write path must commit.
+    pub records_per_half: u32,
+    /// Records since the last commit: written by the server in this epoch,
+    /// or (an unserved pool) found by the replay at open, which a read-only
+    /// open keeps in memory (the next read-write open commits them).
+    pub pending_records: u64,
+    /// Map changes are being logged now (a served pool).
+    pub logging: bool,
+}
+
 /// What the replay at open found (`check` reports it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogReplay {
@@ -201,6 +219,29 @@ impl Pool {
     /// The intent log's place: (first block, blocks); (0, 0) = none.
     pub fn log_area(&self) -> (u64, u32) {
         (self.sb.log_start, self.sb.log_blocks)
+    }
+
+    /// Where the log is and how full its current half is; None for a pool
+    /// without one (made before format version 3, or too small for one).
+    pub fn log_info(&self) -> Option<LogInfo> {
+        let l = &self.log;
+        if l.blocks == 0 {
+            return None;
+        }
+        // A read-write open commits what it replayed; a read-only one
+        // shows the replayed records on top of the last commit.
+        let replayed = match (&self.replayed, self.read_only) {
+            (Some(r), true) => r.records,
+            _ => 0,
+        };
+        Some(LogInfo {
+            start_block: l.start,
+            blocks: l.blocks,
+            bytes: l.blocks as u64 * l.block_size,
+            records_per_half: l.records_per_half(),
+            pending_records: l.next as u64 + replayed,
+            logging: l.active(),
+        })
     }
 
     /// Room for one more record (or no record needed): else `LogFull`, and

@@ -24,7 +24,7 @@ mod settings;
 mod shared;
 mod volumes;
 
-pub use log::LogReplay;
+pub use log::{LogInfo, LogReplay};
 pub use prealloc::Progress;
 pub use shared::{CommitStats, SharedPool};
 
@@ -120,6 +120,10 @@ pub struct PoolInfo {
     /// (`thinpool info --json` asks the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commits: Option<CommitStats>,
+    /// The intent log: where, how big, records since the last commit
+    /// (None: the pool has no log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogInfo>,
 }
 
 /// Low-water mark of a pool created without one.

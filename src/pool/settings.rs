@@ -40,6 +40,7 @@ impl Pool {
             low_water_pct: self.low_water_pct(),
             low_space: (usable - used) * 100 < usable * self.low_water_pct() as u64,
             commits: None,
+            log: self.log_info(),
         })
     }
 

@@ -755,6 +755,12 @@ fn committed_layers_drop_their_dead_journal_log() {
         }
     }
     snap.start();
+    // containerd's connection to the old socket broke; its gRPC client
+    // fails calls fast until its reconnect backoff ends (up to ~1 s).
+    ctrd.wait_for("containerd to reach the restarted snapshotter", || {
+        ctrd.ctr(&["snapshots", "--snapshotter", SNAP, "ls"])
+            .is_ok_and(|o| o.status.success())
+    });
 
     let out = ctrd.run(SNAP, &app, "c1", &["sh", "-c", CHECK_APP]);
     assert!(

@@ -460,6 +460,23 @@ fn info_is_readable() {
     assert_eq!(u(&info, "volumes"), 1);
 }
 
+/// Wait until no process holds the pool's lock. A pool this test process
+/// opened and dropped can stay locked for a moment: a `thinpool` child that
+/// another test thread is spawning shares the descriptor until its exec.
+fn wait_unlocked(pool: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(pool).unwrap();
+    for _ in 0..500 {
+        // SAFETY: flock on a descriptor we own; released by the unlock below.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{} is still locked after 5 s", pool.display());
+}
+
 /// `info` shows the intent log: where it is, its size, and the records a
 /// killed server left since the last commit (replayed in memory by the
 /// read-only open; the next read-write open commits them).
@@ -500,6 +517,7 @@ fn info_shows_the_intent_log() {
         assert_eq!(p.log_records(), 3);
         p.fail("killed");
     }
+    wait_unlocked(&e.pool);
     let after = log(&e.info());
     assert_eq!(u(&after, "pending_records"), 3, "{after}");
     let out = ok_text(&[s("info"), e.p()]);

@@ -1447,3 +1447,51 @@ fn thinpool_holder_releases_the_export_when_no_snapshotter_comes_back() {
     assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
     snap.check();
 }
+
+/// The holder hands the export's descriptors (the FUSE connection, the pool
+/// open read-write and locked) to whoever asks on `POOL.holder.sock`: only
+/// its own user (or root) may ask. The socket is made 0600 whatever the
+/// umask, and a process of another user that reaches it anyway (here: the
+/// socket left 0777, as a umask of 0 would) is refused by its credentials
+/// (`SO_PEERCRED`); the next real snapshotter then resumes the export.
+#[test]
+fn thinpool_holder_refuses_another_user() {
+    require(&["losetup", "mkfs.ext4", "setpriv"]);
+    let mut snap = Snapshotter::make(Some(30));
+    let holder_sock = format!("{}.holder.sock", snap.pool);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&holder_sock).unwrap().permissions().mode() & 0o777;
+    fs::set_permissions(&holder_sock, fs::Permissions::from_mode(0o777)).unwrap();
+    // The pool's directory reachable, as /var/lib/thinpool is.
+    fs::set_permissions(snap.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    // No worker attached: the holder would give the bundle to the next one.
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(snap.command(Some(30)).get_args());
+    // Several times: the holder refuses before reading the request, and
+    // a refused snapshotter must still fail (not exit 0 on the broken pipe,
+    // which systemd's Restart=on-failure would take for a clean stop).
+    for _ in 0..10 {
+        match containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30)) {
+            Ok(out) => {
+                assert!(!out.ok(), "uid 65534: {out:?}\n{}", snap.log());
+                assert!(out.stderr.contains("may not attach"), "{out:?}");
+            }
+            Err(e) => panic!(
+                "uid 65534 took the export and served it ({e}):\n{}",
+                snap.log()
+            ),
+        }
+    }
+    assert!(snap.log().contains("uid 65534"), "{}", snap.log());
+    snap.start();
+    assert!(
+        snap.log().contains("found the holder of the export"),
+        "{}",
+        snap.log()
+    );
+    snap.check();
+    assert_eq!(mode, 0o600, "{holder_sock} was made {mode:o}");
+}

@@ -269,6 +269,38 @@ pub fn recv_msg(sock: RawFd) -> io::Result<Option<(serde_json::Value, Vec<OwnedF
     Ok(Some((value, fds)))
 }
 
+/// The user id of the process at the other end of the Unix socket `sock`
+/// (`SO_PEERCRED`: as it was when it connected, whatever the socket's mode).
+pub fn peer_uid(sock: RawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a peer of user `uid` may be given this process's descriptors (a
+/// bundle hands out the pool and the FUSE connection): root or our own user.
+pub fn trusted_uid(uid: u32) -> bool {
+    // SAFETY: geteuid cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
 /// Open the pool file read-write and take its owner lock, as `Pool::open`
 /// does; the returned file is the lock (and the bundle's pool descriptor).
 pub fn lock_pool(path: &Path, direct: bool) -> Result<File, ExportError> {

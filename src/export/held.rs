@@ -7,6 +7,7 @@
 //! See docs/EXPORT.md, "The containerd snapshotter".
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -32,8 +33,21 @@ pub fn socket_path(pool: &Path) -> PathBuf {
 
 /// A connection to the live holder of `pool` (canonical path), if one
 /// listens; a worker then calls [`super::serve_held`] on it.
+/// A socket there that another user answers is not our holder: it would
+/// hand us descriptors of its choosing (it is replaced when we start ours).
 pub fn connect(pool: &Path) -> Option<OwnedFd> {
-    let conn = UnixStream::connect(socket_path(pool)).ok()?;
+    let path = socket_path(pool);
+    let conn = UnixStream::connect(&path).ok()?;
+    match handover::peer_uid(conn.as_raw_fd()) {
+        Ok(uid) if handover::trusted_uid(uid) => {}
+        how => {
+            eprintln!(
+                "thinpool: {} is answered by another user ({how:?}), not our holder; ignored",
+                path.display()
+            );
+            return None;
+        }
+    }
     conn.set_read_timeout(Some(ATTACH_TIMEOUT)).ok()?;
     Some(conn.into())
 }
@@ -114,7 +128,10 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         socket: path.clone(),
         source,
     })?;
-    let _holder_socket = Cleanup::new(path, None);
+    let _holder_socket = Cleanup::new(path.clone(), None);
+    // Whoever may connect may take the pool: our user only, whatever the
+    // umask (attach also checks the peer's credentials).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let grpc_path = bundle
         .grpc
         .as_ref()
@@ -242,9 +259,6 @@ fn wait_for_worker(
 
 /// Read a worker's `snapshotter_attach` and send it the bundle; its pid.
 fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
-    conn.set_read_timeout(Some(ATTACH_TIMEOUT))?;
-    let (req, _) = handover::recv_msg(conn.as_raw_fd())?
-        .ok_or_else(|| ExportError::Handover("closed before asking".into()))?;
     let refuse = |msg: String| {
         let _ = handover::send_msg(
             conn.as_raw_fd(),
@@ -253,6 +267,18 @@ fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
         );
         ExportError::Handover(msg)
     };
+    // The bundle is the pool and the FUSE connection: not for other users.
+    let uid = handover::peer_uid(conn.as_raw_fd())?;
+    if !handover::trusted_uid(uid) {
+        return Err(refuse(format!(
+            "a process of uid {uid} may not attach (the holder runs as uid {})",
+            // SAFETY: geteuid cannot fail.
+            unsafe { libc::geteuid() }
+        )));
+    }
+    conn.set_read_timeout(Some(ATTACH_TIMEOUT))?;
+    let (req, _) = handover::recv_msg(conn.as_raw_fd())?
+        .ok_or_else(|| ExportError::Handover("closed before asking".into()))?;
     if req["op"] != "snapshotter_attach" {
         return Err(refuse(format!("unexpected request {req}")));
     }

@@ -347,8 +347,22 @@ pub fn serve_held(
         "version": handover::VERSION,
         "pid": std::process::id(),
     });
-    handover::send_msg(conn.as_raw_fd(), &req, &[])?;
-    let mut bundle = Bundle::recv(conn.as_raw_fd())?;
+    let asked = handover::send_msg(conn.as_raw_fd(), &req, &[]);
+    // Read the answer even if asking failed: a holder may refuse (and
+    // close) before it reads the request. A lost connection is an error
+    // of its own, not an I/O one: a broken pipe would exit 0, and systemd
+    // would not start the snapshotter again.
+    let mut bundle = match Bundle::recv(conn.as_raw_fd()) {
+        Ok(b) => b,
+        Err(ExportError::Io(e)) => {
+            let asked = asked.err().map(|a| format!("; asking: {a}"));
+            return Err(ExportError::Handover(format!(
+                "the holder closed the connection ({e}{}): it released the export or went away",
+                asked.unwrap_or_default()
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     let grpc = bundle
         .grpc
         .take()

@@ -253,6 +253,35 @@ impl Snapshotter {
         }
     }
 
+    /// As `start`, but the snapshotter's stderr (so the holder's, which
+    /// inherits it) is a pipe, closed once it answers: as the terminal it
+    /// was started from by hand goes away with the session.
+    fn start_on_closing_stderr(&mut self) {
+        use std::io::{BufRead, Write};
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotter.log"))
+            .unwrap();
+        let mut child = self
+            .command(self.hold)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = std::io::BufReader::new(child.stderr.take().unwrap());
+        self.child = Some(child);
+        for line in err.lines() {
+            let line = line.unwrap();
+            writeln!(log, "{line}").unwrap();
+            if line.contains("answering containerd") {
+                return;
+            }
+        }
+        panic!("snapshotter did not start:\n{}", self.log());
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -1494,4 +1523,47 @@ fn thinpool_holder_refuses_another_user() {
     );
     snap.check();
     assert_eq!(mode, 0o600, "{holder_sock} was made {mode:o}");
+}
+
+/// The holder outlives the terminal (or journal stream) it was started
+/// with: a message it cannot write must not end it, and with it the export
+/// under running containers. Here its stderr is a closed pipe when the
+/// worker is killed; the holder notes the crash (a write that fails) and a
+/// new worker still resumes the export from it.
+#[test]
+fn thinpool_holder_survives_its_stderr_going_away() {
+    require(&["losetup", "mkfs.ext4"]);
+    let dir = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    let pool = dir.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let mut snap = Snapshotter {
+        child: None,
+        dir,
+        pool,
+        hold: Some(30),
+    };
+    snap.start_on_closing_stderr();
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    tp(&["volume", "create", &snap.pool, "v", "--size", "64M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    snap.kill9();
+    snap.start();
+    assert!(
+        snap.log().contains("found the holder of the export"),
+        "the holder did not survive:\n{}",
+        snap.log()
+    );
+    assert_eq!(snap.holder_pids(), holder, "{}", snap.log());
+    // The device attached before is still served.
+    let out = containerd::run_ok(
+        std::process::Command::new("dd")
+            .args(["bs=4096", "count=1", "status=none"])
+            .arg(format!("if={dev}")),
+    );
+    assert_eq!(out.len(), 4096);
+    snap.check();
 }

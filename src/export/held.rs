@@ -41,7 +41,7 @@ pub fn connect(pool: &Path) -> Option<OwnedFd> {
     match handover::peer_uid(conn.as_raw_fd()) {
         Ok(uid) if handover::trusted_uid(uid) => {}
         how => {
-            eprintln!(
+            say!(
                 "thinpool: {} is answered by another user ({how:?}), not our holder; ignored",
                 path.display()
             );
@@ -147,7 +147,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
     let ack = serde_json::json!({ "event": "holding", "pid": std::process::id() });
     handover::send_msg(fd.as_raw_fd(), &ack, &[])?;
     drop(fd);
-    eprintln!(
+    say!(
         "thinpool: holder {} keeps the export of {} on {} for the snapshotter \
          (released {} s after the last worker left)",
         std::process::id(),
@@ -165,7 +165,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         let pid = match attach(&conn, &bundle) {
             Ok(pid) => pid,
             Err(e) => {
-                eprintln!("thinpool: holder: a worker could not attach: {e}");
+                say!("thinpool: holder: a worker could not attach: {e}");
                 continue;
             }
         };
@@ -189,17 +189,17 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         });
         if followed.left {
             // Signalled while a worker serves: it serves on without us.
-            eprintln!("thinpool: holder: signalled; process {pid} serves on without a holder");
+            say!("thinpool: holder: signalled; process {pid} serves on without a holder");
             std::mem::forget(sockets);
             return Ok(());
         }
         match followed.ended(format!("process {pid}")) {
             Ended::Stopped => {
-                eprintln!("thinpool: holder: the snapshotter stopped the export");
+                say!("thinpool: holder: the snapshotter stopped the export");
                 return Ok(());
             }
             Ended::Restart(opens) => {
-                eprintln!("thinpool: holder: process {pid} handed the export back");
+                say!("thinpool: holder: process {pid} handed the export back");
                 bundle.state.opens = opens;
             }
             Ended::Crashed(how) | Ended::NeverReady(how) => {
@@ -208,7 +208,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
                     release(bundle, sockets);
                     return Err(e);
                 }
-                eprintln!("thinpool: holder: {how} died; waiting for the next worker");
+                say!("thinpool: holder: {how} died; waiting for the next worker");
             }
         }
     }
@@ -231,11 +231,11 @@ fn wait_for_worker(
         let now = SIGNALS.load(Ordering::SeqCst);
         if now > *signals {
             *signals = now;
-            eprintln!("thinpool: holder: signalled with no worker attached");
+            say!("thinpool: holder: signalled with no worker attached");
             return None;
         }
         if Instant::now() >= deadline {
-            eprintln!(
+            say!(
                 "thinpool: holder: no snapshotter came back within {} s",
                 grace.as_secs()
             );
@@ -300,7 +300,7 @@ fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
 /// kernel when unmounted; the mount and the sockets go.
 fn release(bundle: Bundle, sockets: Sockets) {
     let dir = bundle.state.dir.clone();
-    eprintln!(
+    say!(
         "thinpool: holder: releasing the export on {}",
         dir.display()
     );

@@ -55,7 +55,7 @@ pub fn supervise(
         control::socket_path(&pool_path),
         opts.background.then(|| bundle.state.dir.clone()),
     );
-    eprintln!(
+    say!(
         "thinpool: holder {} keeps the export of {} on {}",
         std::process::id(),
         pool_path.display(),
@@ -66,7 +66,7 @@ pub fn supervise(
         match run_once(&mut bundle, start)? {
             Ended::Stopped => return Ok(()),
             Ended::Restart(opens) => {
-                eprintln!("thinpool: holder: planned restart of the server");
+                say!("thinpool: holder: planned restart of the server");
                 bundle.state.opens = opens;
             }
             Ended::NeverReady(status) => {
@@ -77,7 +77,7 @@ pub fn supervise(
             Ended::Crashed(status) => {
                 bundle.state.opens.clear();
                 crashes.count(&bundle, &status)?;
-                eprintln!("thinpool: holder: the server died ({status}); starting another");
+                say!("thinpool: holder: the server died ({status}); starting another");
             }
         }
     }
@@ -193,7 +193,7 @@ pub(super) fn follow(
             Ok(Some(events)) => events,
             Ok(None) => return f,
             Err(e) => {
-                eprintln!("thinpool: holder: unreadable message from the worker: {e}");
+                say!("thinpool: holder: unreadable message from the worker: {e}");
                 thread::sleep(Duration::from_millis(100));
                 continue;
             }
@@ -247,7 +247,7 @@ pub(crate) fn restart(pool: &Path, old_pid: u32, holder: u32) -> Result<(), Expo
     while t.elapsed() < RESTART_TIMEOUT {
         if let Some(Ok(st)) = control::status(pool) {
             if st.pid != old_pid {
-                eprintln!(
+                say!(
                     "thinpool: holder {holder} restarted the server of {} (process {} -> {}) in {} ms",
                     pool.display(),
                     old_pid,

@@ -1523,6 +1523,19 @@ fn thinpool_holder_refuses_another_user() {
     );
     snap.check();
     assert_eq!(mode, 0o600, "{holder_sock} was made {mode:o}");
+    // The serving worker's control socket likewise (a takeover through it
+    // hands out the same descriptors; its requests change volumes).
+    let control = format!("{}.sock", snap.pool);
+    fs::set_permissions(&control, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(["volume", "create", &snap.pool, "theirs", "--size", "1M"]);
+    let out = containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30)).unwrap();
+    assert!(
+        !out.ok() && out.stderr.contains("may not use the server"),
+        "{out:?}"
+    );
+    assert!(!snap.volumes().iter().any(|v| v["name"] == "theirs"));
 }
 
 /// The holder outlives the terminal (or journal stream) it was started

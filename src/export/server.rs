@@ -809,6 +809,23 @@ fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
             continue;
         };
         let _ = stream.set_nonblocking(false);
+        // Its requests change volumes and a takeover hands out the pool and
+        // the FUSE connection: our user (or root) only, whatever the umask
+        // left the socket's mode at.
+        match handover::peer_uid(stream.as_raw_fd()) {
+            Ok(uid) if handover::trusted_uid(uid) => {}
+            uid => {
+                let e = Error::InvalidArgument(format!(
+                    "a process of uid {uid:?} may not use the server of {}",
+                    sh.pool_path.display()
+                ));
+                if let Ok(mut text) = serde_json::to_string(&Reply::err(&e)) {
+                    text.push('\n');
+                    let _ = (&stream).write_all(text.as_bytes());
+                }
+                continue;
+            }
+        }
         let sh = sh.clone();
         let _ = thread::Builder::new()
             .name("control-conn".into())

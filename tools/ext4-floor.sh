@@ -6,8 +6,9 @@
 #   tools/ext4-floor.sh [--size 10G] [--ext-opts A,B] [--mkfs-opts "OPTS"] [--base DIR]
 #                       [--idle] [--keep]
 #
-# 1. The template, as the snapshotter makes it (src/snapshotter/store.rs,
-#    make_template): a sparse file of --size (the snapshotter's --volume-size,
+# 1. The template, as the snapshotter made it before packed_meta_blocks
+#    (src/snapshotter/store.rs, make_template; `--ext-opts packed_meta_blocks=1`
+#    for today's): a sparse file of --size (the snapshotter's --volume-size,
 #    default 10G), `mkfs.ext4 -q -F -L thinpool -E lazy_itable_init=1,
 #    lazy_journal_init=1,nodiscard` (plus --ext-opts in that -E list: a second
 #    -E would replace it) and --mkfs-opts (to try layouts); the template's

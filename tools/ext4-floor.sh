@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
     --base) base=$2; shift ;;
     --idle) idle=1 ;;
     --keep) keep=1 ;;
-    -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "ext4-floor: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

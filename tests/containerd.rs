@@ -1584,3 +1584,81 @@ fn thinpool_holder_survives_its_stderr_going_away() {
     assert_eq!(out.len(), 4096);
     snap.check();
 }
+
+/// Workers killed at every point of their start (before they connect,
+/// after they took the bundle, while they replay the log and resume, just
+/// after they resumed), one after the other, while a writer keeps writing
+/// to an attached volume with `O_DIRECT|O_SYNC`: the holder keeps the
+/// export through all of them (no crash limit reached, no release), the
+/// next whole worker resumes it, the writer finishes without an error and
+/// every byte it was told is written reads back (after the host's caches
+/// are dropped), as does what was written before.
+#[test]
+fn thinpool_workers_killed_while_starting_lose_no_acknowledged_write() {
+    require(&["losetup", "mkfs.ext4", "dd", "md5sum"]);
+    let mut snap = Snapshotter::make(Some(30));
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    tp(&["volume", "create", &snap.pool, "v", "--size", "256M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    let work = snap.dir.path().to_path_buf();
+    let sh = |script: &str| containerd::sh(script, &work);
+    // 16 MiB written and fsynced before anything.
+    sh(&format!(
+        "head -c 16M /dev/urandom > before && \
+         dd if=before of={dev} bs=1M oflag=direct conv=fsync status=none"
+    ));
+    // The writer: 64 MiB from offset 32 MiB, 64 KiB at a time, synchronous.
+    sh("head -c 64M /dev/urandom > during");
+    let mut writer = std::process::Command::new("dd")
+        .arg("if=during")
+        .arg(format!("of={dev}"))
+        .args(["bs=64K", "seek=512", "oflag=direct,sync", "status=none"])
+        .current_dir(&work)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    snap.kill9();
+    for delay_ms in [0u64, 5, 20, 40, 80] {
+        let mut w = snap
+            .command(snap.hold)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    // (At most 5 deaths: the holder's limit is more than 5 in 30 s.)
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer finished before the kills"
+    );
+    snap.start();
+    assert_eq!(snap.holder_pids(), holder, "{}", snap.log());
+    let st = writer.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    writer
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        st.success(),
+        "the writer failed ({st}): {err}\n{}",
+        snap.log()
+    );
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let sums = sh(&format!(
+        "dd if={dev} bs=1M count=16 iflag=direct status=none | md5sum; md5sum < before; \
+         dd if={dev} bs=1M skip=32 count=64 iflag=direct status=none | md5sum; md5sum < during"
+    ));
+    let sums: Vec<&str> = sums.lines().collect();
+    assert_eq!(sums[0], sums[1], "what was written before changed");
+    assert_eq!(sums[2], sums[3], "what the writer wrote is not all there");
+    snap.check();
+}

@@ -1662,3 +1662,48 @@ fn thinpool_workers_killed_while_starting_lose_no_acknowledged_write() {
     assert_eq!(sums[2], sums[3], "what the writer wrote is not all there");
     snap.check();
 }
+
+/// A snapshotter of another pool given the same `--address` (a copied unit
+/// file) fails: before, it removed the socket of the one serving there and
+/// bound its own, so containerd's calls went to the wrong pool.
+#[test]
+fn thinpool_snapshotter_does_not_take_a_live_address() {
+    require(&["losetup", "mkfs.ext4"]);
+    let snap = Snapshotter::new_held();
+    let other = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    let pool = other.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let sock_id = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).map(|m| m.ino()).ok()
+    };
+    let before = sock_id(&snap.socket());
+    assert!(before.is_some());
+    for hold in [Some("2"), None] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["snapshotter", &pool, "--volume-size", "64M"])
+            .arg("--address")
+            .arg(snap.socket())
+            .arg("--export-dir")
+            .arg(other.path().join("export"));
+        if let Some(h) = hold {
+            cmd.args(["--hold", h]);
+        }
+        let out = containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30));
+        // (A run that took the address serves until killed: its holder,
+        // with --hold 2, then lets go of its export by itself.)
+        let out = out.unwrap_or_else(|e| panic!("it took the address ({e})"));
+        assert!(
+            !out.ok() && out.stderr.contains("another process answers on it"),
+            "{out:?}"
+        );
+        assert_eq!(sock_id(&snap.socket()), before, "the socket was replaced");
+        assert!(containerd::mounts_under(other.path()).is_empty());
+        assert!(!Path::new(&format!("{pool}.sock")).exists());
+        assert!(!Path::new(&format!("{pool}.holder.sock")).exists());
+    }
+    assert_eq!(snap.snapshot_volumes(), 0);
+}

@@ -69,11 +69,9 @@ pub fn start(
     let undo = |bundle: Bundle| {
         let _ = sys::umount(&bundle.state.dir, true);
         let _ = std::fs::remove_file(control::socket_path(&pool));
-        let _ = std::fs::remove_file(grpc);
     };
-    // We hold the pool lock: a socket file left at the address is stale.
-    let _ = std::fs::remove_file(grpc);
-    match UnixListener::bind(grpc) {
+    let bound = clear_stale_socket(grpc).and_then(|()| UnixListener::bind(grpc));
+    match bound {
         Ok(l) => bundle.grpc = Some(l),
         Err(source) => {
             undo(bundle);
@@ -111,7 +109,26 @@ pub fn start(
     })();
     // On success our copies go; the holder's keep the export (and the
     // pool lock).
-    res.inspect_err(|_| undo(bundle))
+    res.inspect_err(|_| {
+        undo(bundle);
+        let _ = std::fs::remove_file(grpc);
+    })
+}
+
+/// Remove a socket file left at `path` by a snapshotter that was killed;
+/// one that answers is another process's (a snapshotter of another pool
+/// given the same `--address`): refused, not taken away from it.
+pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process answers on it",
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The holder (`thinpool snapshotter --hold-fd FD`): take the bundle the

@@ -115,6 +115,9 @@ pub enum ExportError {
     /// A takeover or restart of the server could not be done.
     #[error("handover: {0}")]
     Handover(String),
+    /// The containerd snapshotter's gRPC side failed (the export stopped).
+    #[error("{0}")]
+    Snapshotter(String),
     #[error("FUSE session ended with an error: {0}")]
     Session(std::io::Error),
     #[error("{0}")]

@@ -86,6 +86,9 @@ pub fn run(
     }
     let address = opts.address.clone();
     let size = opts.volume_size;
+    // What stopped the export if the gRPC side did: the run then fails
+    // (exit status 1, so that systemd's Restart=on-failure applies).
+    let failed = Failed::default();
     let serve_opts = ServeOptions {
         direct: opts.direct,
         ..ServeOptions::default()
@@ -101,15 +104,38 @@ pub fn run(
             }
         };
         // The holder keeps the address (and removes it when it releases).
-        return serve_held(conn, move |server, listener| {
-            spawn_grpc(server, Some(listener), address, size)
-        });
+        let f = failed.clone();
+        serve_held(conn, move |server, listener| {
+            spawn_grpc(server, Some(listener), address, size, f)
+        })?;
+        return failed.result();
     }
+    let f = failed.clone();
     let res = serve_with(pool, &dir, &serve_opts, move |server| {
-        spawn_grpc(server, None, address, size)
+        spawn_grpc(server, None, address, size, f)
     });
-    let _ = std::fs::remove_file(&opts.address);
-    res
+    if failed.0.lock().map(|e| e.is_none()).unwrap_or(false) {
+        // Ours (a failed bind leaves another process's socket alone).
+        let _ = std::fs::remove_file(&opts.address);
+    }
+    res.and_then(|()| failed.result())
+}
+
+/// The gRPC side's error, once it has stopped the export.
+#[derive(Clone, Default)]
+struct Failed(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Failed {
+    fn set(&self, e: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    fn result(&self) -> Result<(), ExportError> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(ExportError::Snapshotter(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A killed snapshotter (and no holder) leaves a dead FUSE mount at `dir`
@@ -138,12 +164,14 @@ fn spawn_grpc(
     listener: Option<std::os::unix::net::UnixListener>,
     address: PathBuf,
     size: u64,
+    failed: Failed,
 ) -> Result<(), ExportError> {
     std::thread::Builder::new()
         .name("snapshotter".into())
         .spawn(move || {
             if let Err(e) = serve_grpc(server.clone(), listener, &address, size) {
                 eprintln!("thinpool snapshotter: {e}");
+                failed.set(e);
                 server.stop();
             }
         })?;
@@ -180,10 +208,9 @@ fn serve_grpc(
                 .and_then(|()| tokio::net::UnixListener::from_std(l))
                 .map_err(|e| format!("cannot use the gRPC listener: {e}"))?,
             None => {
-                // Nothing else may own the address: we hold the pool, and a
-                // socket file left by a killed snapshotter answers no one.
-                let _ = std::fs::remove_file(address);
-                tokio::net::UnixListener::bind(address)
+                // A socket file left by a killed snapshotter answers no one.
+                held::clear_stale_socket(address)
+                    .and_then(|()| tokio::net::UnixListener::bind(address))
                     .map_err(|e| format!("cannot bind {}: {e}", address.display()))?
             }
         };

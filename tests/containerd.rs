@@ -1193,7 +1193,7 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
     let info = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
 
     // (a) systemctl restart: SIGTERM, exit, the same command line again.
-    // (b) a crash and Restart=on-failure: SIGKILL, the same command line.
+    // (b) a crash and Restart=always: SIGKILL, the same command line.
     let mut figures = Vec::new();
     // (c) a SIGKILL with the next start 0.5 s later, while containerd asks
     // for the snapshots: the call waits in the held listener's backlog.
@@ -1362,7 +1362,7 @@ fn systemd_unit_verifies_and_keeps_the_holder() {
     )
     .unwrap();
     let directives: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
-    for want in ["KillMode=process", "Restart=on-failure"] {
+    for want in ["KillMode=process", "Restart=always"] {
         assert!(directives.contains(&want), "the unit lacks {want}");
     }
     assert!(
@@ -1501,7 +1501,7 @@ fn thinpool_holder_refuses_another_user() {
         .args(snap.command(Some(30)).get_args());
     // Several times: the holder refuses before reading the request, and
     // a refused snapshotter must still fail (not exit 0 on the broken pipe,
-    // which systemd's Restart=on-failure would take for a clean stop).
+    // as if it had stopped cleanly).
     for _ in 0..10 {
         match containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30)) {
             Ok(out) => {

@@ -87,7 +87,7 @@ pub fn run(
     let address = opts.address.clone();
     let size = opts.volume_size;
     // What stopped the export if the gRPC side did: the run then fails
-    // (exit status 1, so that systemd's Restart=on-failure applies).
+    // (exit status 1: a failure, for systemd and whoever started it).
     let failed = Failed::default();
     let serve_opts = ServeOptions {
         direct: opts.direct,

@@ -180,6 +180,34 @@ fn spawn_grpc(
 
 /// How long a hand-back waits for containerd's calls in flight to finish.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
+/// How long a hand-back serves on after it stopped accepting, before the
+/// graceful shutdown: a connection accepted just before has sent its first
+/// request by then (hyper closes one still in its handshake at once, and
+/// that call fails instead of waiting for the next worker).
+const GRPC_SETTLE: Duration = Duration::from_millis(100);
+
+/// The listener's connections while `accepting`; after it, pending (not
+/// ended, which would start tonic's shutdown): new connections wait in the
+/// backlog for the next worker while those accepted are still served.
+struct Accepting {
+    inner: tokio_stream::wrappers::UnixListenerStream,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio_stream::Stream for Accepting {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if !self.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+            // tonic's loop is woken by its shutdown signal, not by us.
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
 
 fn serve_grpc(
     server: ServerHandle,
@@ -219,15 +247,17 @@ fn serve_grpc(
             address.display()
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let incoming = Accepting {
+            inner: tokio_stream::wrappers::UnixListenerStream::new(listener),
+            accepting: accepting.clone(),
+        };
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(api::snapshots_server::SnapshotsServer::new(svc))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async move {
-                        let _ = rx.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.await;
+                }),
         );
         while !server.stopping() && !server.hand_back_asked() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -239,7 +269,12 @@ fn serve_grpc(
             let s = store.clone();
             let _ = tokio::task::spawn_blocking(move || s.detach_all()).await;
         }
-        // Stop accepting; calls in flight finish (bounded for a hand-back).
+        if handing_back {
+            // New connections wait in the backlog for the next worker.
+            accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(GRPC_SETTLE).await;
+        }
+        // Stop; calls in flight finish (bounded for a hand-back).
         let _ = tx.send(());
         let t = std::time::Instant::now();
         match tokio::time::timeout(GRPC_DRAIN, grpc).await {

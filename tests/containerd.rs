@@ -1796,3 +1796,73 @@ async fn thinpool_calls_across_sigterm_restarts_all_succeed() {
     .unwrap();
     drop(snap);
 }
+
+/// The other way round: in a directory others may write to (here 1777, as
+/// /tmp), another user binds `POOL.holder.sock` first. The snapshotter
+/// does not take that socket for its holder (it would hand it its attach
+/// request and serve whatever descriptors came back): it notes it, starts
+/// its own holder in its place and serves.
+#[test]
+fn thinpool_snapshotter_ignores_a_holder_socket_of_another_user() {
+    require(&["losetup", "mkfs.ext4", "setpriv", "/usr/bin/python3"]);
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let pool = dir.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let fake = format!("{pool}.holder.sock");
+    let imposter = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind(sys.argv[1]); s.listen(8)\n\
+             while True: s.accept()[0].recv(4096); time.sleep(0.1)\n",
+        )
+        .arg(&fake)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed (by its PID) whatever happens below.
+    struct Imposter(std::process::Child);
+    impl Drop for Imposter {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let imposter = Imposter(imposter);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !Path::new(&fake).exists() {
+        assert!(std::time::Instant::now() < deadline, "no imposter socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut snap = Snapshotter {
+        child: None,
+        dir,
+        pool,
+        hold: Some(30),
+    };
+    snap.start();
+    drop(imposter);
+    assert!(
+        snap.log().contains("answered by another user"),
+        "{}",
+        snap.log()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&fake).unwrap().uid(), 0, "{}", snap.log());
+    assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
+    snap.check();
+}

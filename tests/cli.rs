@@ -345,6 +345,13 @@ fn usage_errors_exit_2() {
         2,
         &["1Q"],
     );
+    // A holder that waits 0 s released the export before the first
+    // snapshotter could take it: that run could never serve.
+    fails(
+        &[s("snapshotter"), e.p(), s("--hold"), s("0")],
+        2,
+        &["--hold"],
+    );
     assert!(!e.pool.exists());
 }
 

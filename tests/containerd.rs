@@ -260,6 +260,35 @@ impl Snapshotter {
         }
     }
 
+    /// As `start`, but the snapshotter's stderr (so the holder's, which
+    /// inherits it) is a pipe, closed once it answers: as the terminal it
+    /// was started from by hand goes away with the session.
+    fn start_on_closing_stderr(&mut self) {
+        use std::io::{BufRead, Write};
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotter.log"))
+            .unwrap();
+        let mut child = self
+            .command(self.hold)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = std::io::BufReader::new(child.stderr.take().unwrap());
+        self.child = Some(child);
+        for line in err.lines() {
+            let line = line.unwrap();
+            writeln!(log, "{line}").unwrap();
+            if line.contains("answering containerd") {
+                return;
+            }
+        }
+        panic!("snapshotter did not start:\n{}", self.log());
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -1403,7 +1432,7 @@ fn thinpool_restart_and_crash_leave_a_running_container_running() {
     let info = ctrd.ctr_ok(&["snapshots", "--snapshotter", SNAP, "info", "writer"]);
 
     // (a) systemctl restart: SIGTERM, exit, the same command line again.
-    // (b) a crash and Restart=on-failure: SIGKILL, the same command line.
+    // (b) a crash and Restart=always: SIGKILL, the same command line.
     let mut figures = Vec::new();
     // (c) a SIGKILL with the next start 0.5 s later, while containerd asks
     // for the snapshots: the call waits in the held listener's backlog.
@@ -1572,7 +1601,7 @@ fn systemd_unit_verifies_and_keeps_the_holder() {
     )
     .unwrap();
     let directives: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
-    for want in ["KillMode=process", "Restart=on-failure"] {
+    for want in ["KillMode=process", "Restart=always"] {
         assert!(directives.contains(&want), "the unit lacks {want}");
     }
     assert!(
@@ -1796,4 +1825,396 @@ async fn a_commit_keeps_a_journal_that_is_not_clean() {
         );
         snap.check();
     }
+}
+
+/// The holder hands the export's descriptors (the FUSE connection, the pool
+/// open read-write and locked) to whoever asks on `POOL.holder.sock`: only
+/// its own user (or root) may ask. The socket is made 0600 whatever the
+/// umask, and a process of another user that reaches it anyway (here: the
+/// socket left 0777, as a umask of 0 would) is refused by its credentials
+/// (`SO_PEERCRED`); the next real snapshotter then resumes the export.
+#[test]
+fn thinpool_holder_refuses_another_user() {
+    require(&["losetup", "mkfs.ext4", "setpriv"]);
+    let mut snap = Snapshotter::make(Some(30), &[]);
+    let holder_sock = format!("{}.holder.sock", snap.pool);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&holder_sock).unwrap().permissions().mode() & 0o777;
+    fs::set_permissions(&holder_sock, fs::Permissions::from_mode(0o777)).unwrap();
+    // The pool's directory reachable, as /var/lib/thinpool is.
+    fs::set_permissions(snap.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    // No worker attached: the holder would give the bundle to the next one.
+    let st = snap.terminate();
+    assert!(st.success(), "exit status {st}: {}", snap.log());
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(snap.command(Some(30)).get_args());
+    // Several times: the holder refuses before reading the request, and
+    // a refused snapshotter must still fail (not exit 0 on the broken pipe,
+    // as if it had stopped cleanly).
+    for _ in 0..10 {
+        match containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30)) {
+            Ok(out) => {
+                assert!(!out.ok(), "uid 65534: {out:?}\n{}", snap.log());
+                assert!(out.stderr.contains("may not attach"), "{out:?}");
+            }
+            Err(e) => panic!(
+                "uid 65534 took the export and served it ({e}):\n{}",
+                snap.log()
+            ),
+        }
+    }
+    assert!(snap.log().contains("uid 65534"), "{}", snap.log());
+    snap.start();
+    assert!(
+        snap.log().contains("found the holder of the export"),
+        "{}",
+        snap.log()
+    );
+    snap.check();
+    assert_eq!(mode, 0o600, "{holder_sock} was made {mode:o}");
+    // The serving worker's control socket likewise (a takeover through it
+    // hands out the same descriptors; its requests change volumes).
+    let control = format!("{}.sock", snap.pool);
+    fs::set_permissions(&control, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+        .args(["volume", "create", &snap.pool, "theirs", "--size", "1M"]);
+    // Several times, as above: the refusal comes before the request is
+    // read, and must not end as a broken pipe (exit 0, nothing said).
+    for _ in 0..10 {
+        let out = containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30)).unwrap();
+        assert!(
+            !out.ok() && out.stderr.contains("may not use the server"),
+            "{out:?}"
+        );
+    }
+    assert!(!snap.volumes().iter().any(|v| v["name"] == "theirs"));
+}
+
+/// The holder outlives the terminal (or journal stream) it was started
+/// with: a message it cannot write must not end it, and with it the export
+/// under running containers. Here its stderr is a closed pipe when the
+/// worker is killed; the holder notes the crash (a write that fails) and a
+/// new worker still resumes the export from it.
+#[test]
+fn thinpool_holder_survives_its_stderr_going_away() {
+    require(&["losetup", "mkfs.ext4"]);
+    let dir = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    let pool = dir.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let mut snap = Snapshotter {
+        child: None,
+        dir,
+        pool,
+        hold: Some(30),
+        extra: &[],
+    };
+    snap.start_on_closing_stderr();
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    tp(&["volume", "create", &snap.pool, "v", "--size", "64M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    snap.kill9();
+    snap.start();
+    assert!(
+        snap.log().contains("found the holder of the export"),
+        "the holder did not survive:\n{}",
+        snap.log()
+    );
+    assert_eq!(snap.holder_pids(), holder, "{}", snap.log());
+    // The device attached before is still served.
+    let out = containerd::run_ok(
+        std::process::Command::new("dd")
+            .args(["bs=4096", "count=1", "status=none"])
+            .arg(format!("if={dev}")),
+    );
+    assert_eq!(out.len(), 4096);
+    snap.check();
+}
+
+/// Workers killed at every point of their start (before they connect,
+/// after they took the bundle, while they replay the log and resume, just
+/// after they resumed), one after the other, while a writer keeps writing
+/// to an attached volume with `O_DIRECT|O_SYNC`: the holder keeps the
+/// export through all of them (no crash limit reached, no release), the
+/// next whole worker resumes it, the writer finishes without an error and
+/// every byte it was told is written reads back (after the host's caches
+/// are dropped), as does what was written before.
+#[test]
+fn thinpool_workers_killed_while_starting_lose_no_acknowledged_write() {
+    require(&["losetup", "mkfs.ext4", "dd", "md5sum"]);
+    let mut snap = Snapshotter::make(Some(30), &[]);
+    let holder = snap.holder_pids();
+    assert_eq!(holder.len(), 1, "{}", snap.log());
+    tp(&["volume", "create", &snap.pool, "v", "--size", "256M"]);
+    let dev = tp(&["attach", &snap.pool, "v"]).trim().to_string();
+    let work = snap.dir.path().to_path_buf();
+    let sh = |script: &str| containerd::sh(script, &work);
+    // 16 MiB written and fsynced before anything.
+    sh(&format!(
+        "head -c 16M /dev/urandom > before && \
+         dd if=before of={dev} bs=1M oflag=direct conv=fsync status=none"
+    ));
+    // The writer: 64 MiB from offset 32 MiB, 64 KiB at a time, synchronous.
+    sh("head -c 64M /dev/urandom > during");
+    let mut writer = std::process::Command::new("dd")
+        .arg("if=during")
+        .arg(format!("of={dev}"))
+        .args(["bs=64K", "seek=512", "oflag=direct,sync", "status=none"])
+        .current_dir(&work)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    snap.kill9();
+    for delay_ms in [0u64, 5, 20, 40, 80] {
+        let mut w = snap
+            .command(snap.hold)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    // (At most 5 deaths: the holder's limit is more than 5 in 30 s.)
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the writer finished before the kills"
+    );
+    snap.start();
+    assert_eq!(snap.holder_pids(), holder, "{}", snap.log());
+    let st = writer.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    writer
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        st.success(),
+        "the writer failed ({st}): {err}\n{}",
+        snap.log()
+    );
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let sums = sh(&format!(
+        "dd if={dev} bs=1M count=16 iflag=direct status=none | md5sum; md5sum < before; \
+         dd if={dev} bs=1M skip=32 count=64 iflag=direct status=none | md5sum; md5sum < during"
+    ));
+    let sums: Vec<&str> = sums.lines().collect();
+    assert_eq!(sums[0], sums[1], "what was written before changed");
+    assert_eq!(sums[2], sums[3], "what the writer wrote is not all there");
+    snap.check();
+}
+
+/// A snapshotter of another pool given the same `--address` (a copied unit
+/// file) fails: before, it removed the socket of the one serving there and
+/// bound its own, so containerd's calls went to the wrong pool.
+#[test]
+fn thinpool_snapshotter_does_not_take_a_live_address() {
+    require(&["losetup", "mkfs.ext4"]);
+    let snap = Snapshotter::new_held();
+    let other = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    let pool = other.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let sock_id = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).map(|m| m.ino()).ok()
+    };
+    let before = sock_id(&snap.socket());
+    assert!(before.is_some());
+    for hold in [Some("2"), None] {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["snapshotter", &pool, "--volume-size", "64M"])
+            .arg("--address")
+            .arg(snap.socket())
+            .arg("--export-dir")
+            .arg(other.path().join("export"));
+        if let Some(h) = hold {
+            cmd.args(["--hold", h]);
+        }
+        let out = containerd::run_timeout(&mut cmd, std::time::Duration::from_secs(30));
+        // (A run that took the address serves until killed: its holder,
+        // with --hold 2, then lets go of its export by itself.)
+        let out = out.unwrap_or_else(|e| panic!("it took the address ({e})"));
+        assert!(
+            !out.ok() && out.stderr.contains("another process answers on it"),
+            "{out:?}"
+        );
+        assert_eq!(sock_id(&snap.socket()), before, "the socket was replaced");
+        assert!(containerd::mounts_under(other.path()).is_empty());
+        assert!(!Path::new(&format!("{pool}.sock")).exists());
+        assert!(!Path::new(&format!("{pool}.holder.sock")).exists());
+    }
+    assert_eq!(snap.snapshot_volumes(), 0);
+}
+
+/// containerd's calls while the snapshotter restarts (`--hold`, SIGTERM and
+/// the same command line, three times): a client preparing and removing
+/// snapshots in a loop, on a new connection for every call, sees every call
+/// succeed (a call in flight at the SIGTERM finishes; one made meanwhile
+/// waits in the held listener's backlog for the next worker), and nothing
+/// is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinpool_calls_across_sigterm_restarts_all_succeed() {
+    use grpc::*;
+    require(&["losetup", "mkfs.ext4"]);
+    let snap = tokio::task::spawn_blocking(Snapshotter::new_held)
+        .await
+        .unwrap();
+    let sock = snap.socket();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let key = format!("k{i}");
+                let mut c = connect(sock.clone()).await;
+                let p = c
+                    .prepare(PrepareSnapshotRequest {
+                        snapshotter: SNAP.into(),
+                        key: key.clone(),
+                        parent: String::new(),
+                        labels: labels(&[]),
+                    })
+                    .await;
+                if let Err(e) = p {
+                    errors.push(format!("prepare {key}: {e}"));
+                }
+                let mut c = connect(sock.clone()).await;
+                let r = c
+                    .remove(RemoveSnapshotRequest {
+                        snapshotter: SNAP.into(),
+                        key: key.clone(),
+                    })
+                    .await;
+                if let Err(e) = r {
+                    errors.push(format!("remove {key}: {e}"));
+                }
+                i += 1;
+            }
+            (i, errors)
+        })
+    };
+    let snap = tokio::task::spawn_blocking(move || {
+        let mut snap = snap;
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let st = snap.terminate();
+            assert!(st.success(), "exit status {st}: {}", snap.log());
+            snap.start();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        snap
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (calls, errors) = caller.await.unwrap();
+    assert!(calls > 3, "only {calls} rounds");
+    eprintln!("{calls} rounds of prepare and remove across 3 restarts");
+    assert!(
+        errors.is_empty(),
+        "{} of {calls} rounds failed: {errors:#?}\n{}",
+        errors.len(),
+        snap.log()
+    );
+    assert_eq!(
+        snap.log()
+            .matches("handed the export back to the holder")
+            .count(),
+        3
+    );
+    let snap = tokio::task::spawn_blocking(move || {
+        assert_eq!(snap.snapshot_volumes(), 0);
+        assert!(containerd::loops_under(&snap.export()).is_empty());
+        snap.check();
+        snap
+    })
+    .await
+    .unwrap();
+    drop(snap);
+}
+
+/// The other way round: in a directory others may write to (here 1777, as
+/// /tmp), another user binds `POOL.holder.sock` first. The snapshotter
+/// does not take that socket for its holder (it would hand it its attach
+/// request and serve whatever descriptors came back): it notes it, starts
+/// its own holder in its place and serves.
+#[test]
+fn thinpool_snapshotter_ignores_a_holder_socket_of_another_user() {
+    require(&["losetup", "mkfs.ext4", "setpriv", "/usr/bin/python3"]);
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let pool = dir.path().join("pool.tp").display().to_string();
+    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
+    let fake = format!("{pool}.holder.sock");
+    let imposter = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import socket, sys, time\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.bind(sys.argv[1]); s.listen(8)\n\
+             while True: s.accept()[0].recv(4096); time.sleep(0.1)\n",
+        )
+        .arg(&fake)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed (by its PID) whatever happens below.
+    struct Imposter(std::process::Child);
+    impl Drop for Imposter {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let imposter = Imposter(imposter);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !Path::new(&fake).exists() {
+        assert!(std::time::Instant::now() < deadline, "no imposter socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut snap = Snapshotter {
+        child: None,
+        dir,
+        pool,
+        hold: Some(30),
+        extra: &[],
+    };
+    snap.start();
+    drop(imposter);
+    assert!(
+        snap.log().contains("answered by another user"),
+        "{}",
+        snap.log()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&fake).unwrap().uid(), 0, "{}", snap.log());
+    assert_eq!(snap.holder_pids().len(), 1, "{}", snap.log());
+    snap.check();
 }

@@ -6,8 +6,9 @@
 #   tools/ext4-floor.sh [--size 10G] [--ext-opts A,B] [--mkfs-opts "OPTS"] [--base DIR]
 #                       [--idle] [--keep]
 #
-# 1. The template, as the snapshotter makes it (src/snapshotter/store.rs,
-#    make_template): a sparse file of --size (the snapshotter's --volume-size,
+# 1. The template, as the snapshotter made it before packed_meta_blocks
+#    (src/snapshotter/store.rs, make_template; `--ext-opts packed_meta_blocks=1`
+#    for today's): a sparse file of --size (the snapshotter's --volume-size,
 #    default 10G), `mkfs.ext4 -q -F -L thinpool -E lazy_itable_init=1,
 #    lazy_journal_init=1,nodiscard` (plus --ext-opts in that -E list: a second
 #    -E would replace it) and --mkfs-opts (to try layouts); the template's
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
     --base) base=$2; shift ;;
     --idle) idle=1 ;;
     --keep) keep=1 ;;
-    -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "ext4-floor: unknown argument $1" >&2; exit 2 ;;
     esac
     shift

@@ -73,9 +73,9 @@ pub struct SnapshotterArgs {
     /// process when the snapshotter stops, so that a snapshotter started
     /// again with the same arguments resumes it under running containers
     /// (a restart or a crash is a pause for them). The holder releases the
-    /// export SECONDS after the snapshotter stopped if none came back
-    /// (docs/EXPORT.md, "The containerd snapshotter")
-    #[arg(long, value_name = "SECONDS")]
+    /// export SECONDS (at least 1) after the snapshotter stopped if none
+    /// came back (docs/EXPORT.md, "The containerd snapshotter")
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub hold: Option<u64>,
     /// Be the holder, taking the export from this descriptor (internal)
     #[arg(long, hide = true)]

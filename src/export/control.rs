@@ -137,11 +137,21 @@ fn call(pool: &Path, line: &str) -> Option<Result<serde_json::Value>> {
 fn round_trip(mut stream: UnixStream, line: &str) -> Result<serde_json::Value> {
     // Generous: a snapshot of a mounted volume waits for the filesystem to freeze.
     stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    stream.write_all(line.as_bytes())?;
-    stream.write_all(b"\n")?;
+    // A server may refuse (and close) before it reads the request: read its
+    // reply even if sending failed. A closed connection is a bad reply, not
+    // a broken pipe (on which the CLI exits 0, as for `| head`).
+    let sent = stream
+        .write_all(line.as_bytes())
+        .and_then(|()| stream.write_all(b"\n"));
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    let got = BufReader::new(stream).read_line(&mut reply);
     if reply.is_empty() {
+        if let Err(e) = sent {
+            return Err(bad_reply(&format!(
+                "the server closed the connection ({e})"
+            )));
+        }
+        got?;
         return Err(bad_reply(
             "the server closed the connection without replying",
         ));

@@ -210,6 +210,33 @@ pub fn send_msg(sock: RawFd, value: &serde_json::Value, fds: &[RawFd]) -> io::Re
 /// Receive one line and the descriptors that came with it (close-on-exec).
 /// `None`: the peer closed the connection before sending anything.
 pub fn recv_msg(sock: RawFd) -> io::Result<Option<(serde_json::Value, Vec<OwnedFd>)>> {
+    let Some((line, fds)) = recv_lines(sock)? else {
+        return Ok(None);
+    };
+    let value =
+        serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some((value, fds)))
+}
+
+/// Receive every whole line waiting, one value each: on a stream socket
+/// (a snapshotter worker's connection to its holder) two messages sent
+/// back to back arrive in one read. `None`: the peer closed the connection.
+pub fn recv_msgs(sock: RawFd) -> io::Result<Option<Vec<serde_json::Value>>> {
+    let Some((lines, _)) = recv_lines(sock)? else {
+        return Ok(None);
+    };
+    let values = lines
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<_, _>>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(Some(values))
+}
+
+/// Read until what was read ends a line (one line, or several that came
+/// together) with the descriptors that came with it.
+fn recv_lines(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut line = Vec::new();
     let mut fds = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
@@ -264,9 +291,39 @@ pub fn recv_msg(sock: RawFd) -> io::Result<Option<(serde_json::Value, Vec<OwnedF
             return Err(io::Error::other("handover message too long"));
         }
     }
-    let value =
-        serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok(Some((value, fds)))
+    Ok(Some((line, fds)))
+}
+
+/// The user id of the process at the other end of the Unix socket `sock`
+/// (`SO_PEERCRED`: as it was when it connected, whatever the socket's mode).
+pub fn peer_uid(sock: RawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Whether a peer of user `uid` may be given this process's descriptors (a
+/// bundle hands out the pool and the FUSE connection): root or our own user.
+pub fn trusted_uid(uid: u32) -> bool {
+    // SAFETY: geteuid cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 /// Open the pool file read-write and take its owner lock, as `Pool::open`

@@ -7,6 +7,7 @@
 //! See docs/EXPORT.md, "The containerd snapshotter".
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -32,8 +33,21 @@ pub fn socket_path(pool: &Path) -> PathBuf {
 
 /// A connection to the live holder of `pool` (canonical path), if one
 /// listens; a worker then calls [`super::serve_held`] on it.
+/// A socket there that another user answers is not our holder: it would
+/// hand us descriptors of its choosing (it is replaced when we start ours).
 pub fn connect(pool: &Path) -> Option<OwnedFd> {
-    let conn = UnixStream::connect(socket_path(pool)).ok()?;
+    let path = socket_path(pool);
+    let conn = UnixStream::connect(&path).ok()?;
+    match handover::peer_uid(conn.as_raw_fd()) {
+        Ok(uid) if handover::trusted_uid(uid) => {}
+        how => {
+            say!(
+                "thinpool: {} is answered by another user ({how:?}), not our holder; ignored",
+                path.display()
+            );
+            return None;
+        }
+    }
     conn.set_read_timeout(Some(ATTACH_TIMEOUT)).ok()?;
     Some(conn.into())
 }
@@ -55,11 +69,9 @@ pub fn start(
     let undo = |bundle: Bundle| {
         let _ = sys::umount(&bundle.state.dir, true);
         let _ = std::fs::remove_file(control::socket_path(&pool));
-        let _ = std::fs::remove_file(grpc);
     };
-    // We hold the pool lock: a socket file left at the address is stale.
-    let _ = std::fs::remove_file(grpc);
-    match UnixListener::bind(grpc) {
+    let bound = clear_stale_socket(grpc).and_then(|()| UnixListener::bind(grpc));
+    match bound {
         Ok(l) => bundle.grpc = Some(l),
         Err(source) => {
             undo(bundle);
@@ -97,7 +109,26 @@ pub fn start(
     })();
     // On success our copies go; the holder's keep the export (and the
     // pool lock).
-    res.inspect_err(|_| undo(bundle))
+    res.inspect_err(|_| {
+        undo(bundle);
+        let _ = std::fs::remove_file(grpc);
+    })
+}
+
+/// Remove a socket file left at `path` by a snapshotter that was killed;
+/// one that answers is another process's (a snapshotter of another pool
+/// given the same `--address`): refused, not taken away from it.
+pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process answers on it",
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The holder (`thinpool snapshotter --hold-fd FD`): take the bundle the
@@ -114,7 +145,10 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         socket: path.clone(),
         source,
     })?;
-    let _holder_socket = Cleanup::new(path, None);
+    let _holder_socket = Cleanup::new(path.clone(), None);
+    // Whoever may connect may take the pool: our user only, whatever the
+    // umask (attach also checks the peer's credentials).
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     let grpc_path = bundle
         .grpc
         .as_ref()
@@ -130,7 +164,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
     let ack = serde_json::json!({ "event": "holding", "pid": std::process::id() });
     handover::send_msg(fd.as_raw_fd(), &ack, &[])?;
     drop(fd);
-    eprintln!(
+    say!(
         "thinpool: holder {} keeps the export of {} on {} for the snapshotter \
          (released {} s after the last worker left)",
         std::process::id(),
@@ -148,7 +182,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         let pid = match attach(&conn, &bundle) {
             Ok(pid) => pid,
             Err(e) => {
-                eprintln!("thinpool: holder: a worker could not attach: {e}");
+                say!("thinpool: holder: a worker could not attach: {e}");
                 continue;
             }
         };
@@ -172,17 +206,17 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
         });
         if followed.left {
             // Signalled while a worker serves: it serves on without us.
-            eprintln!("thinpool: holder: signalled; process {pid} serves on without a holder");
+            say!("thinpool: holder: signalled; process {pid} serves on without a holder");
             std::mem::forget(sockets);
             return Ok(());
         }
         match followed.ended(format!("process {pid}")) {
             Ended::Stopped => {
-                eprintln!("thinpool: holder: the snapshotter stopped the export");
+                say!("thinpool: holder: the snapshotter stopped the export");
                 return Ok(());
             }
             Ended::Restart(opens) => {
-                eprintln!("thinpool: holder: process {pid} handed the export back");
+                say!("thinpool: holder: process {pid} handed the export back");
                 bundle.state.opens = opens;
             }
             Ended::Crashed(how) | Ended::NeverReady(how) => {
@@ -191,7 +225,7 @@ pub fn hold(fd: OwnedFd, grace: Duration) -> Result<(), ExportError> {
                     release(bundle, sockets);
                     return Err(e);
                 }
-                eprintln!("thinpool: holder: {how} died; waiting for the next worker");
+                say!("thinpool: holder: {how} died; waiting for the next worker");
             }
         }
     }
@@ -214,11 +248,11 @@ fn wait_for_worker(
         let now = SIGNALS.load(Ordering::SeqCst);
         if now > *signals {
             *signals = now;
-            eprintln!("thinpool: holder: signalled with no worker attached");
+            say!("thinpool: holder: signalled with no worker attached");
             return None;
         }
         if Instant::now() >= deadline {
-            eprintln!(
+            say!(
                 "thinpool: holder: no snapshotter came back within {} s",
                 grace.as_secs()
             );
@@ -242,9 +276,6 @@ fn wait_for_worker(
 
 /// Read a worker's `snapshotter_attach` and send it the bundle; its pid.
 fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
-    conn.set_read_timeout(Some(ATTACH_TIMEOUT))?;
-    let (req, _) = handover::recv_msg(conn.as_raw_fd())?
-        .ok_or_else(|| ExportError::Handover("closed before asking".into()))?;
     let refuse = |msg: String| {
         let _ = handover::send_msg(
             conn.as_raw_fd(),
@@ -253,6 +284,18 @@ fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
         );
         ExportError::Handover(msg)
     };
+    // The bundle is the pool and the FUSE connection: not for other users.
+    let uid = handover::peer_uid(conn.as_raw_fd())?;
+    if !handover::trusted_uid(uid) {
+        return Err(refuse(format!(
+            "a process of uid {uid} may not attach (the holder runs as uid {})",
+            // SAFETY: geteuid cannot fail.
+            unsafe { libc::geteuid() }
+        )));
+    }
+    conn.set_read_timeout(Some(ATTACH_TIMEOUT))?;
+    let (req, _) = handover::recv_msg(conn.as_raw_fd())?
+        .ok_or_else(|| ExportError::Handover("closed before asking".into()))?;
     if req["op"] != "snapshotter_attach" {
         return Err(refuse(format!("unexpected request {req}")));
     }
@@ -274,7 +317,7 @@ fn attach(conn: &UnixStream, bundle: &Bundle) -> Result<u32, ExportError> {
 /// kernel when unmounted; the mount and the sockets go.
 fn release(bundle: Bundle, sockets: Sockets) {
     let dir = bundle.state.dir.clone();
-    eprintln!(
+    say!(
         "thinpool: holder: releasing the export on {}",
         dir.display()
     );

@@ -55,7 +55,7 @@ pub fn supervise(
         control::socket_path(&pool_path),
         opts.background.then(|| bundle.state.dir.clone()),
     );
-    eprintln!(
+    say!(
         "thinpool: holder {} keeps the export of {} on {}",
         std::process::id(),
         pool_path.display(),
@@ -66,7 +66,7 @@ pub fn supervise(
         match run_once(&mut bundle, start)? {
             Ended::Stopped => return Ok(()),
             Ended::Restart(opens) => {
-                eprintln!("thinpool: holder: planned restart of the server");
+                say!("thinpool: holder: planned restart of the server");
                 bundle.state.opens = opens;
             }
             Ended::NeverReady(status) => {
@@ -77,7 +77,7 @@ pub fn supervise(
             Ended::Crashed(status) => {
                 bundle.state.opens.clear();
                 crashes.count(&bundle, &status)?;
-                eprintln!("thinpool: holder: the server died ({status}); starting another");
+                say!("thinpool: holder: the server died ({status}); starting another");
             }
         }
     }
@@ -162,7 +162,9 @@ impl Followed {
 
 /// Read a worker's events on `conn` until it closes (every descriptor of
 /// the worker is closed: it has exited) or `on_tick` (called about every
-/// 100 ms) returns false.
+/// 100 ms) returns false. Only the end of the connection ends it: a message
+/// it cannot read does not mean the worker has gone, and the bundle must
+/// not go to another one while it may still serve.
 pub(super) fn follow(
     conn: RawFd,
     bundle: &mut Bundle,
@@ -187,22 +189,30 @@ pub(super) fn follow(
         if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
             continue;
         }
-        let Ok(Some((event, _))) = handover::recv_msg(conn) else {
-            return f;
+        let events = match handover::recv_msgs(conn) {
+            Ok(Some(events)) => events,
+            Ok(None) => return f,
+            Err(e) => {
+                say!("thinpool: holder: unreadable message from the worker: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
         };
-        match event["event"].as_str() {
-            Some("ready") => {
-                f.ready = true;
-                if let Ok(Some(init)) = serde_json::from_value(event["init"].clone()) {
-                    bundle.state.init = Some(init);
+        for event in events {
+            match event["event"].as_str() {
+                Some("ready") => {
+                    f.ready = true;
+                    if let Ok(Some(init)) = serde_json::from_value(event["init"].clone()) {
+                        bundle.state.init = Some(init);
+                    }
                 }
+                Some("stopped") => f.ended = Some(Ended::Stopped),
+                Some("restart") => {
+                    let opens = serde_json::from_value(event["opens"].clone()).unwrap_or_default();
+                    f.ended = Some(Ended::Restart(opens));
+                }
+                _ => {}
             }
-            Some("stopped") => f.ended = Some(Ended::Stopped),
-            Some("restart") => {
-                let opens = serde_json::from_value(event["opens"].clone()).unwrap_or_default();
-                f.ended = Some(Ended::Restart(opens));
-            }
-            _ => {}
         }
     }
 }
@@ -237,7 +247,7 @@ pub(crate) fn restart(pool: &Path, old_pid: u32, holder: u32) -> Result<(), Expo
     while t.elapsed() < RESTART_TIMEOUT {
         if let Some(Ok(st)) = control::status(pool) {
             if st.pid != old_pid {
-                eprintln!(
+                say!(
                     "thinpool: holder {holder} restarted the server of {} (process {} -> {}) in {} ms",
                     pool.display(),
                     old_pid,
@@ -274,4 +284,81 @@ pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<()
         return restart(&pool_path, st.pid, holder);
     }
     server::take_over_from(pool_path, st, dir, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::handover::{send_msg, State, VERSION};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    fn bundle(dir: &Path) -> Bundle {
+        Bundle {
+            fuse: tempfile::tempfile().unwrap().into(),
+            control: UnixListener::bind(dir.join("control")).unwrap(),
+            pool: None,
+            grpc: None,
+            state: State {
+                version: VERSION,
+                pool: dir.join("pool"),
+                dir: dir.to_path_buf(),
+                background: false,
+                threads: 2,
+                init: None,
+                opens: Vec::new(),
+            },
+        }
+    }
+
+    /// A worker's connection to the snapshotter's holder is a stream: a
+    /// `ready` and a `restart` sent back to back (a SIGTERM right after the
+    /// start, a holder slow to read) arrive in one read. Both count; before,
+    /// the read failed to parse and the holder took the worker for dead.
+    #[test]
+    fn events_sent_back_to_back_are_all_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(dir.path());
+        let (worker, holder) = UnixStream::pair().unwrap();
+        send_msg(
+            worker.as_raw_fd(),
+            &serde_json::json!({"event": "ready"}),
+            &[],
+        )
+        .unwrap();
+        let restart = serde_json::json!({"event": "restart", "opens": [[3, 1]]});
+        send_msg(worker.as_raw_fd(), &restart, &[]).unwrap();
+        drop(worker);
+        let f = follow(holder.as_raw_fd(), &mut b, |_| true);
+        assert!(f.ready && !f.left);
+        match f.ended("exited".into()) {
+            Ended::Restart(opens) => assert_eq!(opens, vec![(3, 1)]),
+            _ => panic!("the restart was not read"),
+        }
+    }
+
+    /// A message the holder cannot read does not end the worker's turn:
+    /// only the end of its connection (its exit) does.
+    #[test]
+    fn an_unreadable_message_is_not_the_end_of_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = bundle(dir.path());
+        let (worker, holder) = UnixStream::pair().unwrap();
+        send_msg(
+            worker.as_raw_fd(),
+            &serde_json::json!({"event": "ready"}),
+            &[],
+        )
+        .unwrap();
+        use std::io::Write;
+        (&worker).write_all(b"not json\n").unwrap();
+        let mut ticks = 0;
+        let f = follow(holder.as_raw_fd(), &mut b, |_| {
+            ticks += 1;
+            ticks < 5
+        });
+        assert!(f.left, "follow returned as if the worker had exited");
+        drop(worker);
+        let f = follow(holder.as_raw_fd(), &mut b, |_| true);
+        assert!(!f.left);
+    }
 }

@@ -13,6 +13,16 @@
 //!
 //! Usage and figures: docs/EXPORT.md.
 
+/// `eprintln!` for the processes that keep an export (the holders): a
+/// stderr that went away (the terminal they were started from, by hand)
+/// must not panic them and so end the export under running containers.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod client;
 pub mod control;
 mod fs;
@@ -105,6 +115,9 @@ pub enum ExportError {
     /// A takeover or restart of the server could not be done.
     #[error("handover: {0}")]
     Handover(String),
+    /// The containerd snapshotter's gRPC side failed (the export stopped).
+    #[error("{0}")]
+    Snapshotter(String),
     #[error("FUSE session ended with an error: {0}")]
     Session(std::io::Error),
     #[error("{0}")]

@@ -347,8 +347,22 @@ pub fn serve_held(
         "version": handover::VERSION,
         "pid": std::process::id(),
     });
-    handover::send_msg(conn.as_raw_fd(), &req, &[])?;
-    let mut bundle = Bundle::recv(conn.as_raw_fd())?;
+    let asked = handover::send_msg(conn.as_raw_fd(), &req, &[]);
+    // Read the answer even if asking failed: a holder may refuse (and
+    // close) before it reads the request. A lost connection is an error
+    // of its own, not an I/O one: a broken pipe would exit 0, and systemd
+    // would not start the snapshotter again.
+    let mut bundle = match Bundle::recv(conn.as_raw_fd()) {
+        Ok(b) => b,
+        Err(ExportError::Io(e)) => {
+            let asked = asked.err().map(|a| format!("; asking: {a}"));
+            return Err(ExportError::Handover(format!(
+                "the holder closed the connection ({e}{}): it released the export or went away",
+                asked.unwrap_or_default()
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     let grpc = bundle
         .grpc
         .take()
@@ -808,6 +822,23 @@ fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
             continue;
         };
         let _ = stream.set_nonblocking(false);
+        // Its requests change volumes and a takeover hands out the pool and
+        // the FUSE connection: our user (or root) only, whatever the umask
+        // left the socket's mode at.
+        match handover::peer_uid(stream.as_raw_fd()) {
+            Ok(uid) if handover::trusted_uid(uid) => {}
+            uid => {
+                let e = Error::InvalidArgument(format!(
+                    "a process of uid {uid:?} may not use the server of {}",
+                    sh.pool_path.display()
+                ));
+                if let Ok(mut text) = serde_json::to_string(&Reply::err(&e)) {
+                    text.push('\n');
+                    let _ = (&stream).write_all(text.as_bytes());
+                }
+                continue;
+            }
+        }
         let sh = sh.clone();
         let _ = thread::Builder::new()
             .name("control-conn".into())

@@ -90,6 +90,9 @@ pub fn run(
     }
     let address = opts.address.clone();
     let size = opts.volume_size;
+    // What stopped the export if the gRPC side did: the run then fails
+    // (exit status 1: a failure, for systemd and whoever started it).
+    let failed = Failed::default();
     let serve_opts = ServeOptions {
         direct: opts.direct,
         ..ServeOptions::default()
@@ -105,15 +108,38 @@ pub fn run(
             }
         };
         // The holder keeps the address (and removes it when it releases).
-        return serve_held(conn, move |server, listener| {
-            spawn_grpc(server, Some(listener), address, size)
-        });
+        let f = failed.clone();
+        serve_held(conn, move |server, listener| {
+            spawn_grpc(server, Some(listener), address, size, f)
+        })?;
+        return failed.result();
     }
+    let f = failed.clone();
     let res = serve_with(pool, &dir, &serve_opts, move |server| {
-        spawn_grpc(server, None, address, size)
+        spawn_grpc(server, None, address, size, f)
     });
-    let _ = std::fs::remove_file(&opts.address);
-    res
+    if failed.0.lock().map(|e| e.is_none()).unwrap_or(false) {
+        // Ours (a failed bind leaves another process's socket alone).
+        let _ = std::fs::remove_file(&opts.address);
+    }
+    res.and_then(|()| failed.result())
+}
+
+/// The gRPC side's error, once it has stopped the export.
+#[derive(Clone, Default)]
+struct Failed(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Failed {
+    fn set(&self, e: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    fn result(&self) -> Result<(), ExportError> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(ExportError::Snapshotter(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A killed snapshotter (and no holder) leaves a dead FUSE mount at `dir`
@@ -142,12 +168,14 @@ fn spawn_grpc(
     listener: Option<std::os::unix::net::UnixListener>,
     address: PathBuf,
     size: u64,
+    failed: Failed,
 ) -> Result<(), ExportError> {
     std::thread::Builder::new()
         .name("snapshotter".into())
         .spawn(move || {
             if let Err(e) = serve_grpc(server.clone(), listener, &address, size) {
                 eprintln!("thinpool snapshotter: {e}");
+                failed.set(e);
                 server.stop();
             }
         })?;
@@ -156,6 +184,34 @@ fn spawn_grpc(
 
 /// How long a hand-back waits for containerd's calls in flight to finish.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
+/// How long a hand-back serves on after it stopped accepting, before the
+/// graceful shutdown: a connection accepted just before has sent its first
+/// request by then (hyper closes one still in its handshake at once, and
+/// that call fails instead of waiting for the next worker).
+const GRPC_SETTLE: Duration = Duration::from_millis(100);
+
+/// The listener's connections while `accepting`; after it, pending (not
+/// ended, which would start tonic's shutdown): new connections wait in the
+/// backlog for the next worker while those accepted are still served.
+struct Accepting {
+    inner: tokio_stream::wrappers::UnixListenerStream,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio_stream::Stream for Accepting {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if !self.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+            // tonic's loop is woken by its shutdown signal, not by us.
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
 
 fn serve_grpc(
     server: ServerHandle,
@@ -184,10 +240,9 @@ fn serve_grpc(
                 .and_then(|()| tokio::net::UnixListener::from_std(l))
                 .map_err(|e| format!("cannot use the gRPC listener: {e}"))?,
             None => {
-                // Nothing else may own the address: we hold the pool, and a
-                // socket file left by a killed snapshotter answers no one.
-                let _ = std::fs::remove_file(address);
-                tokio::net::UnixListener::bind(address)
+                // A socket file left by a killed snapshotter answers no one.
+                held::clear_stale_socket(address)
+                    .and_then(|()| tokio::net::UnixListener::bind(address))
                     .map_err(|e| format!("cannot bind {}: {e}", address.display()))?
             }
         };
@@ -196,15 +251,17 @@ fn serve_grpc(
             address.display()
         );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let incoming = Accepting {
+            inner: tokio_stream::wrappers::UnixListenerStream::new(listener),
+            accepting: accepting.clone(),
+        };
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(api::snapshots_server::SnapshotsServer::new(svc))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async move {
-                        let _ = rx.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.await;
+                }),
         );
         while !server.stopping() && !server.hand_back_asked() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -216,7 +273,12 @@ fn serve_grpc(
             let s = store.clone();
             let _ = tokio::task::spawn_blocking(move || s.detach_all()).await;
         }
-        // Stop accepting; calls in flight finish (bounded for a hand-back).
+        if handing_back {
+            // New connections wait in the backlog for the next worker.
+            accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(GRPC_SETTLE).await;
+        }
+        // Stop; calls in flight finish (bounded for a hand-back).
         let _ = tx.send(());
         let t = std::time::Instant::now();
         match tokio::time::timeout(GRPC_DRAIN, grpc).await {

@@ -152,6 +152,14 @@ fn tp(args: &[&str]) -> String {
     containerd::run_ok(std::process::Command::new(BIN).args(args))
 }
 
+/// A private directory for a snapshotter's pool, sockets and export.
+fn snap_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tp-snap")
+        .tempdir()
+        .unwrap()
+}
+
 /// A `thinpool snapshotter` process on a pool of its own. Stopped (and its
 /// export unmounted, its loop devices detached) on drop.
 struct Snapshotter {
@@ -180,22 +188,28 @@ impl Snapshotter {
     }
 
     fn make(hold: Option<u32>, extra: &'static [&'static str]) -> Snapshotter {
-        let dir = tempfile::Builder::new()
-            .prefix("tp-snap")
-            .tempdir()
-            .unwrap();
+        let mut s = Snapshotter::unstarted(snap_dir(), "20G", hold, extra);
+        s.start();
+        s
+    }
+
+    /// A pool of `size` in `dir`, its snapshotter not started yet.
+    fn unstarted(
+        dir: tempfile::TempDir,
+        size: &str,
+        hold: Option<u32>,
+        extra: &'static [&'static str],
+    ) -> Snapshotter {
         let pool = dir.path().join("pool.tp").display().to_string();
         // 4 KiB blocks: the set-up docs/CONTAINERD.md recommends.
-        tp(&["create", &pool, "--size", "20G", "--block-size", "4K"]);
-        let mut s = Snapshotter {
+        tp(&["create", &pool, "--size", size, "--block-size", "4K"]);
+        Snapshotter {
             child: None,
             dir,
             pool,
             hold,
             extra,
-        };
-        s.start();
-        s
+        }
     }
 
     fn socket(&self) -> std::path::PathBuf {
@@ -1900,19 +1914,7 @@ fn thinpool_holder_refuses_another_user() {
 #[test]
 fn thinpool_holder_survives_its_stderr_going_away() {
     require(&["losetup", "mkfs.ext4"]);
-    let dir = tempfile::Builder::new()
-        .prefix("tp-snap")
-        .tempdir()
-        .unwrap();
-    let pool = dir.path().join("pool.tp").display().to_string();
-    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
-    let mut snap = Snapshotter {
-        child: None,
-        dir,
-        pool,
-        hold: Some(30),
-        extra: &[],
-    };
+    let mut snap = Snapshotter::unstarted(snap_dir(), "4G", Some(30), &[]);
     snap.start_on_closing_stderr();
     let holder = snap.holder_pids();
     assert_eq!(holder.len(), 1, "{}", snap.log());
@@ -2021,10 +2023,7 @@ fn thinpool_workers_killed_while_starting_lose_no_acknowledged_write() {
 fn thinpool_snapshotter_does_not_take_a_live_address() {
     require(&["losetup", "mkfs.ext4"]);
     let snap = Snapshotter::new_held();
-    let other = tempfile::Builder::new()
-        .prefix("tp-snap")
-        .tempdir()
-        .unwrap();
+    let other = snap_dir();
     let pool = other.path().join("pool.tp").display().to_string();
     tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
     let sock_id = |p: &Path| {
@@ -2157,14 +2156,10 @@ async fn thinpool_calls_across_sigterm_restarts_all_succeed() {
 fn thinpool_snapshotter_ignores_a_holder_socket_of_another_user() {
     require(&["losetup", "mkfs.ext4", "setpriv", "/usr/bin/python3"]);
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new()
-        .prefix("tp-snap")
-        .tempdir()
-        .unwrap();
+    let dir = snap_dir();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
-    let pool = dir.path().join("pool.tp").display().to_string();
-    tp(&["create", &pool, "--size", "4G", "--block-size", "4K"]);
-    let fake = format!("{pool}.holder.sock");
+    let mut snap = Snapshotter::unstarted(dir, "4G", Some(30), &[]);
+    let fake = format!("{}.holder.sock", snap.pool);
     let imposter = std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -2199,13 +2194,6 @@ fn thinpool_snapshotter_ignores_a_holder_socket_of_another_user() {
         assert!(std::time::Instant::now() < deadline, "no imposter socket");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let mut snap = Snapshotter {
-        child: None,
-        dir,
-        pool,
-        hold: Some(30),
-        extra: &[],
-    };
     snap.start();
     drop(imposter);
     assert!(

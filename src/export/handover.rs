@@ -338,7 +338,7 @@ pub fn lock_pool(path: &Path, direct: bool) -> Result<File, ExportError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
@@ -364,7 +364,8 @@ mod tests {
         assert!(recv_msg(b.as_raw_fd()).unwrap().is_none());
     }
 
-    fn bundle(dir: &Path, grpc: bool) -> Bundle {
+    /// A bundle of throwaway descriptors (also the holder's tests').
+    pub(crate) fn bundle(dir: &Path, grpc: bool) -> Bundle {
         let listen = |n: &str| UnixListener::bind(dir.join(n)).unwrap();
         Bundle {
             fuse: tempfile::tempfile().unwrap().into(),

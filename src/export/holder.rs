@@ -289,25 +289,11 @@ pub fn take_over(pool_path: &Path, dir: &Path, opts: &ServeOptions) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::handover::{send_msg, State, VERSION};
-    use std::os::unix::net::{UnixListener, UnixStream};
+    use crate::export::handover::send_msg;
+    use std::os::unix::net::UnixStream;
 
     fn bundle(dir: &Path) -> Bundle {
-        Bundle {
-            fuse: tempfile::tempfile().unwrap().into(),
-            control: UnixListener::bind(dir.join("control")).unwrap(),
-            pool: None,
-            grpc: None,
-            state: State {
-                version: VERSION,
-                pool: dir.join("pool"),
-                dir: dir.to_path_buf(),
-                background: false,
-                threads: 2,
-                init: None,
-                opens: Vec::new(),
-            },
-        }
+        handover::tests::bundle(dir, false)
     }
 
     /// A worker's connection to the snapshotter's holder is a stream: a

@@ -458,7 +458,7 @@ fn run_with_event(env: &mut Env, what: &str, event: impl FnOnce(&mut Env)) -> Fi
     let mut res = fio.unwrap_or_else(|e| {
         let hint = if what.starts_with("crash") && e.contains("bad magic header 0") {
             "\n(blocks read back as zeros: writes acknowledged since the last commit were \
-             lost with the killed process; expected until the intent log (issue 11) lands)"
+             lost with the killed process: the intent log's replay did not bring them back)"
         } else {
             ""
         };
@@ -571,9 +571,8 @@ fn takeover_under_fio_is_a_pause() {
 /// SIGKILL while fio and the fsync'd writer run; the holder starts another,
 /// which asks the kernel to resend what the dead one had read.
 ///
-/// Until the intent log (issue 11) lands, writes acknowledged since the last
-/// commit are lost with the process, and fio's verify may fail here for
-/// exactly that reason.
+/// Writes acknowledged since the last commit come back from the intent log
+/// (issue 11): fio's verify fails here if its replay loses one.
 #[test]
 fn crash_restart_under_fio_is_a_pause() {
     require_root();

@@ -86,14 +86,7 @@ pub fn start(
         let mut child = start(theirs.as_raw_fd()).map_err(ExportError::ServerSpawn)?;
         drop(theirs);
         let sent = bundle.send(ours.as_raw_fd(), false);
-        let mut p = libc::pollfd {
-            fd: ours.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready =
-            sent.is_ok() && unsafe { libc::poll(&mut p, 1, ATTACH_TIMEOUT.as_millis() as i32) } > 0;
+        let ready = sent.is_ok() && sys::readable(ours.as_raw_fd(), ATTACH_TIMEOUT);
         match ready.then(|| handover::recv_msg(ours.as_raw_fd())) {
             // It outlives us (never waited for).
             Some(Ok(Some((v, _)))) if v["event"] == "holding" => Ok(()),
@@ -258,13 +251,7 @@ fn wait_for_worker(
             );
             return None;
         }
-        let mut p = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+        if !sys::readable(listener.as_raw_fd(), Duration::from_millis(100)) {
             continue;
         }
         if let Ok((conn, _)) = listener.accept() {

@@ -17,6 +17,7 @@ use super::control;
 use super::handover::{self, Bundle};
 use super::resume::InitInfo;
 use super::server::{self, Cleanup, ServeOptions, SIGNALS};
+use super::sys;
 use super::ExportError;
 use crate::pool::VolumeId;
 
@@ -180,13 +181,7 @@ pub(super) fn follow(
             f.left = true;
             return f;
         }
-        let mut p = libc::pollfd {
-            fd: conn,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+        if !sys::readable(conn, Duration::from_millis(100)) {
             continue;
         }
         let events = match handover::recv_msgs(conn) {

@@ -809,13 +809,7 @@ fn accept_loop(listener: UnixListener, sh: Arc<Shared>) {
             thread::sleep(TICK);
             continue;
         }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if unsafe { libc::poll(&mut p, 1, TICK.as_millis() as i32) } <= 0 {
+        if !sys::readable(fd, TICK) {
             continue;
         }
         let Ok((stream, _)) = listener.accept() else {

@@ -283,6 +283,19 @@ impl Drop for Frozen {
     }
 }
 
+/// Whether `fd` has something to read (or a peer that hung up) within
+/// `timeout`: the holder's and the server's listeners and connections wait
+/// in short slices like this, so they can look at signals in between.
+pub fn readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) > 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

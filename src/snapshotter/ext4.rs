@@ -273,6 +273,11 @@ pub struct Journal {
 /// Find the journal's blocks (does not look at whether it is clean).
 pub fn journal(dev: &mut impl ReadAt, volume_size: u64) -> Result<Journal> {
     let sb = Superblock::read(dev, volume_size)?;
+    journal_of(dev, sb)
+}
+
+/// [`journal`], given the file system's superblock, already read.
+fn journal_of(dev: &mut impl ReadAt, sb: Superblock) -> Result<Journal> {
     if sb.journal_inum != JOURNAL_INO || sb.compat & COMPAT_HAS_JOURNAL == 0 {
         return Err(Ext4Error::Unsupported("no journal in inode 8".into()));
     }
@@ -452,7 +457,8 @@ pub struct DeadLog {
 pub fn dead_log(dev: &mut impl ReadAt, volume_size: u64) -> Result<DeadLog> {
     let sb = Superblock::read(dev, volume_size)?;
     sb.check_clean()?;
-    let j = journal(dev, volume_size)?;
+    let j = journal_of(dev, sb)?;
+    let sb = &j.sb;
     let first = j.extents[0];
     let mut b = vec![0u8; JSB_SIZE.min(sb.block_size as usize)];
     sb.read_block(dev, first.physical, &mut b)?;

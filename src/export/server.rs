@@ -641,6 +641,9 @@ impl ServerHandle {
     /// export's discard path, made durable by the next commit. Ok(false):
     /// the file is open, nothing was unmapped.
     pub fn discard_unless_open(&self, id: VolumeId, ranges: &[(u64, u64)]) -> Result<bool> {
+        // A change of the pool like [`Self::change`]: through the gate, so a
+        // hand-back never leaves it writing after the next worker opened.
+        let _pass = self.0.gate.enter();
         self.0.pool.discard_unless(id, ranges, || self.0.in_use(id))
     }
 
